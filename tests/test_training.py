@@ -275,7 +275,7 @@ def test_test_losses_are_those_of_the_restored_best_weights(digits):
     x = digits.split(tasks[0], "test")[0]
     with torch.no_grad():
         out = model(x)
-    for i, t in enumerate(tasks):
+    for t in tasks:
         y = digits.split(t, "test")[1]
         expected = F.binary_cross_entropy_with_logits(out[t], y).item()
         assert res.test_losses[t] == pytest.approx(expected, rel=1e-5)
