@@ -15,7 +15,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints-dev.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints-dev.txt -e ".[$(EXTRAS)]"
 	touch $@
