@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_etap.data.base import MultiTaskDataset, TaskSplits
-from lightning_etap.data.datamodule import MultiTaskDataModule, oversample_indices
+from lightning_etap.data.datamodule import MultiTaskDataModule, epoch_permutation, oversample_indices
 from lightning_etap.data.digits import load_digits
 from lightning_etap.models.mtl_mlp import MultiTaskMLP, _lr_factor
 from lightning_etap.training import (
@@ -125,6 +125,23 @@ def test_per_task_group_batches_and_oversampling():
     assert len(batches) == math.ceil(40 / 8) == dm.steps_per_epoch
     assert all(set(b["x"]) == set(ds.task_names) for b in batches)
     assert batches[0]["x"]["t0"].shape == (8, 5)
+
+
+def test_batch_order_depends_only_on_seed_and_epoch():
+    ds = per_task_toy()
+    dm = MultiTaskDataModule(ds, batch_size=8, seed=5)
+    loader = dm.train_dataloader()
+    torch.manual_seed(0)
+    first = [b["x"]["t0"] for b in loader]
+    second = [b["x"]["t0"] for b in loader]  # next epoch: a different order
+    torch.manual_seed(99)  # the global RNG plays no part
+    loader.sampler.set_epoch(0)
+    again = [b["x"]["t0"] for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], second[0])
+    rows = dm.train_rows().x["t0"]
+    expected = rows[epoch_permutation(len(rows), 5, 0)[:8]]
+    assert torch.equal(first[0], expected)
 
 
 def test_one_task_group_is_not_oversampled():

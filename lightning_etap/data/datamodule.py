@@ -16,9 +16,12 @@ task with fewer examples simply drops out of the later batches), so a model
 that weights each batch loss by its size gets exact split means.
 
 Training batches are drawn by an ordinary :class:`torch.utils.data.DataLoader`
-(shuffled by torch's global RNG, so ``seed_everything`` makes them
-deterministic), which lets Lightning insert its ``DistributedSampler`` under
-DDP. Rows are gathered a whole batch at a time through ``__getitems__``.
+whose :class:`EpochShuffle` sampler makes the order of epoch ``e`` a function
+of ``(seed, e)`` alone (not of the global RNG), so the same seed gives the same
+batches whatever else consumed random numbers, and a batched re-implementation
+of training can reproduce them. Under DDP Lightning wraps the sampler in its
+distributed wrapper. Rows are gathered a whole batch at a time through
+``__getitems__``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,34 @@ from lightning_etap.data.base import MultiTaskDataset
 
 def _identity(batch):
     return batch
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The training order of epoch ``epoch``: ``randperm(n)`` from a generator seeded with ``seed * 100_003 + epoch``."""
+    g = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """Shuffle with an order that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every training epoch; without it
+    (a plain loop) every new iteration moves on to the next epoch's order.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = epoch_permutation(self.n, self.seed, self.epoch)
+        self.epoch += 1
+        return iter(order.tolist())
 
 
 class _TrainRows(Dataset):
@@ -120,7 +151,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         eval_batch_size: validation / test chunk size (per task); default 4096.
         oversample: grow smaller tasks to the largest train size (per-task layout
             only; ignored for one-task groups).
-        seed: seed of the oversampling draw.
+        seed: seed of the oversampling draw and of the batch order.
         num_workers: DataLoader workers (0: load in the main process, fastest
             for in-memory tensors).
 
@@ -191,10 +222,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.train_rows()
 
     def train_dataloader(self) -> DataLoader:
+        rows = self.train_rows()
         return DataLoader(
-            self.train_rows(),
+            rows,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochShuffle(len(rows), self.seed),
             collate_fn=_identity,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
