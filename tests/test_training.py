@@ -325,3 +325,18 @@ def test_presets_and_errors(digits):
         train_group(digits, ["digit_11"], FAST)
     with pytest.raises(TypeError):
         FAST.replace(learning_rate=1.0)
+
+
+def test_glorot_init_matches_keras_default():
+    torch.manual_seed(0)
+    model = MultiTaskMLP(180, ["a", "b"], hidden=(32, 16), init="glorot")
+    for layer in [model.encoder[0], model.encoder[2], *model.heads]:
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert torch.all(layer.bias == 0)
+        assert layer.weight.abs().max() <= bound
+        if layer.weight.numel() > 1000:  # uniform(-b, b) has std b / sqrt(3)
+            assert layer.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    with pytest.raises(ValueError, match="init"):
+        MultiTaskMLP(3, ["a"], init="he")
+    assert get_preset("chemical").init == "glorot"
