@@ -73,7 +73,7 @@ def main() -> None:
         "stl": measure(ds, [args.task], cfg, args.seed),
         "mtl_all": measure(ds, list(ds.task_names), cfg, args.seed),
     }
-    print(f"Chemical preset, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(f"Chemical preset, torch {torch.__version__}, train_group on 1 thread, {platform.machine()}")
     print(f"{'run':>8s} {'tasks':>5s} {'steps/ep':>8s} {'epochs':>6s} {'best':>5s} {'sec':>7s} "
           f"{'epochs/s':>8s} {'steps/s':>8s} {'test loss':>9s}")
     for name, r in rows.items():
