@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-EXTRAS ?= dev,plot
+EXTRAS ?= dev,plot,ray
 SHARED_DATA := $(abspath ../shared/data)
 # Read the datasets from ../shared/data when it is there (no download needed).
 ifneq ($(wildcard $(SHARED_DATA)/README.md),)

@@ -1,0 +1,335 @@
+"""Where group trainers run: this process, a local process pool, or a Ray cluster.
+
+Every executor has one method, ``run(trainer, chunks)``: it calls
+``trainer.train(chunk)`` for every chunk of jobs and yields a
+:class:`ChunkResult` as each chunk finishes (in completion order). A chunk
+that raises comes back with its error text instead of outcomes; a worker
+that dies does too. Nothing here touches the store: the collector, in the
+calling process, writes every result.
+
+The trainer is shipped to each worker once (a pool initializer, or one Ray
+object), and a dataset is loaded once per worker process, not per job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import pickle
+import sys
+import traceback
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from lightning_etap.groundtruth.base import GroupOutcome, GroupTrainer
+
+__all__ = ["ChunkResult", "Executor", "InProcessExecutor", "ProcessPoolExecutor", "RayExecutor"]
+
+Job = tuple[tuple[str, ...], int]
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One finished chunk: its jobs, and either their outcomes or the error text."""
+
+    jobs: tuple[Job, ...]
+    outcomes: tuple[GroupOutcome, ...] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs a group trainer over chunks of jobs and yields results as chunks finish."""
+
+    def run(self, trainer: GroupTrainer, chunks: Iterable[Sequence[Job]]) -> Iterator[ChunkResult]: ...
+
+
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
+
+
+def _train_chunk(trainer: GroupTrainer, jobs: tuple[Job, ...]) -> ChunkResult:
+    try:
+        outcomes = trainer.train(list(jobs))
+        return ChunkResult(jobs, tuple(outcomes), None)
+    except Exception as e:  # reported, recorded and retried by the collector
+        return ChunkResult(jobs, None, _error_text(e))
+
+
+def _as_chunks(chunks: Iterable[Sequence[Job]]) -> Iterator[tuple[Job, ...]]:
+    """The chunks as tuples of ``(group, seed)``, read lazily (the collector may skip jobs meanwhile done)."""
+    for chunk in chunks:
+        chunk = tuple((tuple(g), int(s)) for g, s in chunk)
+        if chunk:
+            yield chunk
+
+
+def _limit_threads(threads: int | None) -> None:
+    """Make this worker process use ``threads`` torch / BLAS threads (before and after torch loads)."""
+    if threads is None:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
+class InProcessExecutor:
+    """Train in the calling process, one chunk after the other (the default; easiest to debug)."""
+
+    def run(self, trainer: GroupTrainer, chunks: Iterable[Sequence[Job]]) -> Iterator[ChunkResult]:
+        for chunk in _as_chunks(chunks):
+            yield _train_chunk(trainer, chunk)
+
+    def __repr__(self) -> str:
+        return "InProcessExecutor()"
+
+
+# ---------------------------------------------------------------- process pool
+_WORKER_TRAINER: Any = None
+
+
+def _pool_init(trainer_bytes: bytes, threads: int | None) -> None:
+    global _WORKER_TRAINER
+    _limit_threads(threads)  # before unpickling, which may import torch
+    _WORKER_TRAINER = pickle.loads(trainer_bytes)
+    _limit_threads(threads)
+
+
+def _pool_run(jobs: tuple[Job, ...]) -> ChunkResult:
+    return _train_chunk(_WORKER_TRAINER, jobs)
+
+
+class ProcessPoolExecutor:
+    """Train in ``workers`` fresh local processes (``concurrent.futures`` with spawn / forkserver).
+
+    Args:
+        workers: number of worker processes (default: CPU count).
+        context: ``"forkserver"`` (default where available: Linux, macOS) or
+            ``"spawn"`` (everywhere else). ``"fork"`` is refused: forking a
+            process that has started torch threads can deadlock.
+        preload: modules the fork server imports once (forkserver only), so
+            that every worker starts with them already loaded instead of
+            importing torch and Lightning itself. The fork server starts with
+            the first pool of this process and lives as long as it does, so
+            later pools start in a fraction of a second (and only the first
+            pool's ``preload`` counts).
+        threads: torch threads per worker (default 1: workers x threads
+            should not exceed the cores).
+
+    The trainer is pickled once and sent to every worker when it starts, so
+    it must be picklable (a :class:`LightningGroupTrainer` is; factories of a
+    :class:`FactoryGroupTrainer` must be module-level functions). If a worker
+    process dies (killed, out of memory), its chunks come back as errors and
+    the pool is restarted for the rest.
+
+    As with any spawn / forkserver pool, a script that uses it must start
+    its work under ``if __name__ == "__main__":``.
+
+    Example:
+        >>> executor = ProcessPoolExecutor(workers=2)
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        context: str | None = None,
+        threads: int | None = 1,
+        preload: Sequence[str] = ("lightning_etap.training",),
+    ) -> None:
+        if context is None:
+            context = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        if context not in ("spawn", "forkserver"):
+            raise ValueError(f"context must be 'spawn' or 'forkserver', got {context!r}")
+        self.preload = list(preload)
+        workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.context = context
+        self.threads = threads
+
+    def run(self, trainer: GroupTrainer, chunks: Iterable[Sequence[Job]]) -> Iterator[ChunkResult]:
+        try:
+            payload = pickle.dumps(trainer)
+        except Exception as e:
+            raise TypeError(
+                f"the group trainer {trainer!r} cannot be pickled to send it to worker processes ({e}); "
+                "use module-level functions (not lambdas or local functions) for factories, "
+                "or run with InProcessExecutor"
+            ) from e
+        ctx = multiprocessing.get_context(self.context)
+        if self.context == "forkserver" and self.preload:
+            ctx.set_forkserver_preload(self.preload)
+        stream = _as_chunks(chunks)
+        while True:
+            broken = yield from self._parallel(payload, ctx, stream)
+            if not broken:
+                return
+            # A worker died and took the pool with it; which chunk killed it is unknown. Run the
+            # unfinished chunks again one at a time, so that a second death names its chunk, then go on.
+            yield from self._isolated(payload, ctx, broken)
+
+    def _pool(self, payload: bytes, ctx, workers: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
+                                      initargs=(payload, self.threads))
+
+    def _parallel(self, payload: bytes, ctx, stream: Iterator[tuple[Job, ...]]):
+        """Run chunks from ``stream`` (at most 2 per worker in flight); return the chunks a dead pool lost."""
+        first = next(stream, None)
+        if first is None:
+            return []
+        broken: list[tuple[Job, ...]] = []
+        pool = self._pool(payload, ctx, self.workers)
+        try:
+            futures: dict[cf.Future, tuple[Job, ...]] = {}
+            upcoming: tuple[Job, ...] | None = first
+            while True:
+                while upcoming is not None and not broken and len(futures) < 2 * self.workers:
+                    try:
+                        futures[pool.submit(_pool_run, upcoming)] = upcoming
+                    except cf.process.BrokenProcessPool:
+                        broken.append(upcoming)
+                    upcoming = next(stream, None)
+                if not futures:
+                    break
+                finished, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    chunk = futures.pop(future)
+                    try:
+                        result = future.result()
+                    except cf.process.BrokenProcessPool:
+                        broken.append(chunk)
+                        continue
+                    except Exception as e:  # e.g. an outcome that cannot be unpickled
+                        result = ChunkResult(chunk, None, _error_text(e))
+                    yield result
+            if upcoming is not None:  # read from the stream but never submitted
+                broken.append(upcoming)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return broken
+
+    def _isolated(self, payload: bytes, ctx, todo: list[tuple[Job, ...]]):
+        pool = None
+        try:
+            for chunk in todo:
+                pool = pool or self._pool(payload, ctx, 1)
+                try:
+                    result = pool.submit(_pool_run, chunk).result()
+                except cf.process.BrokenProcessPool as e:
+                    pool.shutdown(wait=True)
+                    pool = None
+                    result = ChunkResult(chunk, None, f"the worker process died while training this chunk "
+                                                      f"({e}); out of memory, killed, or it could not "
+                                                      "start (is the trainer's module importable?)")
+                except Exception as e:
+                    result = ChunkResult(chunk, None, _error_text(e))
+                yield result
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return f"ProcessPoolExecutor(workers={self.workers}, context={self.context!r})"
+
+
+# ---------------------------------------------------------------- ray
+def _import_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError(
+            "RayExecutor needs Ray, which is an optional extra: pip install lightning-etap[ray]"
+        ) from e
+    return ray
+
+
+def _ray_run(trainer: GroupTrainer, jobs: tuple[Job, ...], threads: int | None) -> ChunkResult:
+    _limit_threads(threads)
+    return _train_chunk(trainer, jobs)
+
+
+class RayExecutor:
+    """Train on a Ray cluster (or a local Ray instance); results come back to the calling process.
+
+    Every chunk is one Ray task asking for ``num_cpus`` CPUs. Workers on other
+    nodes only train; the collector in the driver process writes the store,
+    so the store file never has to be shared between nodes. Each Ray worker
+    process keeps its loaded dataset between tasks.
+
+    Args:
+        address: the cluster to connect to (``"auto"``, ``"ray://host:10001"``)
+            when Ray is not initialised yet; ``None`` starts a local instance.
+            If ``ray.init`` was already called, that session is used as is.
+        num_cpus: CPUs reserved per task (and torch threads in it).
+        max_in_flight: tasks submitted at once (default: twice the cluster's
+            CPUs divided by ``num_cpus``). Chunks are read lazily, so jobs
+            another collector finishes meanwhile are skipped.
+        init_kwargs: further ``ray.init`` arguments (e.g. ``num_cpus``,
+            ``runtime_env``).
+
+    Raises:
+        ImportError: Ray is not installed (``pip install lightning-etap[ray]``).
+
+    Example:
+        >>> executor = RayExecutor(address="auto")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: float = 1,
+        max_in_flight: int | None = None,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        _import_ray()
+        if num_cpus <= 0:
+            raise ValueError(f"num_cpus must be positive, got {num_cpus}")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.address = address
+        self.num_cpus = num_cpus
+        self.max_in_flight = max_in_flight
+        self.init_kwargs = dict(init_kwargs or {})
+
+    def run(self, trainer: GroupTrainer, chunks: Iterable[Sequence[Job]]) -> Iterator[ChunkResult]:
+        ray = _import_ray()
+        stream = _as_chunks(chunks)
+        first = next(stream, None)
+        if first is None:
+            return
+        if not ray.is_initialized():
+            ray.init(address=self.address, **self.init_kwargs)
+        limit = self.max_in_flight
+        if limit is None:
+            limit = max(1, int(2 * ray.cluster_resources().get("CPU", 1) / self.num_cpus))
+        threads = max(1, int(self.num_cpus))
+        remote = ray.remote(num_cpus=self.num_cpus, max_retries=0)(_ray_run)
+        trainer_ref = ray.put(trainer)
+        pending: dict[Any, tuple[Job, ...]] = {remote.remote(trainer_ref, first, threads): first}
+        while pending:
+            while len(pending) < limit:
+                chunk = next(stream, None)
+                if chunk is None:
+                    break
+                pending[remote.remote(trainer_ref, chunk, threads)] = chunk
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                chunk = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # a dead worker or node: RayTaskError, WorkerCrashedError, ...
+                    result = ChunkResult(chunk, None, _error_text(e))
+                yield result
+
+    def __repr__(self) -> str:
+        return f"RayExecutor(address={self.address!r}, num_cpus={self.num_cpus})"

@@ -1,0 +1,63 @@
+"""RayExecutor on a local Ray instance (2 CPUs). Skipped when Ray is not installed (``pip install lightning-etap[ray]``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install lightning-etap[ray]")
+
+from test_groundtruth import FAKES, TINY  # noqa: E402
+
+from lightning_etap.groundtruth import (  # noqa: E402
+    CollectionError,
+    GainStore,
+    InProcessExecutor,
+    LightningGroupTrainer,
+    RayExecutor,
+    collect_gains,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray_fakes")
+    (folder / "gt_fakes_ray.py").write_text(FAKES)
+    sys.path.insert(0, str(folder))
+    path = os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+def test_ray_matches_in_process_on_real_training(tmp_path, ray_session):
+    trainer = LightningGroupTrainer("digits", TINY)
+    groups = [("digit_0", "digit_1"), ("digit_1", "digit_2", "digit_3"), ("digit_0", "digit_3")]
+    local = collect_gains(trainer, groups, seeds=[0], store=tmp_path / "local.sqlite",
+                          executor=InProcessExecutor(), progress=False)
+    remote = collect_gains(trainer, groups, seeds=[0], store=tmp_path / "ray.sqlite", chunk_size=2,
+                           executor=RayExecutor(), progress=False)
+    np.testing.assert_array_equal(local.masks, remote.masks)
+    np.testing.assert_allclose(local.test_losses, remote.test_losses, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(local.gains, remote.gains, rtol=1e-5, equal_nan=True)
+
+
+def test_ray_records_failures_and_dead_workers(tmp_path, ray_session):
+    import gt_fakes_ray
+
+    trainer = gt_fakes_ray.FakeTrainer(fail_once=[("a", "b")], die_on=[("c", "d")], state_dir=str(tmp_path))
+    with pytest.raises(CollectionError) as err:
+        collect_gains(trainer, [("a", "b"), ("b", "c"), ("c", "d")], seeds=[0], store=tmp_path / "g.sqlite",
+                      executor=RayExecutor(max_in_flight=2), retries=1, progress=False)
+    assert list(err.value.failed) == [(("c", "d"), 0)]
+    rows = {r["group"]: r for r in GainStore(tmp_path / "g.sqlite").rows()}
+    assert rows["c|d"]["status"] == "failed" and rows["c|d"]["attempts"] == 2
+    assert rows["a|b"]["status"] == "done" and rows["a|b"]["attempts"] == 2
+    assert Counter(r["status"] for r in rows.values()) == Counter({"done": 6, "failed": 1})
