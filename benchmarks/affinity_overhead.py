@@ -1,0 +1,289 @@
+"""What measuring task affinity costs: training time and peak memory, side by side with plain training.
+
+For every configuration the same seeded fit of a fixed number of optimizer
+steps runs four ways:
+
+* ``plain``   no callback;
+* ``etap``    ``AffinityCallback()`` exact ETAP score at every step (the default);
+* ``tag``     ``AffinityCallback(method="tag")``: TAG's lookahead at every step;
+* ``etap10``  ``AffinityCallback(every_n_steps=10)``.
+
+Configurations: digits (shared inputs, 10 tasks, the ``digits`` preset),
+Chemical (per-task inputs, 10 tasks, the paper's recipe), ETTm1 (shared
+windows, 7 tasks) and a wide shared-input encoder (3 x 1024, synthetic data,
+batch 256) with 10 and 30 tasks. A dataset that fails to load is skipped with
+a message.
+
+Time: the training loop (``on_train_start`` to ``on_train_end``, validation
+off), all four modes interleaved in one worker process for ``--rounds`` rounds
+(one for the wide encoder), best per mode. Ratios use the process's CPU time,
+which other jobs on a shared machine disturb far less than wall time (one
+torch thread, no loader workers); wall-time ratios are stored too. Memory, in
+a fresh worker per mode running a 2-step fit (step 0 is measured in every
+mode): peak resident
+set size during the fit minus the size just before (Linux ``VmHWM`` after
+resetting it through ``/proc/self/clear_refs``), with glibc told to map every
+allocation of 128 KiB or more on its own (``MALLOC_MMAP_THRESHOLD_``) so the
+RSS follows the live tensors instead of the allocator's cache. The extra of a
+mode is its peak minus plain's; it is compared with the size of one ``n x P``
+float32 Jacobian of the shared parameters (what holding every per-task
+gradient at once would cost). Agreement: Spearman correlation of the
+off-diagonal entries of ``etap10`` and ``tag`` with exact ``etap`` (training is
+identical in every mode, so they score the same trajectory).
+
+    python benchmarks/affinity_overhead.py --quick        # digits + wide n=10, a few minutes
+    python benchmarks/affinity_overhead.py                # everything (about half an hour on 2 busy cores)
+
+Results go to ``benchmarks/results/affinity_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = {
+    "plain": None,
+    "etap": {},
+    "tag": {"method": "tag"},
+    "etap10": {"every_n_steps": 10},
+}
+CONFIGS = ("digits", "chemical", "ettm1", "wide10", "wide30")
+QUICK_CONFIGS = ("digits", "wide10")
+#: optimizer steps of the memory pass (steps 0 and 1; every mode measures step 0)
+MEMORY_STEPS = 2
+
+
+# --------------------------------------------------------------------------- worker (one fit)
+def _status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1))
+
+
+def _build(config: str, data_root: str | None, seed: int):
+    """(dataset, tasks, TrainConfig) of a configuration."""
+    import torch
+
+    from lightning_etap.data import load_dataset
+    from lightning_etap.data.base import MultiTaskDataset, TaskSplits
+    from lightning_etap.training import get_preset
+
+    if config in ("digits", "chemical", "ettm1"):
+        ds = load_dataset(config, data_root)
+        return ds, list(ds.task_names), get_preset(config)
+    n = int(config.removeprefix("wide"))
+    g = torch.Generator().manual_seed(seed)
+    d, rows = 128, 4096
+    x = torch.randn(rows, d, generator=g)
+    w = torch.randn(d, n, generator=g) / d**0.5
+    y = ((x @ w + 0.5 * torch.randn(rows, n, generator=g)) > 0).float()
+    names = [f"t{k}" for k in range(n)]
+    splits = {t: TaskSplits((x[:3072], y[:3072, k:k + 1]), (x[3072:3584], y[3072:3584, k:k + 1]),
+                            (x[3584:], y[3584:, k:k + 1])) for k, t in enumerate(names)}
+    ds = MultiTaskDataset(config, tuple(names), ("binary",) * n, "shared", splits)
+    cfg = get_preset("digits").replace(hidden=(1024, 1024, 1024), batch_size=256, lr=0.01, momentum=0.9)
+    return ds, names, cfg
+
+
+def worker(config: str, measure: str, steps: int, data_root: str | None, seed: int, threads: int,
+           rounds: int, mode: str | None = None) -> dict:
+    """Fits of one configuration in this process.
+
+    ``measure="time"``: every mode, interleaved (plain, etap, tag, etap10, plain, ...) for ``rounds``
+    rounds; the best wall and CPU time per mode. ``measure="memory"``: one fit of ``mode``.
+    """
+    import lightning as L
+    import torch
+
+    from lightning_etap.affinity import AffinityCallback
+    from lightning_etap.data.datamodule import MultiTaskDataModule
+    from lightning_etap.training import build_model, quiet_lightning
+
+    torch.set_num_threads(threads)
+    ds, tasks, cfg = _build(config, data_root, seed)
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_train_end(self, trainer, pl_module):
+            self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+    def run(n_steps, callbacks, model_cfg, group):
+        L.seed_everything(seed, verbose=False)
+        dm = MultiTaskDataModule(ds, group, batch_size=model_cfg.batch_size, seed=seed)
+        model = build_model(ds, group, model_cfg)
+        with quiet_lightning():
+            trainer = L.Trainer(max_steps=n_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+            trainer.fit(model, datamodule=dm)
+        return model
+
+    def callback(m):
+        return [AffinityCallback("encoder", **MODES[m])] if MODES[m] is not None else []
+
+    # warm-up on a tiny model: imports, Lightning's first-fit costs, the vmap machinery
+    for m in MODES if measure == "time" else [mode]:
+        run(3, callback(m), cfg.replace(hidden=(4,), batch_size=8), tasks[:2])
+
+    out = {"config": config, "tasks": len(tasks), "layout": ds.layout, "hidden": list(cfg.hidden),
+           "batch_size": cfg.batch_size}
+    if measure == "memory":
+        rss0 = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS watermark
+        model = run(steps, callback(mode), cfg, tasks)
+        shared_numel = sum(p.numel() for p in model.encoder.parameters())
+        out.update(mode=mode, peak_rss_delta_mb=(_status_kb("VmHWM") - rss0) / 1024, shared_params=shared_numel,
+                   jacobian_mb=len(tasks) * shared_numel * 4 / 2**20)
+        return out
+    modes: dict[str, dict] = {m: {"wall": [], "cpu": []} for m in MODES}
+    for _ in range(rounds):
+        for m, rec in modes.items():
+            clock, cbs = Clock(), callback(m)
+            run(steps, [clock, *cbs], cfg, tasks)
+            rec["wall"].append(clock.wall)
+            rec["cpu"].append(clock.cpu)
+            if cbs:
+                rec["measured_steps"] = cbs[0].result.measured_steps
+                rec["matrix"] = cbs[0].result.matrix.tolist()
+    out.update(steps=steps, rounds=rounds, modes=modes)
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+def spearman_offdiag(a, b) -> float:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a), np.asarray(b)
+    mask = ~np.eye(a.shape[0], dtype=bool)
+    return float(spearmanr(a[mask], b[mask]).statistic)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CONFIGS)}, fewer steps")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per fit (default 100; quick 30)")
+    ap.add_argument("--wide-steps", type=int, default=None,
+                    help="optimizer steps per fit of the wide encoder (default 20; quick 10)")
+    ap.add_argument("--configs", nargs="*", default=None, choices=CONFIGS)
+    ap.add_argument("--data-root", default=os.environ.get("LIGHTNING_ETAP_DATA", "/work/shared/data"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads per worker (default 1: steadier on a shared machine)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "affinity_overhead.json"))
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of all modes per small configuration, best kept (wide: 1)")
+    ap.add_argument("--_worker", nargs=3, metavar=("CONFIG", "MEASURE", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    steps = args.steps or (30 if args.quick else 100)
+    wide_steps = args.wide_steps or (5 if args.quick else 10)
+
+    if args._worker:
+        config, measure, mode = args._worker
+        wide = config.startswith("wide")
+        n = MEMORY_STEPS if measure == "memory" else (wide_steps if wide else steps)
+        rounds = 1 if wide else args.rounds
+        print(json.dumps(worker(config, measure, n, args.data_root, args.seed, args.threads, rounds, mode)))
+        return
+
+    def call(config: str, measure: str, mode: str = "-") -> dict | None:
+        cmd = [sys.executable, __file__, "--_worker", config, measure, mode, "--steps", str(steps),
+               "--wide-steps", str(wide_steps), "--data-root", args.data_root, "--threads", str(args.threads),
+               "--seed", str(args.seed), "--rounds", str(args.rounds)]
+        env = dict(os.environ)
+        if measure == "memory":  # every allocation >= 128 KiB is its own mapping: RSS follows live tensors
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"[skip] {config}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+            return None
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    configs = args.configs or (QUICK_CONFIGS if args.quick else CONFIGS)
+    rows: dict[str, dict] = {}
+    for config in configs:
+        timing = call(config, "time")
+        if timing is None:
+            continue
+        memory = {}
+        for mode in MODES:
+            got = call(config, "memory", mode)
+            if got is None:
+                break
+            memory[mode] = got
+        else:
+            rows[config] = {"time": timing, "memory": memory}
+            t = timing["modes"]
+            print(f"  {config:>8s}: " + ", ".join(
+                f"{m} {min(t[m]['cpu']):.2f} s cpu / +{memory[m]['peak_rss_delta_mb']:.0f} MB" for m in MODES),
+                flush=True)
+
+    summary = {}
+    print(f"\naffinity overhead (CPU-time ratios to plain), torch threads {args.threads}, {platform.machine()}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'config':>8s} {'n':>3s} {'steps':>5s} {'plain s':>8s} {'etap x':>7s} {'tag x':>7s} {'etap10 x':>8s} "
+          f"{'etap/tag':>8s} {'etap +MB':>9s} {'tag +MB':>8s} {'1 Jac MB':>8s} {'etap/Jac':>8s} "
+          f"{'rho10':>6s} {'rhoTAG':>6s}")
+    for config, r in rows.items():
+        t, mem = r["time"]["modes"], r["memory"]
+        cpu = {m: min(t[m]["cpu"]) for m in MODES}
+        wall = {m: min(t[m]["wall"]) for m in MODES}
+        extra = {m: mem[m]["peak_rss_delta_mb"] - mem["plain"]["peak_rss_delta_mb"] for m in MODES}
+        jac = mem["plain"]["jacobian_mb"]
+        s = {
+            "tasks": r["time"]["tasks"], "layout": r["time"]["layout"], "hidden": r["time"]["hidden"],
+            "batch_size": r["time"]["batch_size"], "shared_params": mem["plain"]["shared_params"],
+            "steps": r["time"]["steps"], "rounds": r["time"]["rounds"], "memory_steps": MEMORY_STEPS,
+            "plain_cpu_seconds": round(cpu["plain"], 3), "plain_wall_seconds": round(wall["plain"], 3),
+            "ratio_to_plain_cpu": {m: round(cpu[m] / cpu["plain"], 2) for m in MODES if m != "plain"},
+            "ratio_to_plain_wall": {m: round(wall[m] / wall["plain"], 2) for m in MODES if m != "plain"},
+            "etap_over_tag_cpu": round(cpu["etap"] / cpu["tag"], 2),
+            "peak_rss_delta_mb": {m: round(mem[m]["peak_rss_delta_mb"], 1) for m in MODES},
+            "extra_peak_mb": {m: round(extra[m], 1) for m in MODES if m != "plain"},
+            "jacobian_mb": round(jac, 1),
+            "etap_extra_over_jacobian": round(extra["etap"] / jac, 3),
+            "spearman_etap10_vs_etap": round(spearman_offdiag(t["etap10"]["matrix"], t["etap"]["matrix"]), 3),
+            "spearman_tag_vs_etap": round(spearman_offdiag(t["tag"]["matrix"], t["etap"]["matrix"]), 3),
+            "etap10_measured_steps": t["etap10"]["measured_steps"],
+        }
+        summary[config] = s
+        q = s["ratio_to_plain_cpu"]
+        print(f"{config:>8s} {s['tasks']:3d} {s['steps']:5d} {cpu['plain']:8.2f} {q['etap']:7.2f} {q['tag']:7.2f} "
+              f"{q['etap10']:8.2f} {s['etap_over_tag_cpu']:8.2f} {extra['etap']:9.1f} {extra['tag']:8.1f} "
+              f"{jac:8.1f} {s['etap_extra_over_jacobian']:8.3f} "
+              f"{s['spearman_etap10_vs_etap']:6.3f} {s['spearman_tag_vs_etap']:6.3f}")
+    print("\ntargets (final issue): default <= 1.2x plain with Spearman >= 0.95 vs exact every-step; "
+          "exact ETAP <= 0.6x TAG; exact extra peak at n=30 <= 1.2x one Jacobian")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    out.write_text(json.dumps({
+        "benchmark": "affinity_overhead",
+        "torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
+        "cpus": os.cpu_count(), "quick": args.quick, "seed": args.seed,
+        "memory": (f"peak RSS of a separate worker during a {MEMORY_STEPS}-step fit minus its RSS before it "
+                   "(VmHWM reset via /proc/self/clear_refs; MALLOC_MMAP_THRESHOLD_=131072)"),
+        "time": ("training loop, on_train_start to on_train_end, validation off; CPU time (process_time) and wall "
+                 f"time, best of {args.rounds} interleaved rounds of all modes in one process (1 for the wide "
+                 "encoder); ratios use CPU time, steadier than wall time on a shared machine"),
+        "configs": summary,
+        "raw": {c: {"time": {m: {k: v for k, v in rec.items() if k != "matrix"}
+                             for m, rec in r["time"]["modes"].items()},
+                    "memory": r["memory"]} for c, r in rows.items()},
+    }, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,584 @@
+"""Measure ETAP or TAG task affinity inside any Lightning fit."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_etap.affinity.result import AffinityResult
+from lightning_etap.affinity.scores import (
+    REDUCTIONS,
+    AffinityAccumulator,
+    ExactTaskGradients,
+    apply_update,
+    lookahead_task_losses,
+    optimizer_group_of,
+    parameter_blocks,
+    preserved_module_state,
+    step_products,
+    step_scores,
+    tag_step_scores,
+    task_update_rules,
+)
+
+__all__ = ["AffinityCallback"]
+
+SharedSpec = str | Sequence[Tensor] | Callable[[nn.Module], Iterable[Tensor]]
+
+_CONTRACT = (
+    'training_step must return a dict {"loss": total, "task_losses": {task: scalar loss tensor}} with the '
+    "per-task losses still attached to the graph, e.g. "
+    'return {"loss": sum(losses.values()), "task_losses": losses}'
+)
+
+
+#: > 0 while a TAG lookahead re-runs a training step
+_LOOKAHEAD = [0]
+
+
+@dataclass
+class _Captured:
+    task_losses: Mapping[str, Tensor]
+    args: tuple
+    kwargs: dict
+    rng_state: Tensor | None
+
+
+class AffinityCallback(Callback):
+    r"""Task affinity (ETAP, or TAG's lookahead) measured during an ordinary fit.
+
+    At every measured optimizer step it takes each task's loss ``L_j`` from the
+    module's ``training_step`` output, the per-task gradients ``g_j`` of the
+    shared parameters from the live autograd graph, the update ``u_i`` each
+    task alone would make, and scores ``z[i→j] = g_j · u_i / L_j`` (paper
+    eq. 5). Training is untouched: ``.grad``, the optimizer state, the RNG and
+    the parameters are never changed (bit-for-bit the same run as without it).
+
+    The module needs one thing: ``training_step`` returns
+    ``{"loss": total, "task_losses": {task: scalar tensor}}``. The shared
+    parameters are named by ``shared``.
+
+    Defaults follow the authors' released code; the paper's text differs in
+    three places: it does not divide by the learning rate (``divide_by_lr``),
+    it uses SGD momentum in the update (``update="optimizer"``), and it averages
+    all steps (``reduction="mean"``, eq. 6) where the code averages each epoch
+    and sums the epochs.
+
+    Args:
+        shared: the shared parameters: a submodule name (``"encoder"``), a list
+            of parameters, or a callable ``module -> parameters``. Frozen
+            parameters (``requires_grad=False``) are left out. A name or a
+            callable is resolved in ``setup`` (safe under ``ddp_spawn``).
+        tasks: the tasks to measure, in the matrix's order; must be returned by
+            every step (extra returned tasks are ignored). ``None``: every
+            returned task, in the order of the first step's dict.
+        method: ``"etap"`` (gradient products, eq. 5) or ``"tag"`` (Fifty et
+            al. 2021): ``z[i→j] = 1 − L_j(θ_s − u_i) / L_j(θ_s)`` on the same
+            batch, shared parameters moved, heads unchanged; the step function
+            is called again once per task (no gradient, logging silenced,
+            buffers and RNG restored and the RNG replayed so dropout draws the
+            same masks). The step should have no other side effects.
+        update: the per-task update ``u_i``. ``"gradient"`` (released code):
+            ``u_i = η g_i`` with the parameter group's learning rate, momentum
+            ignored. ``"optimizer"``: the step the real optimizer would take
+            from its current state with ``g_i`` as the gradient, its state
+            untouched. SGD: momentum, dampening, Nesterov, weight decay per
+            parameter group; before the first step, PyTorch's own rule (the
+            momentum buffer starts as the gradient, no dampening). Adam / AdamW
+            (amsgrad, coupled or decoupled weight decay): the Adam step from the
+            current ``(exp_avg, exp_avg_sq, step)`` with ``g_i`` (the zero state
+            before the first step); non-linear in ``g_i``, so
+            ``z[i→j] = g_j · adam_step(g_i) / L_j`` is this library's definition
+            (no published method covers Adam).
+        divide_by_lr: divide once more by the learning rate (released code:
+            ``Z = G·Uᵀ / L_j / η``; with ``update="gradient"`` this leaves
+            ``g_j·g_i / L_j``). Each parameter's contribution is divided by its
+            own group's lr (exact even at lr 0). TAG divides by the lr of the
+            first parameter group holding shared parameters; a step with lr 0
+            is skipped.
+        normalize_by_loss: divide column ``j`` by ``L_j`` (paper and code). A
+            step whose ``L_j`` is exactly 0 leaves column ``j`` out (counted in
+            ``result.zero_loss_skips``). TAG's score is a ratio already and
+            always divides by ``L_j(θ_s)``.
+        reduction: ``"epoch_mean_sum"`` (released code: mean of the step scores
+            within each epoch, summed over epochs) or ``"mean"`` (eq. 6: mean
+            over all measured steps).
+        every_n_steps: measure every k-th optimizer step (``global_step % k == 0``).
+        keep_step_scores: also keep every measured step's matrix (``result.step_matrices``).
+
+    Gradient accumulation: every micro-batch of a measured step is scored on
+    its own live graph and the micro-batch scores are averaged into the step's
+    score. A step with a non-finite loss, gradient or score is skipped
+    (counted in ``result.skipped_steps``, warned once).
+
+    Raises:
+        ValueError: invalid arguments; at fit time, a step without
+            ``"task_losses"``, tasks missing from it, an unknown submodule
+            name, no trainable shared parameter, or ``update="optimizer"``
+            with an optimizer other than SGD / Adam / AdamW.
+        NotImplementedError: manual optimization.
+
+    Example:
+        >>> from lightning_etap.affinity import AffinityCallback
+        >>> affinity = AffinityCallback(shared="encoder")
+        >>> # trainer = L.Trainer(callbacks=[affinity]); trainer.fit(model, datamodule)
+        >>> # affinity.result.matrix, affinity.result.group_score(["a", "b", "c"])
+    """
+
+    def __init__(
+        self,
+        shared: SharedSpec = "encoder",
+        tasks: Sequence[str] | None = None,
+        *,
+        method: str = "etap",
+        update: str = "gradient",
+        divide_by_lr: bool = True,
+        normalize_by_loss: bool = True,
+        reduction: str = "epoch_mean_sum",
+        every_n_steps: int = 1,
+        keep_step_scores: bool = False,
+    ) -> None:
+        if method not in ("etap", "tag"):
+            raise ValueError(f"method must be 'etap' or 'tag', got {method!r}")
+        if update not in ("gradient", "optimizer"):
+            raise ValueError(f"update must be 'gradient' or 'optimizer', got {update!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if tasks is not None:
+            if isinstance(tasks, str):
+                raise TypeError(f"tasks must be a sequence of task names, not the string {tasks!r}")
+            names = [str(t) for t in tasks]
+            dup = sorted({t for t in names if names.count(t) > 1})
+            if dup:
+                raise ValueError(f"duplicate task name(s) {dup} in tasks")
+            if len(names) < 2:
+                raise ValueError(f"affinity needs at least two tasks, got {names}")
+            tasks = names
+        if not (isinstance(shared, str) or callable(shared)):
+            shared = list(shared)
+            if not shared or not all(isinstance(p, Tensor) for p in shared):
+                raise ValueError("shared must be a submodule name, a non-empty list of parameters or a callable")
+        self.shared = shared
+        self.tasks = tasks
+        self.method = method
+        self.update = update
+        self.divide_by_lr = bool(divide_by_lr)
+        self.normalize_by_loss = bool(normalize_by_loss)
+        self.reduction = reduction
+        self.every_n_steps = every_n_steps
+        self.keep_step_scores = bool(keep_step_scores)
+        # run state lives in setup() (tensors made here would be shared between ddp_spawn workers)
+        self._module: L.LightningModule | None = None
+        self._loaded = False
+        self._task_names: list[str] | None = None
+        self._acc: AffinityAccumulator | None = None
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The measurement's settings, as stored with the result."""
+        shared = self.shared if isinstance(self.shared, str) else (
+            "callable" if callable(self.shared) else f"{len(self.shared)} parameters")
+        return {
+            "method": self.method, "update": self.update, "divide_by_lr": self.divide_by_lr,
+            "normalize_by_loss": self.normalize_by_loss, "reduction": self.reduction,
+            "every_n_steps": self.every_n_steps, "shared": shared,
+        }
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.settings, tasks=self.tasks)
+
+    # ------------------------------------------------------------------ setup / teardown
+    def _reset(self) -> None:
+        self._task_names = list(self.tasks) if self.tasks is not None else None
+        self._acc = None
+        if self._task_names is not None:
+            self._acc = AffinityAccumulator(len(self._task_names), self.keep_step_scores)
+        self._measured = 0
+        self._skipped = 0
+        self._zero_loss: list[int] = [0] * len(self._task_names or [])
+        self._warned: set[str] = set()
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise NotImplementedError(
+                "AffinityCallback supports automatic optimization only: with manual optimization Lightning "
+                "does not own the backward pass the per-task gradients are taken from"
+            )
+        self._params = _resolve_shared(pl_module, self.shared)
+        self._blocks = parameter_blocks(self._params, pl_module)
+        self._gradients = ExactTaskGradients()
+        if not self._loaded:
+            self._reset()
+        self._captured: _Captured | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_bad = False
+        self._tag_state: tuple | None = None
+        self._wrap(pl_module)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._unwrap()
+        self._captured = None
+        self._tag_state = None
+        self._pending = []
+        self._loaded = False
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # a failed fit must not leave the module wrapped
+
+    def _wrap(self, pl_module: L.LightningModule) -> None:
+        self._unwrap()
+        self._tap = _StepTap.attach(pl_module, self)
+        self._module = pl_module
+
+    def _unwrap(self) -> None:
+        if self._module is None:
+            return
+        self._tap.detach(self._module, self)
+        self._module = None
+
+    def _capture(self, pl_module: L.LightningModule, out: Any, args: tuple, kwargs: dict,
+                 rng: Tensor | None) -> None:
+        trainer = pl_module._trainer
+        if trainer is None or not trainer.training or _LOOKAHEAD[0]:
+            return
+        if out is None:  # Lightning skips this step
+            self._captured = None
+            return
+        if not isinstance(out, Mapping) or "task_losses" not in out:
+            got = f"a dict with keys {sorted(out)}" if isinstance(out, Mapping) else type(out).__name__
+            raise ValueError(f"AffinityCallback: training_step returned {got}; {_CONTRACT}")
+        losses = out["task_losses"]
+        if not isinstance(losses, Mapping) or not losses:
+            raise ValueError(f"AffinityCallback: 'task_losses' is {type(losses).__name__}; {_CONTRACT}")
+        self._captured = _Captured(losses, args, kwargs, rng)
+
+    # ------------------------------------------------------------------ per step
+    def _ordered_losses(self, losses: Mapping[str, Tensor]) -> tuple[list[str], Tensor]:
+        returned = [str(t) for t in losses]
+        if self._task_names is None:
+            if len(returned) < 2:
+                raise ValueError(f"AffinityCallback needs at least two tasks; the step returned {returned}")
+            self._task_names = returned
+            self._acc = AffinityAccumulator(len(returned), self.keep_step_scores)
+            self._zero_loss = [0] * len(returned)
+        names = self._task_names
+        missing = [t for t in names if t not in losses]
+        if missing:
+            where = "in tasks" if self.tasks is not None else "in the first step's task_losses"
+            raise ValueError(
+                f"AffinityCallback: task(s) {missing} named {where} are not in this step's task_losses "
+                f"(it returned {returned}); every step must return every measured task"
+            )
+        if self.tasks is None and len(returned) != len(names):
+            extra = [t for t in returned if t not in names]
+            raise ValueError(f"AffinityCallback: unknown task(s) {extra} in task_losses; measured tasks are {names}")
+        values = []
+        for t in names:
+            v = losses[t]
+            if not isinstance(v, Tensor) or v.numel() != 1:
+                raise ValueError(f"AffinityCallback: task_losses[{t!r}] must be a scalar tensor; {_CONTRACT}")
+            values.append(v.reshape(()))
+        return names, torch.stack(values)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
+
+    def _bad_step(self, why: str) -> None:
+        self._pending_bad = True
+        self._warn_once("nonfinite", f"AffinityCallback: skipping a step with {why} (further skips counted silently "
+                        "in result.skipped_steps)")
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        opt = self._optimizer(trainer)
+        task_update_rules(opt, self._params, self.update)  # validates the optimizer early
+
+    def _optimizer(self, trainer: L.Trainer) -> torch.optim.Optimizer:
+        ids = {id(p) for p in self._params}
+        for opt in trainer.optimizers:
+            if any(id(p) in ids for g in opt.param_groups for p in g["params"]):
+                return opt
+        raise ValueError("AffinityCallback: no optimizer updates the shared parameters")
+
+    @override
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        cap, self._captured = self._captured, None
+        if cap is None or trainer.global_step % self.every_n_steps != 0:
+            return
+        names, losses = self._ordered_losses(cap.task_losses)
+        values = losses.detach()
+        detached = [t for t in names if not cap.task_losses[t].requires_grad]
+        if detached:
+            self._warn_once("detached", f"AffinityCallback: task_losses {detached} are not attached to the autograd "
+                            "graph; their gradients count as zero. Return the losses before .detach() / .item()")
+        if not bool(torch.isfinite(values).all()):
+            self._bad_step("a non-finite task loss")
+            return
+        opt = self._optimizer(trainer)
+        if self.method == "etap":
+            rules = task_update_rules(opt, self._params, self.update, per_unit_lr=self.divide_by_lr)
+            products = step_products(losses, self._params, rules, self._blocks, self._gradients)
+            scores, valid = step_scores(products, values, self.normalize_by_loss)
+            self._add_micro(scores, valid)
+            return
+        # TAG: the per-task updates now (graph alive), the lookahead after the backward
+        lr = None
+        if self.divide_by_lr:
+            lr = float(optimizer_group_of(opt, self._params[:1])[0]["lr"])
+            if lr == 0:
+                self._bad_step("learning rate 0 (TAG with divide_by_lr)")
+                return
+        rules = task_update_rules(opt, self._params, self.update)
+        updates: list[Tensor | None] = [None] * len(self._params)
+        for k, grads in self._gradients(losses, self._params, self._blocks):
+            updates[k] = apply_update(rules[k], grads)
+        if not all(bool(torch.isfinite(u).all()) for u in updates):
+            self._bad_step("a non-finite gradient or update")
+            return
+        self._tag_state = (names, values, updates, lr, cap)
+
+    @override
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state, self._tag_state = self._tag_state, None
+        if state is None:
+            return
+        names, before, updates, lr, cap = state
+        original = self._tap.original
+
+        def evaluate() -> Tensor:
+            out = original(*cap.args, **cap.kwargs)
+            return torch.stack([out["task_losses"][t].detach().reshape(()) for t in names])
+
+        _LOOKAHEAD[0] += 1  # other affinity callbacks' wrappers ignore these calls
+        try:
+            with torch.no_grad(), _silenced_logging(pl_module), \
+                    preserved_module_state(pl_module, cap.rng_state) as reset:
+                after = lookahead_task_losses(self._params, updates, evaluate, reset)
+        finally:
+            _LOOKAHEAD[0] -= 1
+        scores, valid = tag_step_scores(before, after, lr)
+        self._add_micro(scores, valid)
+
+    def _add_micro(self, scores: Tensor, valid: Tensor) -> None:
+        if not bool(torch.isfinite(scores[:, valid]).all()):
+            self._bad_step("a non-finite gradient or score")
+            return
+        self._pending.append((scores, valid))
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        pending, bad = self._pending, self._pending_bad
+        self._pending, self._pending_bad = [], False
+        if bad:
+            self._skipped += 1
+            return
+        if not pending:
+            return
+        total = torch.zeros_like(pending[0][0])
+        count = torch.zeros_like(pending[0][1], dtype=torch.float64)
+        for s, v in pending:
+            total += torch.where(v.unsqueeze(0), s, 0.0)
+            count += v.double()
+        valid = count > 0
+        scores = torch.where(valid.unsqueeze(0), total / count.clamp(min=1).unsqueeze(0), 0.0)
+        for j in torch.nonzero(~valid).flatten().tolist():
+            self._zero_loss[j] += 1
+        self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step)
+        self._measured += 1
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._captured = None  # do not keep the step's graph alive
+
+    # ------------------------------------------------------------------ result
+    @property
+    def result(self) -> AffinityResult:
+        """The measurement so far (after or during fit).
+
+        Raises:
+            RuntimeError: no step has been measured yet.
+        """
+        if self._acc is None or self._task_names is None:
+            raise RuntimeError("AffinityCallback has measured no training step yet; run trainer.fit first")
+        acc = self._acc
+        steps = None
+        if acc.keep_steps:
+            n = acc.n
+            stack = torch.stack(acc.step_scores) if acc.step_scores else torch.zeros(0, n, n, dtype=torch.float64)
+            steps = (stack.numpy(), acc.steps)
+        return AffinityResult(
+            task_names=tuple(self._task_names),
+            matrix=acc.matrix(self.reduction).numpy(),
+            epoch_matrices=acc.epoch_means().numpy(),
+            epochs=acc.epochs,
+            step_matrices=None if steps is None else steps[0],
+            steps=None if steps is None else steps[1],
+            measured_steps=self._measured,
+            skipped_steps=self._skipped,
+            zero_loss_skips=dict(zip(self._task_names, self._zero_loss, strict=True)),
+            settings=self.settings,
+        )
+
+    # ------------------------------------------------------------------ checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._acc is None:
+            return {"version": 1, "settings": self.settings, "task_names": self._task_names, "accumulator": None}
+        return {
+            "version": 1,
+            "settings": self.settings,
+            "task_names": list(self._task_names),
+            "accumulator": self._acc.state_dict(),
+            "measured_steps": self._measured,
+            "skipped_steps": self._skipped,
+            "zero_loss_skips": list(self._zero_loss),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("settings", {})
+        diff = {k: (saved.get(k), v) for k, v in self.settings.items() if k in saved and saved[k] != v}
+        if diff:
+            raise ValueError(f"AffinityCallback: checkpoint was measured with other settings {diff} "
+                             "(checkpoint value, current value)")
+        names = state_dict.get("task_names")
+        if self.tasks is not None and names is not None and list(names) != list(self.tasks):
+            raise ValueError(f"AffinityCallback: checkpoint measured tasks {names}, this callback {self.tasks}")
+        self._reset()
+        if state_dict.get("accumulator") is not None:
+            self._task_names = list(names)
+            self._acc = AffinityAccumulator.from_state_dict(state_dict["accumulator"])
+            self._measured = int(state_dict["measured_steps"])
+            self._skipped = int(state_dict["skipped_steps"])
+            self._zero_loss = [int(v) for v in state_dict["zero_loss_skips"]]
+        self._loaded = True
+
+
+# ---------------------------------------------------------------------- helpers
+class _StepTap:
+    """One wrapper around a module's ``training_step`` shared by every affinity callback of the fit.
+
+    It calls the original step, hands the output to each registered callback
+    and returns it unchanged. Several callbacks can measure one fit (e.g. with
+    different settings); the original is put back when the last one detaches.
+    """
+
+    _ATTR = "_lightning_etap_step_tap"
+
+    def __init__(self, module: nn.Module) -> None:
+        self.original = module.training_step
+        self.had_own = "training_step" in module.__dict__
+        self.listeners: list[AffinityCallback] = []
+        tap = self
+
+        @functools.wraps(self.original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            rng = torch.get_rng_state() if any(cb.method == "tag" for cb in tap.listeners) else None
+            out = tap.original(*args, **kwargs)
+            for cb in list(tap.listeners):
+                cb._capture(module, out, args, kwargs, rng)
+            return out
+
+        self.wrapper = training_step
+
+    @classmethod
+    def attach(cls, module: nn.Module, callback: AffinityCallback) -> _StepTap:
+        tap = module.__dict__.get(cls._ATTR)
+        if tap is None:
+            tap = cls(module)
+            module.__dict__[cls._ATTR] = tap
+            module.__dict__["training_step"] = tap.wrapper
+        if callback not in tap.listeners:
+            tap.listeners.append(callback)
+        return tap
+
+    def detach(self, module: nn.Module, callback: AffinityCallback) -> None:
+        if callback in self.listeners:
+            self.listeners.remove(callback)
+        if self.listeners or module.__dict__.get(self._ATTR) is not self:
+            return
+        del module.__dict__[self._ATTR]
+        if module.__dict__.get("training_step") is self.wrapper:  # nobody wrapped over us
+            if self.had_own:
+                module.__dict__["training_step"] = self.original
+            else:
+                del module.__dict__["training_step"]
+
+
+def _resolve_shared(pl_module: nn.Module, shared: SharedSpec) -> list[Tensor]:
+    """The trainable shared parameters named by ``shared`` (deduplicated, in order)."""
+    if isinstance(shared, str):
+        try:
+            sub = pl_module.get_submodule(shared)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"AffinityCallback: the module has no submodule {shared!r}; its submodules are {children}. "
+                "Pass shared= a submodule name, a list of parameters or a callable module -> parameters"
+            ) from None
+        params = list(sub.parameters())
+        what = f"submodule {shared!r}"
+    else:
+        params = list(shared(pl_module)) if callable(shared) else list(shared)
+        what = "the given shared parameters"
+        owned = {id(p) for p in pl_module.parameters()}
+        foreign = [k for k, p in enumerate(params) if id(p) not in owned]
+        if foreign:
+            raise ValueError(f"AffinityCallback: {len(foreign)} of {what} (indices {foreign[:5]}) are not "
+                             "parameters of the LightningModule")
+    unique: dict[int, Tensor] = {}
+    for p in params:
+        unique.setdefault(id(p), p)
+    params = list(unique.values())
+    if not params:
+        raise ValueError(f"AffinityCallback: {what} hold no parameters")
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"AffinityCallback: all {len(params)} parameters of {what} are frozen (requires_grad=False); "
+                         "the affinity is measured on trainable shared parameters")
+    return trainable
+
+
+@contextlib.contextmanager
+def _silenced_logging(module: L.LightningModule):
+    """``module.log`` / ``log_dict`` do nothing inside (the TAG lookahead re-runs the step)."""
+    def noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
+    module.log = noop
+    module.log_dict = noop
+    try:
+        yield
+    finally:
+        for k in ("log", "log_dict"):
+            if k in saved:
+                setattr(module, k, saved[k])
+            else:
+                module.__dict__.pop(k, None)

@@ -1,0 +1,222 @@
+"""What an affinity measurement produced: the labelled matrix and how it came about."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_etap.affinity.scores import group_affinity
+
+__all__ = ["AffinityResult"]
+
+_FORMAT = "lightning-etap/affinity-result"
+_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class AffinityResult:
+    """Task affinities measured during one training run.
+
+    Convention: ``matrix[i, j] = z̄[i→j]``, the affinity of source task ``i``
+    (row) onto target task ``j`` (column): positive when ``i``'s updates lower
+    ``j``'s loss. The diagonal holds each task's affinity onto itself.
+
+    Attributes:
+        task_names: the tasks, in the matrix's order.
+        matrix: ``(n, n)`` float64, the time-averaged affinity under the
+            reduction in ``settings["reduction"]``.
+        epoch_matrices: ``(E, n, n)`` float64, the mean step score of every
+            measured epoch (NaN in a column no step of that epoch counted for).
+        epochs: ``(E,)`` int, the epoch index of each row of ``epoch_matrices``.
+        step_matrices: ``(S, n, n)`` float64 step scores (optimizer steps;
+            gradient-accumulation micro-batches averaged), or ``None`` unless
+            the callback kept them.
+        steps: ``(S,)`` int, the global step of each step matrix, or ``None``.
+        measured_steps: optimizer steps whose scores entered the matrix.
+        skipped_steps: measured steps dropped for a non-finite loss, gradient
+            or score (or a zero learning rate under TAG with ``divide_by_lr``).
+        zero_loss_skips: task -> number of steps whose column was left out
+            because the task's loss was exactly zero (the score divides by it).
+        settings: the callback's settings (method, update, ...).
+
+    Example:
+        >>> import numpy as np
+        >>> m = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, 4.0], [5.0, 6.0, 0.0]])
+        >>> res = AffinityResult(("a", "b", "c"), m, m[None], [0])
+        >>> res.score("b", "a")  # b's updates onto a's loss
+        3.0
+        >>> res.member_scores(["a", "b"])  # eq. 7: {a: z[b->a], b: z[a->b]}
+        {'a': 3.0, 'b': 1.0}
+        >>> res.group_score(["a", "b", "c"])  # mean of (3+5)/2, (1+6)/2, (2+4)/2
+        3.5
+    """
+
+    task_names: tuple[str, ...]
+    matrix: np.ndarray
+    epoch_matrices: np.ndarray
+    epochs: np.ndarray
+    step_matrices: np.ndarray | None = None
+    steps: np.ndarray | None = None
+    measured_steps: int = 0
+    skipped_steps: int = 0
+    zero_loss_skips: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = tuple(str(t) for t in self.task_names)
+        object.__setattr__(self, "task_names", names)
+        n = len(names)
+        if len(set(names)) != n:
+            raise ValueError(f"task names must be unique, got {list(names)}")
+        matrix = np.asarray(self.matrix, dtype=np.float64)
+        if matrix.shape != (n, n):
+            raise ValueError(f"matrix must be {n}x{n} for {n} tasks, got shape {matrix.shape}")
+        object.__setattr__(self, "matrix", matrix)
+        object.__setattr__(self, "epoch_matrices", np.asarray(self.epoch_matrices, np.float64).reshape(-1, n, n))
+        object.__setattr__(self, "epochs", np.asarray(self.epochs, dtype=np.int64).reshape(-1))
+        if self.step_matrices is not None:
+            object.__setattr__(self, "step_matrices", np.asarray(self.step_matrices, np.float64).reshape(-1, n, n))
+            object.__setattr__(self, "steps", np.asarray(self.steps, dtype=np.int64).reshape(-1))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    def _indices(self, tasks: Sequence[str]) -> list[int]:
+        if isinstance(tasks, str):
+            raise TypeError(f"pass a sequence of task names, not the string {tasks!r}")
+        names = [str(t) for t in tasks]
+        unknown = [t for t in names if t not in self.task_names]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; the result has {list(self.task_names)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate task(s) in group {names}")
+        return [self.task_names.index(t) for t in names]
+
+    def score(self, source: str, target: str) -> float:
+        """``z̄[source→target]``."""
+        i, j = self._indices([source])[0], self._indices([target])[0]
+        return float(self.matrix[i, j])
+
+    def member_scores(self, group: Sequence[str]) -> dict[str, float]:
+        """Paper eq. 7 per member: ``z̄[G→t] = mean over s in G, s ≠ t of matrix[s, t]``.
+
+        Raises:
+            ValueError: unknown or duplicated task names, or fewer than two
+                tasks (a single task has no affinity).
+        """
+        idx = self._indices(group)
+        if len(idx) < 2:
+            raise ValueError(
+                f"group {list(group)} has a single task: a singleton has no affinity "
+                "(eq. 7 averages the affinity from the other members)"
+            )
+        values = group_affinity(self.matrix, idx)
+        return {self.task_names[k]: float(v) for k, v in zip(idx, values, strict=True)}
+
+    def group_score(self, group: Sequence[str]) -> float:
+        """The group's affinity: the mean over members ``t`` of :meth:`member_scores` (eq. 7)."""
+        return float(np.mean(list(self.member_scores(group).values())))
+
+    def pairwise(self) -> dict[tuple[str, str], float]:
+        """Group score of every pair ``(a, b)`` (task order): ``(z̄[a→b] + z̄[b→a]) / 2``."""
+        n = self.n_tasks
+        return {
+            (self.task_names[i], self.task_names[j]): float((self.matrix[i, j] + self.matrix[j, i]) / 2)
+            for i in range(n) for j in range(i + 1, n)
+        }
+
+    def to_pandas(self):
+        """The matrix as a ``pandas.DataFrame`` (index: source task, columns: target task)."""
+        import pandas as pd
+
+        df = pd.DataFrame(self.matrix, index=list(self.task_names), columns=list(self.task_names))
+        df.index.name, df.columns.name = "source", "target"
+        return df
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``affinity.json`` (names, counts, settings) and ``affinity.npz`` (arrays) into directory ``path``.
+
+        No pickle is used; :meth:`load` gives back an equal result, bit for bit.
+        """
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "task_names": list(self.task_names),
+            "measured_steps": int(self.measured_steps),
+            "skipped_steps": int(self.skipped_steps),
+            "zero_loss_skips": {str(k): int(v) for k, v in self.zero_loss_skips.items()},
+            "settings": self.settings,
+            "has_steps": self.step_matrices is not None,
+        }
+        (folder / "affinity.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        arrays = {"matrix": self.matrix, "epoch_matrices": self.epoch_matrices, "epochs": self.epochs}
+        if self.step_matrices is not None:
+            arrays.update(step_matrices=self.step_matrices, steps=self.steps)
+        np.savez(folder / "affinity.npz", **arrays)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> AffinityResult:
+        """Read a result written by :meth:`save`."""
+        folder = Path(path)
+        meta = json.loads((folder / "affinity.json").read_text())
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{folder} does not hold an affinity result (format {meta.get('format')!r})")
+        if int(meta.get("version", 0)) > _VERSION:
+            raise ValueError(f"affinity result version {meta['version']} is newer than this library reads")
+        with np.load(folder / "affinity.npz", allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        return cls(
+            task_names=tuple(meta["task_names"]),
+            matrix=arrays["matrix"],
+            epoch_matrices=arrays["epoch_matrices"],
+            epochs=arrays["epochs"],
+            step_matrices=arrays.get("step_matrices") if meta["has_steps"] else None,
+            steps=arrays.get("steps") if meta["has_steps"] else None,
+            measured_steps=int(meta["measured_steps"]),
+            skipped_steps=int(meta["skipped_steps"]),
+            zero_loss_skips={k: int(v) for k, v in meta["zero_loss_skips"].items()},
+            settings=dict(meta["settings"]),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AffinityResult):
+            return NotImplemented
+
+        def same(a, b) -> bool:
+            if a is None or b is None:
+                return a is b
+            return a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+        return (
+            self.task_names == other.task_names
+            and same(self.matrix, other.matrix)
+            and same(self.epoch_matrices, other.epoch_matrices)
+            and same(self.epochs, other.epochs)
+            and same(self.step_matrices, other.step_matrices)
+            and same(self.steps, other.steps)
+            and self.measured_steps == other.measured_steps
+            and self.skipped_steps == other.skipped_steps
+            and self.zero_loss_skips == other.zero_loss_skips
+            and self.settings == other.settings
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        n = self.n_tasks
+        finite = self.matrix[np.isfinite(self.matrix)]
+        rng = f"[{finite.min():.3g}, {finite.max():.3g}]" if finite.size else "[no finite values]"
+        method = self.settings.get("method", "?")
+        return (f"AffinityResult({n} tasks, method={method!r}, {self.measured_steps} steps measured, "
+                f"{self.skipped_steps} skipped, values in {rng})")

@@ -1,0 +1,637 @@
+"""Task affinity (ETAP and TAG) against independent references: hand computation, real optimizer steps, brute force."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_etap.affinity import AffinityCallback, AffinityResult
+from lightning_etap.affinity.scores import (
+    AffinityAccumulator,
+    ExactTaskGradients,
+    LinearUpdate,
+    apply_update,
+    parameter_blocks,
+    step_products,
+    step_scores,
+    task_update_rules,
+)
+from lightning_etap.data.digits import load_digits
+from lightning_etap.models.mtl_mlp import MultiTaskMLP
+from lightning_etap.training import TrainConfig, quiet_lightning, train_group
+
+TASKS = ("a", "b", "c")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: intra-op threads only add synchronisation (BatchNorm on 8 rows took ~0.1 s
+    with 2 threads on a busy 2-core machine). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------- a user's own small modules
+class TinyMTL(L.LightningModule):
+    """2-layer encoder, one linear head per regression task; optional BatchNorm and dropout."""
+
+    def __init__(self, d=4, hidden=(5, 3), optimizer="sgd", lr=0.1, bn=False, dropout=0.0, opt_kwargs=None,
+                 nan_steps=(), zero_task=None):
+        super().__init__()
+        layers = [nn.Linear(d, hidden[0]), nn.Tanh()]
+        if bn:
+            layers.append(nn.BatchNorm1d(hidden[0]))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(hidden[0], hidden[1]), nn.Tanh()]
+        self.encoder = nn.Sequential(*layers)
+        self.heads = nn.ModuleList([nn.Linear(hidden[1], 1) for _ in TASKS])
+        self.optimizer, self.lr, self.opt_kwargs = optimizer, lr, dict(opt_kwargs or {})
+        self.nan_steps, self.zero_task = set(nan_steps), zero_task
+
+    def task_losses(self, batch):
+        x, y = batch
+        h = self.encoder(x)
+        return {t: F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, (t, head) in enumerate(zip(TASKS, self.heads, strict=True))}
+
+    def training_step(self, batch, batch_idx):
+        losses = self.task_losses(batch)
+        total = sum(losses.values())
+        reported = dict(losses)
+        if self.zero_task is not None:
+            reported[self.zero_task] = losses[self.zero_task] * 0.0  # exactly zero, still in the graph
+        if self.trainer.global_step in self.nan_steps:
+            reported["b"] = losses["b"] * float("nan")  # only the reported loss; training stays finite
+        self.log("train_loss", total.detach())
+        return {"loss": total, "task_losses": reported}
+
+    def configure_optimizers(self):
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+               "rmsprop": torch.optim.RMSprop}[self.optimizer]
+        return cls(self.parameters(), lr=self.lr, **self.opt_kwargs)
+
+
+class ConvTwoTower(L.LightningModule):
+    """A different architecture: a conv tower shared by all tasks, a small MLP per task; Adam."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 8)
+        self.towers = nn.ModuleDict({t: nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1)) for t in TASKS})
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1)))
+        losses = {t: F.binary_cross_entropy_with_logits(self.towers[t](h).squeeze(-1), y[:, k])
+                  for k, t in enumerate(TASKS)}
+        return {"loss": sum(losses.values()), "task_losses": losses}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def tiny_loader(n=24, d=4, batch_size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.stack([x[:, 0] + x[:, 1], x[:, 0] - x[:, 2], torch.sin(x[:, 3])], 1) + 0.1 * torch.randn(n, 3, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def image_loader(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=g)
+    y = torch.stack([(x[:, 0, :3].mean((1, 2)) > 0), (x[:, 0, 3:].mean((1, 2)) > 0), (x.mean((1, 2, 3)) > 0)], 1)
+    return DataLoader(TensorDataset(x, y.float()), batch_size=8, shuffle=False)
+
+
+class Recorder(L.Callback):
+    """Model, optimizer, RNG and batch at the start of every (micro-)batch."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.records.append(dict(
+            step=trainer.global_step, epoch=trainer.current_epoch,
+            batch=[b.clone() for b in batch],
+            state=copy.deepcopy(pl_module.state_dict()),
+            opt=copy.deepcopy(trainer.optimizers[0].state_dict()),
+            rng=torch.get_rng_state(),
+        ))
+
+
+def fit(model, loader, callbacks=(), seed=0, **kw):
+    args = dict(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
+    args.update(kw)
+    L.seed_everything(seed, verbose=False)
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningModule.log.*")
+        warnings.filterwarnings("ignore", message=".*train_dataloader.*does not have many workers.*")
+        trainer = L.Trainer(callbacks=list(callbacks), **args)
+        trainer.fit(model, train_dataloaders=loader)
+    return trainer
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def ref_grads(make, rec, shared_of, rng=False):
+    """Independent reference: a fresh model loaded with the recorded weights, one autograd call per task."""
+    model = make()
+    model.load_state_dict(rec["state"])
+    model.train()
+    if rng:
+        torch.set_rng_state(rec["rng"])
+    losses = model.task_losses(rec["batch"])
+    shared = shared_of(model)
+    G = torch.stack([flat(torch.autograd.grad(losses[t], shared, retain_graph=True)) for t in TASKS]).double()
+    L_ = torch.stack([losses[t].detach() for t in TASKS]).double()
+    return model, G, L_
+
+
+def reduce_by_hand(step_mats, epochs, reduction):
+    step_mats, epochs = np.asarray(step_mats), np.asarray(epochs)
+    per_epoch = [step_mats[epochs == e].mean(0) for e in sorted(set(epochs.tolist()))]
+    return np.sum(per_epoch, 0) if reduction == "epoch_mean_sum" else step_mats.mean(0)
+
+
+# ---------------------------------------------------------------------- hand computation, every knob
+KNOBS = list(itertools.product(["gradient", "optimizer"], [True, False], [True, False], ["epoch_mean_sum", "mean"]))
+
+
+def test_step_scores_and_reductions_match_hand_computation_for_every_knob():
+    """16 callbacks on one fit (SGD momentum 0.9): each against per-task autograd calls and the update by hand."""
+    torch.manual_seed(0)
+    make = lambda: TinyMTL(optimizer="sgd", lr=0.1, opt_kwargs={"momentum": 0.9})  # noqa: E731
+    model = make()
+    rec = Recorder()
+    cbs = {k: AffinityCallback("encoder", update=k[0], divide_by_lr=k[1], normalize_by_loss=k[2], reduction=k[3],
+                               keep_step_scores=True) for k in KNOBS}
+    fit(model, tiny_loader(), [rec, *cbs.values()])
+    assert len(rec.records) == 6
+    assert "training_step" not in model.__dict__ and not any("tap" in k for k in model.__dict__)  # all unwrapped
+    lr, mu = 0.1, 0.9
+    for (update, div, norm, reduction), cb in cbs.items():
+        res = cb.result
+        assert res.task_names == TASKS and res.measured_steps == 6 and res.skipped_steps == 0
+        expected = []
+        for r in rec.records:
+            _, G, L_ = ref_grads(make, r, lambda m: list(m.encoder.parameters()))
+            U = lr * G
+            if update == "optimizer" and r["step"] > 0:  # momentum buffer b: u_i = lr (mu b + g_i)
+                b = flat([r["opt"]["state"][k]["momentum_buffer"] for k in range(4)]).double()
+                U = lr * (mu * b + G)
+            Z = U @ G.T  # Z[i, j] = u_i . g_j
+            if div:
+                Z = Z / lr
+            if norm:
+                Z = Z / L_[None, :]
+            expected.append(Z.numpy())
+        np.testing.assert_allclose(res.step_matrices, np.stack(expected), rtol=2e-5, atol=1e-7)
+        assert res.steps.tolist() == list(range(6))
+        np.testing.assert_allclose(res.matrix, reduce_by_hand(expected, [r["epoch"] for r in rec.records], reduction),
+                                   rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(res.epoch_matrices, [np.mean(expected[:3], 0), np.mean(expected[3:], 0)],
+                                   rtol=2e-5, atol=1e-7)
+    # the knobs matter: the released default differs from the paper's eq. 5 / eq. 6 choices
+    default = cbs[("gradient", True, True, "epoch_mean_sum")].result.matrix
+    assert not np.allclose(default, cbs[("optimizer", False, True, "mean")].result.matrix)
+
+
+def test_gradient_accumulation_averages_micro_batch_scores():
+    torch.manual_seed(1)
+    make = lambda: TinyMTL(optimizer="sgd", lr=0.05, opt_kwargs={"momentum": 0.5, "nesterov": True})  # noqa: E731
+    rec = Recorder()
+    cb = AffinityCallback("encoder", update="optimizer", keep_step_scores=True)
+    fit(make(), tiny_loader(n=32), [rec, cb], max_epochs=1, accumulate_grad_batches=2)
+    res = cb.result
+    assert res.measured_steps == 2 and res.steps.tolist() == [0, 1]
+    for step in (0, 1):
+        mats = []
+        for r in [r for r in rec.records if r["step"] == step]:
+            model, G, L_ = ref_grads(make, r, lambda m: list(m.encoder.parameters()))
+            shared = list(model.encoder.parameters())
+            U = []
+            for i in range(3):  # the real optimizer's step on a copy: u_i = theta_before - theta_after
+                m2 = copy.deepcopy(model)
+                opt = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.5, nesterov=True)
+                opt.load_state_dict(copy.deepcopy(r["opt"]))
+                for p, g in zip(m2.encoder.parameters(), torch.split(G[i].float(), [p.numel() for p in shared]), strict=True):
+                    p.grad = g.reshape(p.shape)
+                opt.step()
+                U.append((flat(shared) - flat(m2.encoder.parameters())).detach().double())
+            mats.append(((torch.stack(U) @ G.T) / 0.05 / L_[None, :]).numpy())
+        np.testing.assert_allclose(res.step_matrices[step], np.mean(mats, 0), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the optimizer's own update
+SGD_CONFIGS = [
+    dict(momentum=0.0),
+    dict(momentum=0.9),
+    dict(momentum=0.9, dampening=0.3),
+    dict(momentum=0.8, nesterov=True, weight_decay=0.01),
+    dict(momentum=0.9, dampening=0.2, weight_decay=0.05, maximize=True),
+    dict(momentum=0.0, weight_decay=0.1),
+]
+ADAM_CONFIGS = [
+    (torch.optim.Adam, dict()),
+    (torch.optim.Adam, dict(weight_decay=0.05, amsgrad=True)),
+    (torch.optim.AdamW, dict(weight_decay=0.1)),
+    (torch.optim.AdamW, dict(amsgrad=True, betas=(0.8, 0.95), maximize=True)),
+]
+
+
+@pytest.mark.parametrize("warmup", [0, 3], ids=["first_step", "after_3_steps"])
+@pytest.mark.parametrize("make_opt", [lambda ps, kw=kw: torch.optim.SGD(ps, lr=0.1, **kw) for kw in SGD_CONFIGS]
+                         + [lambda ps, c=c, kw=kw: c(ps, lr=0.01, **kw) for c, kw in ADAM_CONFIGS],
+                         ids=[f"sgd{k}" for k in range(len(SGD_CONFIGS))] + [f"adam{k}" for k in range(len(ADAM_CONFIGS))])
+def test_optimizer_update_equals_a_real_step_on_a_copy(make_opt, warmup):
+    g = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(4, 3, generator=g)), nn.Parameter(torch.randn(5, generator=g))]
+    frozen_other = nn.Parameter(torch.randn(2, generator=g))  # in the optimizer, not shared
+    opt = make_opt([{"params": params}, {"params": [frozen_other], "lr": 0.3}])
+    for _ in range(warmup):
+        for p in [*params, frozen_other]:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    n = 3
+    grads = [torch.randn(n, *p.shape, generator=g) for p in params]
+    before = copy.deepcopy(opt.state_dict())
+    for per_unit in (False, True):
+        rules = task_update_rules(opt, params, "optimizer", per_unit_lr=per_unit)
+        ours = [apply_update(r, G) for r, G in zip(rules, grads, strict=True)]
+        lr = opt.param_groups[0]["lr"]
+        for i in range(n):
+            pair = copy.deepcopy({"params": params, "opt": opt})
+            for p, G in zip(pair["params"], grads, strict=True):
+                p.grad = G[i].clone()
+            pair["opt"].step()
+            for p, p2, u in zip(params, pair["params"], ours, strict=True):
+                # compared on the parameters' scale (theta_before - theta_after loses digits to cancellation)
+                torch.testing.assert_close(u[i] * (lr if per_unit else 1.0), p.detach() - p2.detach(),
+                                           rtol=1e-4, atol=1e-6)
+    after = opt.state_dict()  # the optimizer state was only read
+    assert before["param_groups"] == after["param_groups"]
+    assert before["state"].keys() == after["state"].keys()
+    for k in before["state"]:
+        for name, v in before["state"][k].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["state"][k][name]))
+
+
+def test_gradient_update_and_unsupported_optimizer():
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.RMSprop([p], lr=0.2)
+    (rule,) = task_update_rules(opt, [p], "gradient")
+    torch.testing.assert_close(apply_update(rule, torch.ones(2, 3)), torch.full((2, 3), 0.2))
+    with pytest.raises(ValueError, match=r"SGD.*Adam.*AdamW"):
+        task_update_rules(opt, [p], "optimizer")
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        task_update_rules(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), [p], "gradient")
+
+
+# ---------------------------------------------------------------------- the numerical core on its own
+def test_block_products_equal_the_full_jacobian_and_blocks_partition():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 300), nn.ReLU(), nn.Linear(300, 4), nn.Tanh(), nn.Linear(4, 4))
+    x = torch.randn(10, 6)
+    h = enc(x)
+    losses = torch.stack([h[:, 0].pow(2).mean(), (h[:, 1] * h[:, 2]).mean(), h[:, 3].sum()])
+    params = list(enc.parameters())
+    blocks = parameter_blocks(params, enc, min_numel=50)
+    assert sorted(k for b in blocks for k in b) == list(range(len(params)))
+    assert [0, 1] in blocks  # a layer's weight and bias together
+    J = torch.stack([flat(torch.autograd.grad(losses[i], params, retain_graph=True)) for i in range(3)]).double()
+    c = [torch.randn(p.shape) for p in params]
+    rules = [LinearUpdate(alpha=0.7, offset=ci) for ci in c]
+    expected = 0.7 * J @ J.T + (J @ flat(c).double())[None, :]
+    for provider in (ExactTaskGradients(batched=True), ExactTaskGradients(batched=False)):
+        Z = step_products(losses, params, rules, blocks, provider)
+        torch.testing.assert_close(Z, expected, rtol=1e-5, atol=1e-5)
+    scores, valid = step_scores(expected, torch.tensor([2.0, 0.0, 4.0]))
+    assert valid.tolist() == [True, False, True]
+    torch.testing.assert_close(scores[:, 0], expected[:, 0] / 2)
+    assert torch.all(scores[:, 1] == 0)
+
+
+def test_accumulator_reductions_and_state_round_trip():
+    acc = AffinityAccumulator(2, keep_steps=True)
+    s = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]) * k for k in (1, 2, 3)]
+    acc.add(0, s[0], torch.tensor([True, True]), step=0)
+    acc.add(0, s[1], torch.tensor([True, False]), step=1)
+    acc.add(1, s[2], torch.tensor([True, True]), step=2)
+    # column 0: epoch means 1.5*[1,3] and 3*[1,3]; column 1: epoch means [2,4] (step 1 left out) and 3*[2,4]
+    ems = torch.tensor([[1.5 + 3, 2 + 6], [4.5 + 9, 4 + 12]], dtype=torch.float64)
+    torch.testing.assert_close(acc.matrix("epoch_mean_sum"), ems)
+    mean = torch.tensor([[6 / 3, 8 / 2], [18 / 3, 16 / 2]], dtype=torch.float64)
+    torch.testing.assert_close(acc.matrix("mean"), mean)
+    again = AffinityAccumulator.from_state_dict(acc.state_dict())
+    assert torch.equal(again.matrix("mean"), acc.matrix("mean")) and again.steps == [0, 1, 2]
+    assert torch.isnan(AffinityAccumulator(2).matrix()).all()
+
+
+# ---------------------------------------------------------------------- TAG
+def test_tag_matches_brute_force_lookahead_with_batchnorm_and_dropout():
+    torch.manual_seed(2)
+    make = lambda: TinyMTL(optimizer="sgd", lr=0.1, bn=True, dropout=0.3, opt_kwargs={"momentum": 0.9})  # noqa: E731
+    rec = Recorder()
+    tag = AffinityCallback("encoder", method="tag", keep_step_scores=True)
+    tag_opt = AffinityCallback("encoder", method="tag", update="optimizer", divide_by_lr=False, keep_step_scores=True)
+    model = make()
+    fit(model, tiny_loader(), [rec, tag, tag_opt])
+    assert "training_step" not in model.__dict__
+    for cb, update, div in ((tag, "gradient", True), (tag_opt, "optimizer", False)):
+        expected = []
+        for r in rec.records:
+            model, G, L_ = ref_grads(make, r, lambda m: list(m.encoder.parameters()), rng=True)
+            shared = list(model.encoder.parameters())
+            U = 0.1 * G
+            if update == "optimizer" and r["step"] > 0:
+                b = flat([r["opt"]["state"][k]["momentum_buffer"] for k in range(len(shared))]).double()
+                U = 0.1 * (0.9 * b + G)
+            rows = []
+            for i in range(3):  # brute force: copy, apply task i's update, recompute every loss on the same batch
+                m2 = make()
+                m2.load_state_dict(r["state"])
+                m2.train()
+                with torch.no_grad():
+                    for p, u in zip(m2.encoder.parameters(), torch.split(U[i], [p.numel() for p in shared]), strict=True):
+                        p.sub_(u.reshape(p.shape).float())
+                    torch.set_rng_state(r["rng"])  # the same dropout masks as the training forward
+                    after = m2.task_losses(r["batch"])
+                rows.append([1 - after[t].item() / L_[j].item() for j, t in enumerate(TASKS)])
+            z = np.array(rows) / (0.1 if div else 1.0)
+            expected.append(z)
+        np.testing.assert_allclose(cb.result.step_matrices, np.stack(expected), rtol=1e-3, atol=2e-5)
+
+
+def snapshot(trainer, model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        copy.deepcopy(trainer.optimizers[0].state_dict()),
+        torch.get_rng_state(),
+    )
+
+
+@pytest.mark.parametrize("method,optimizer,update", [("etap", "sgd", "gradient"), ("tag", "sgd", "optimizer"),
+                                                     ("tag", "adam", "optimizer"), ("etap", "adamw", "optimizer")])
+def test_training_is_bit_for_bit_identical_with_and_without_the_callback(method, optimizer, update):
+    """Parameters, BatchNorm buffers, optimizer state and the RNG end exactly as in a plain fit."""
+    kw = dict(optimizer=optimizer, lr=0.05, bn=True, dropout=0.2,
+              opt_kwargs={"momentum": 0.9} if optimizer == "sgd" else {})
+    runs = []
+    for callbacks in ([], [AffinityCallback("encoder", method=method, update=update)]):
+        torch.manual_seed(5)
+        model = TinyMTL(**kw)
+        trainer = fit(model, tiny_loader(), callbacks, seed=5)
+        runs.append(snapshot(trainer, model))
+        if callbacks:
+            assert callbacks[0].result.measured_steps == 6
+            assert "training_step" not in model.__dict__  # unwrapped at teardown
+    (s0, o0, r0), (s1, o1, r1) = runs
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert "encoder.2.running_mean" in s0  # the BatchNorm buffers are in the comparison
+    for k in o0["state"]:
+        for name in o0["state"][k]:
+            assert torch.equal(torch.as_tensor(o0["state"][k][name]), torch.as_tensor(o1["state"][k][name]))
+    assert torch.equal(r0, r1)
+
+
+# ---------------------------------------------------------------------- modules in the wild
+def test_reference_module_through_train_group():
+    ds = load_digits()
+    group = ["digit_1", "digit_4", "digit_7"]
+    cfg = TrainConfig(hidden=(16,), lr=0.05, momentum=0.9, batch_size=64, max_epochs=2, patience=5)
+    cb = AffinityCallback("encoder")
+    train_group(ds, group, cfg, seed=0, callbacks=[cb])
+    res = cb.result
+    steps = 2 * int(np.ceil(len(ds.split("digit_1", "train")[0]) / 64))
+    assert res.task_names == tuple(group) and res.measured_steps == steps
+    assert res.epoch_matrices.shape == (2, 3, 3) and np.isfinite(res.matrix).all()
+    assert (np.diag(res.matrix) > 0).all()  # g_i . g_i / L_i with positive BCE losses
+    assert res.settings["method"] == "etap" and res.settings["reduction"] == "epoch_mean_sum"
+
+
+def test_own_module_with_adam_shared_as_list_and_as_callable():
+    """A conv two-tower module with nothing of ours, Adam's own update, checked against real steps on copies."""
+    torch.manual_seed(4)
+    model = ConvTwoTower()
+    as_list = AffinityCallback([*model.conv.parameters(), *model.fc.parameters()], update="optimizer",
+                               keep_step_scores=True)
+    as_callable = AffinityCallback(lambda m: [*m.conv.parameters(), *m.fc.parameters()], update="optimizer",
+                                   keep_step_scores=True)
+    rec = Recorder()
+    fit(model, image_loader(), [rec, as_list, as_callable], max_epochs=1)
+    assert np.array_equal(as_list.result.step_matrices, as_callable.result.step_matrices)
+    assert np.array_equal(as_list.result.matrix, as_callable.result.matrix)
+    for r in (rec.records[0], rec.records[2]):  # the first step (empty Adam state) and a later one
+        m = ConvTwoTower()
+        m.load_state_dict(r["state"])
+        x, y = r["batch"]
+        h = torch.relu(m.fc(torch.relu(m.conv(x)).flatten(1)))
+        losses = [F.binary_cross_entropy_with_logits(m.towers[t](h).squeeze(-1), y[:, k]) for k, t in enumerate(TASKS)]
+        shared = [*m.conv.parameters(), *m.fc.parameters()]
+        grads = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
+        U = []
+        for gi in grads:
+            pair = copy.deepcopy(m)
+            opt = torch.optim.Adam(pair.parameters(), lr=0.01)
+            opt.load_state_dict(copy.deepcopy(r["opt"]))
+            for p, g in zip([*pair.conv.parameters(), *pair.fc.parameters()], gi, strict=True):
+                p.grad = g.clone()
+            opt.step()
+            U.append((flat(shared) - flat([*pair.conv.parameters(), *pair.fc.parameters()])).detach().double())
+        G = torch.stack([flat(gi) for gi in grads]).double()
+        L_ = torch.tensor([loss.item() for loss in losses], dtype=torch.float64)
+        expected = (torch.stack(U) @ G.T) / 0.01 / L_[None, :]
+        np.testing.assert_allclose(as_list.result.step_matrices[r["step"]], expected.numpy(), rtol=1e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- counting, skipping, errors
+def test_non_finite_steps_are_skipped_once_warned_and_every_n_steps_counts():
+    cb = AffinityCallback("encoder", every_n_steps=2, keep_step_scores=True)
+    with pytest.warns(RuntimeWarning, match="skipping a step") as record:
+        fit(TinyMTL(nan_steps={2, 4}), tiny_loader(n=48), [cb], max_epochs=1)  # 6 steps; measured 0, 2, 4
+    assert sum("skipping a step" in str(w.message) for w in record) == 1
+    res = cb.result
+    assert res.measured_steps == 1 and res.skipped_steps == 2 and res.steps.tolist() == [0]
+    cb3 = AffinityCallback("encoder", every_n_steps=3, keep_step_scores=True)
+    fit(TinyMTL(), tiny_loader(n=80), [cb3], max_epochs=1)  # 10 steps
+    assert cb3.result.steps.tolist() == [0, 3, 6, 9] and cb3.result.measured_steps == 4
+
+
+class DetachedB(TinyMTL):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        out["task_losses"]["b"] = out["task_losses"]["b"].detach()
+        return out
+
+
+def test_detached_task_loss_warns_once_and_counts_as_zero_gradient():
+    cb = AffinityCallback("encoder", normalize_by_loss=False)
+    with pytest.warns(RuntimeWarning, match=r"\['b'\] are not attached") as record:
+        fit(DetachedB(), tiny_loader(), [cb], max_epochs=1)
+    assert sum("not attached" in str(w.message) for w in record) == 1
+    assert np.all(cb.result.matrix[1] == 0) and np.all(cb.result.matrix[:, 1] == 0)
+
+
+def test_zero_task_loss_leaves_its_column_out():
+    cb = AffinityCallback("encoder")
+    fit(TinyMTL(zero_task="c"), tiny_loader(), [cb], max_epochs=1)
+    res = cb.result
+    assert res.zero_loss_skips == {"a": 0, "b": 0, "c": 3}
+    assert np.isnan(res.matrix[:, 2]).all() and np.isfinite(res.matrix[:, :2]).all()
+
+
+class ReturnsTensor(TinyMTL):
+    def training_step(self, batch, batch_idx):
+        return sum(self.task_losses(batch).values())
+
+
+class Manual(TinyMTL):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="duplicate"):
+        AffinityCallback(tasks=["a", "a"])
+    with pytest.raises(ValueError, match="every_n_steps"):
+        AffinityCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="method"):
+        AffinityCallback(method="grad")
+    with pytest.raises(ValueError, match="reduction"):
+        AffinityCallback(reduction="sum")
+    bad = ReturnsTensor()
+    with pytest.raises(ValueError, match='"task_losses"'):
+        fit(bad, tiny_loader(), [AffinityCallback()], max_epochs=1)
+    assert "training_step" not in bad.__dict__  # a failed fit leaves the module unwrapped
+    with pytest.raises(ValueError, match=r"\['zzz'\].*not in this step's task_losses"):
+        fit(TinyMTL(), tiny_loader(), [AffinityCallback(tasks=["a", "zzz"])], max_epochs=1)
+    with pytest.raises(ValueError, match="no submodule 'backbone'.*encoder"):
+        fit(TinyMTL(), tiny_loader(), [AffinityCallback("backbone")], max_epochs=1)
+    frozen = TinyMTL()
+    frozen.encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        fit(frozen, tiny_loader(), [AffinityCallback("encoder")], max_epochs=1)
+    with pytest.raises(ValueError, match="not parameters of the LightningModule"):
+        fit(TinyMTL(), tiny_loader(), [AffinityCallback([nn.Parameter(torch.ones(2))])], max_epochs=1)
+    with pytest.raises(ValueError, match=r"torch.optim.SGD.*RMSprop"):
+        fit(TinyMTL(optimizer="rmsprop"), tiny_loader(), [AffinityCallback(update="optimizer")], max_epochs=1)
+    with pytest.raises(NotImplementedError, match="manual optimization"):
+        fit(Manual(), tiny_loader(), [AffinityCallback()], max_epochs=1)
+    with pytest.raises(RuntimeError, match="no training step"):
+        AffinityCallback().result  # noqa: B018
+    # a subset of the returned tasks, in the requested order
+    cb = AffinityCallback(tasks=["c", "a"])
+    fit(TinyMTL(), tiny_loader(), [cb], max_epochs=1)
+    assert cb.result.task_names == ("c", "a")
+
+
+# ---------------------------------------------------------------------- checkpoint resume
+class DigitsData(L.LightningDataModule):
+    """Digits, three tasks, in a fixed order (so a resumed fit sees the batches an uninterrupted one does)."""
+
+    def __init__(self, tasks):
+        super().__init__()
+        ds = load_digits()
+        self.x = ds.split(tasks[0], "train")[0]
+        self.y = {t: ds.split(t, "train")[1] for t in tasks}
+
+    def train_dataloader(self):
+        n = self.x.shape[0]
+        batches = [{"x": self.x[i:i + 100], "y": {t: y[i:i + 100] for t, y in self.y.items()}}
+                   for i in range(0, n, 100)]
+        return DataLoader(batches, batch_size=None, shuffle=False)
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_matrix(tmp_path):
+    tasks = ["digit_2", "digit_5", "digit_8"]
+    data = DigitsData(tasks)
+
+    def run(callbacks, max_epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        model = MultiTaskMLP(16, tasks, hidden=(8,), lr=0.05, momentum=0.9)
+        L.seed_everything(0, verbose=False)
+        with quiet_lightning(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+            warnings.filterwarnings("ignore", message=".*The dirpath has changed.*")
+            trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+                                default_root_dir=tmp_path)
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        return model
+
+    full = AffinityCallback("encoder", update="optimizer", keep_step_scores=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    model_full = run([full, ckpt], 3)
+    resumed = AffinityCallback("encoder", update="optimizer", keep_step_scores=True)
+    model_resumed = run([resumed], 3, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(model_full.parameters(), model_resumed.parameters(), strict=True))
+    assert resumed.result == full.result
+    assert np.array_equal(resumed.result.matrix, full.result.matrix) and full.result.epochs.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="other settings"):
+        AffinityCallback("encoder", update="gradient").load_state_dict(full.state_dict())
+
+
+# ---------------------------------------------------------------------- the result object
+def hand_result(**kw):
+    m = np.array([[9.0, 1.0, 2.0], [3.0, 9.0, -4.0], [5.0, 0.5, 9.0]])
+    return AffinityResult(("x", "y", "z"), m, m[None], [0], **kw)
+
+
+def test_group_score_pairwise_and_pandas_by_hand():
+    res = hand_result()
+    # z_G->x = mean(M[y,x], M[z,x]) = (3 + 5)/2 ; z_G->y = (1 + 0.5)/2 ; z_G->z = (2 - 4)/2
+    assert res.member_scores(["x", "y", "z"]) == pytest.approx({"x": 4.0, "y": 0.75, "z": -1.0})
+    assert res.group_score(["x", "y", "z"]) == pytest.approx((4.0 + 0.75 - 1.0) / 3)
+    assert res.group_score(["z", "y"]) == pytest.approx((-4.0 + 0.5) / 2)
+    assert res.pairwise() == pytest.approx({("x", "y"): 2.0, ("x", "z"): 3.5, ("y", "z"): -1.75})
+    assert res.score("y", "z") == -4.0
+    with pytest.raises(ValueError, match="singleton has no affinity"):
+        res.group_score(["x"])
+    with pytest.raises(ValueError, match="unknown task"):
+        res.group_score(["x", "w"])
+    with pytest.raises(ValueError, match="duplicate"):
+        res.group_score(["x", "x"])
+    df = res.to_pandas()
+    assert df.loc["y", "z"] == -4.0 and df.index.name == "source" and df.columns.name == "target"
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    res = hand_result(step_matrices=rng.normal(size=(4, 3, 3)) / 7, steps=[0, 2, 4, 6], measured_steps=4,
+                      skipped_steps=1, zero_loss_skips={"x": 0, "y": 2, "z": 0},
+                      settings={"method": "etap", "divide_by_lr": True, "every_n_steps": 2})
+    res = AffinityResult(res.task_names, res.matrix / 3, np.stack([res.matrix / 7, np.full((3, 3), np.nan)]), [0, 1],
+                         res.step_matrices, res.steps, 4, 1, res.zero_loss_skips, res.settings)
+    back = AffinityResult.load(res.save(tmp_path / "aff"))
+    assert back == res and back.matrix.tobytes() == res.matrix.tobytes()
+    assert np.isnan(back.epoch_matrices[1]).all()
+    plain = hand_result()
+    assert AffinityResult.load(plain.save(tmp_path / "plain")) == plain
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import lightning_etap.affinity.result as module
+
+    outcome = doctest.testmod(module)
+    assert outcome.failed == 0
