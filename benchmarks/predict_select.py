@@ -120,12 +120,17 @@ def _run(rows, instance, masks, gains, budgets, variants, methods, time_limit=No
     for budget in budgets:
         for disjoint in variants:
             for method in methods:
-                sel = select_groups(masks, gains, budget, method=method, disjoint=disjoint, time_limit=time_limit)
+                sel = select_groups(
+                    masks, gains, budget, method=method, disjoint=disjoint, time_limit=time_limit
+                )
                 rows.append(_row(instance, budget, disjoint, method, sel))
                 if verbose:
                     r = rows[-1]
-                    print(f"  {instance} B={budget} {r['variant']} {method}: {r['seconds']} s, "
-                          f"{r['objective']}, {r['status']}", flush=True)
+                    print(
+                        f"  {instance} B={budget} {r['variant']} {method}: {r['seconds']} s, "
+                        f"{r['objective']}, {r['status']}",
+                        flush=True,
+                    )
 
 
 # --------------------------------------------------------------------------- sections
@@ -175,7 +180,11 @@ def bench_selection_school(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     n_big = m // 10
     mixed = np.concatenate(
-        [random_groups(n, m - n_big - 1, 2, 10, rng), random_groups(n, n_big, 11, 80, rng), np.ones((1, n), bool)]
+        [
+            random_groups(n, m - n_big - 1, 2, 10, rng),
+            random_groups(n, n_big, 11, 80, rng),
+            np.ones((1, n), bool),
+        ]
     )
     gains = synthetic_gains(mixed, seed=0, n_clusters=12)
     budgets = [5] if quick else [3, 5, 10]
@@ -185,7 +194,16 @@ def bench_selection_school(quick: bool = False) -> list[dict]:
     small = random_groups(n, m, 2, 10, rng)
     gains = synthetic_gains(small, seed=1, n_clusters=12)
     budgets = [30] if quick else [20, 30]
-    _run(rows, f"School-like n=139 m={m:,} sizes 2-10", small, gains, budgets, [False], ["auto"], time_limit=limit)
+    _run(
+        rows,
+        f"School-like n=139 m={m:,} sizes 2-10",
+        small,
+        gains,
+        budgets,
+        [False],
+        ["auto"],
+        time_limit=limit,
+    )
     return rows
 
 
@@ -202,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
     )
-    parser.add_argument("--stress", action="store_true", help="also run i.i.d.-noise gains in the n20 section")
+    parser.add_argument(
+        "--stress", action="store_true", help="also run i.i.d.-noise gains in the n20 section"
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]

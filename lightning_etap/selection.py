@@ -38,8 +38,8 @@ Algorithms (all exact; ``method="auto"`` picks one):
     prunes it too. The disjoint variant branches on the groups containing
     the most constrained uncovered task and closes a node by looking up the
     group equal to its uncovered tasks (and, vectorised, the best pair of
-    groups) by bit code (n <= 62). Prices come from subgradient descent on
-    small inputs (pure NumPy) and from the reduction below on large ones.
+    groups) by bit code (n <= 62). It runs on the survivors of the
+    reduction below.
 ``"milp"``
     Mixed-integer program solved by HiGHS (``scipy.optimize.milp``). Overlap:
     binary ``x_g``, assignment ``y_gt`` (task t served by group g) with
@@ -57,12 +57,15 @@ the disjoint variant), so ``sum(pi) + knapsack(r)`` bounds every selection,
 and ``sum(pi) + knapsack(r) - max(0, mu cost_g - r_g)`` bounds every
 selection containing group ``g`` (``mu``: the knapsack's critical ratio).
 
-The reduction for large candidate sets (more than ``_DIRECT_NNZ`` member
-entries, e.g. all 2**20 - 1 groups of 20 tasks or 10**5 groups of 139 tasks):
+The reduction (before "bnb" always, before "milp" above ``_DIRECT_NNZ``
+member entries, e.g. all 2**20 - 1 groups of 20 tasks or 10**5 groups of
+139 tasks):
 
 1. prices: column generation on the LP relaxation over *all* candidates
-   (pricing is one vectorised pass over the member entries) for
-   ``n <= _COLGEN_MAX_N``, subgradient descent above (the LPs get slow);
+   (pricing is one vectorised pass over the member entries) for large inputs
+   with ``n <= _COLGEN_MAX_N``; otherwise subgradient descent on the
+   Lagrangian bound (pure NumPy, so "bnb" on small inputs never calls
+   HiGHS; with many tasks the HiGHS LPs get slow);
 2. an incumbent: greedy (coverage first), single-group replacement local
    search, the exact search restricted to the generated columns, and for
    partitions a price-and-dive heuristic;
@@ -192,9 +195,7 @@ class Selection:
         ]
         names = self.task_names or tuple(str(t) for t in range(len(self.task_gain)))
         for idx, group in zip(self.chosen, self.groups):
-            served = [
-                f"{names[t]} {self.task_gain[t]:+.4g}" for t in np.flatnonzero(self.served_by == idx)
-            ]
+            served = [f"{names[t]} {self.task_gain[t]:+.4g}" for t in np.flatnonzero(self.served_by == idx)]
             label = "(" + ", ".join(str(t) for t in group) + ")"
             lines.append(f"  #{idx} {label}: serves {', '.join(served) if served else 'no task'}")
         return "\n".join(lines)
@@ -302,7 +303,9 @@ def _check_budget(budget, unit: bool) -> float:
         raise ValueError(f"budget must be finite, got {b}")
     if unit:
         if not b.is_integer():
-            raise ValueError(f"with unit costs the budget is a number of groups and must be an integer, got {b}")
+            raise ValueError(
+                f"with unit costs the budget is a number of groups and must be an integer, got {b}"
+            )
         if b < 1:
             raise ValueError(f"budget must be at least 1 group, got {b:g}")
     elif b <= 0:
@@ -904,7 +907,12 @@ def _bnb_disjoint(prob: _Problem, deadline: float | None, cand=None, pi=None, in
     bits = (np.int64(1) << np.arange(n, dtype=np.int64)) if table is not None else None
     tol = prob.tol
     eps = 1e-9 * max(1.0, prob.budget)
-    st = {"inc": incumbent[1], "set": incumbent[0], "nodes": 0, "alive": np.flatnonzero(forced > incumbent[1] + tol)}
+    st = {
+        "inc": incumbent[1],
+        "set": incumbent[0],
+        "nodes": 0,
+        "alive": np.flatnonzero(forced > incumbent[1] + tol),
+    }
     frames: list[float] = []
 
     def improve(value: float, chosen: list[int]) -> None:
@@ -1017,7 +1025,10 @@ def _model(prob: _Problem, cand: np.ndarray, artificial: bool):
         A_eq = sparse.csr_matrix(
             (
                 np.ones(E + n_art),
-                (np.concatenate([cols, np.arange(n_art)]), np.concatenate([k + np.arange(E), k + E + np.arange(n_art)])),
+                (
+                    np.concatenate([cols, np.arange(n_art)]),
+                    np.concatenate([k + np.arange(E), k + E + np.arange(n_art)]),
+                ),
             ),
             shape=(n, nv),
         )
@@ -1073,7 +1084,9 @@ def _solve_milp(prob: _Problem, cand: np.ndarray, *, artificial: bool, time_limi
     return chosen, val, max(ub, val), optimal, nodes, res.status
 
 
-def _solve_lp(prob: _Problem, cand: np.ndarray, fixed: np.ndarray | None = None, time_limit: float | None = None):
+def _solve_lp(
+    prob: _Problem, cand: np.ndarray, fixed: np.ndarray | None = None, time_limit: float | None = None
+):
     """LP relaxation over ``cand`` (with artificials; ``fixed`` positions of ``cand`` forced to 1).
 
     Returns ``(value, pi (n,), mu, x (len(cand),))``, or None if HiGHS stopped early.
@@ -1084,8 +1097,14 @@ def _solve_lp(prob: _Problem, cand: np.ndarray, fixed: np.ndarray | None = None,
         lb[:n_int][fixed] = 1.0
     options = {} if time_limit is None else {"time_limit": max(float(time_limit), 0.05)}
     res = linprog(
-        c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=np.ones(prob.n),
-        bounds=np.column_stack([lb, np.ones(len(c))]), method="highs", options=options,
+        c,
+        A_ub=A_ub,
+        b_ub=b_ub,
+        A_eq=A_eq,
+        b_eq=np.ones(prob.n),
+        bounds=np.column_stack([lb, np.ones(len(c))]),
+        method="highs",
+        options=options,
     )
     if res.status != 0 or res.eqlin is None:
         return None
@@ -1121,7 +1140,9 @@ def _lagrangian(prob: _Problem, pi: np.ndarray) -> tuple[float, np.ndarray, floa
     return bound, r, mu
 
 
-def _colgen(prob: _Problem, inC: np.ndarray, stop_at: float | None, *, allowed=None, fixed=None, max_rounds=500):
+def _colgen(
+    prob: _Problem, inC: np.ndarray, stop_at: float | None, *, allowed=None, fixed=None, max_rounds=500
+):
     """Column generation on the LP relaxation; grows ``inC`` in place.
 
     Each round solves the LP over the current columns, prices every candidate
@@ -1191,8 +1212,9 @@ def _dive_disjoint(prob: _Problem, inC0: np.ndarray, stop_at: float | None):
         allowed = ~hits & (prob.costs <= rem + eps)
         inC &= allowed
         inC[fixed] = True
-        _, _, k, cand, x = _colgen(prob, inC, stop_at, allowed=allowed, fixed=np.array(fixed, dtype=np.int64),
-                                   max_rounds=30)
+        _, _, k, cand, x = _colgen(
+            prob, inC, stop_at, allowed=allowed, fixed=np.array(fixed, dtype=np.int64), max_rounds=30
+        )
         rounds += k
         x = np.where(np.isin(cand, fixed), -1.0, x)
         j = int(np.argmax(x)) if len(x) else -1
@@ -1209,12 +1231,12 @@ def _dive_disjoint(prob: _Problem, inC0: np.ndarray, stop_at: float | None):
     return best_set, best_val, rounds
 
 
-def _reduce(prob: _Problem, deadline: float | None):
+def _reduce(prob: _Problem, deadline: float | None, colgen: bool):
     """Lagrangian prices, an incumbent, and reduced-cost fixing.
 
-    Prices come from column generation on the LP relaxation (exact LP duals)
-    when ``n <= _COLGEN_MAX_N``, else from subgradient descent (HiGHS LPs
-    with many tasks and large groups become slow). Returns
+    Prices come from column generation on the LP relaxation (exact LP duals,
+    HiGHS) with ``colgen``, else from subgradient descent (pure NumPy; also
+    the choice for many tasks, where HiGHS LPs with large groups get slow). Returns
     ``(pi, L, incumbent, z_inc, survivors, rounds)``: every selection better
     than the incumbent uses only survivors, and ``L`` bounds them all.
     """
@@ -1236,7 +1258,7 @@ def _reduce(prob: _Problem, deadline: float | None):
     if g_set is not None:
         inC[g_set] = True
     inC[prob.rows[prob.vals >= hi[prob.cols]]] = True  # each task's best group
-    if prob.n <= _COLGEN_MAX_N:
+    if colgen:
         r0 = _price(prob, np.zeros(prob.n))
         k = min(5 * prob.n, prob.K - 1)
         top = np.argpartition(-r0, k)[:k] if k > 0 else np.arange(prob.K)
@@ -1253,7 +1275,7 @@ def _reduce(prob: _Problem, deadline: float | None):
     # incumbent: exact search over the generated columns, then (partition) a dive
     solver = _bnb_disjoint if prob.disjoint else _bnb_overlap
     inc, z_inc, *_ = solver(prob, until(0.5, 10.0), cand=cand, pi=pi, incumbent=(g_set, g_val))
-    if prob.disjoint and prob.n <= _COLGEN_MAX_N:
+    if prob.disjoint and colgen:
         d_set, d_val, k = _dive_disjoint(prob, inC, until(0.6, 20.0))
         rounds += k
         if d_set is not None and d_val > z_inc:
@@ -1349,8 +1371,17 @@ def select_groups(
     kw = {"task_names": task_names}
 
     def done(chosen, method, optimal, bound, nodes, n_active):
-        return _finish(prob, chosen, method=method, optimal=optimal, bound=bound,
-                       seconds=time.perf_counter() - t0, nodes=nodes, n_active=n_active, **kw)
+        return _finish(
+            prob,
+            chosen,
+            method=method,
+            optimal=optimal,
+            bound=bound,
+            seconds=time.perf_counter() - t0,
+            nodes=nodes,
+            n_active=n_active,
+            **kw,
+        )
 
     if method == "brute":
         if _brute_steps(prob) > _BRUTE_MAX:
@@ -1368,14 +1399,7 @@ def select_groups(
         return done(chosen, "brute", complete, bound, steps, prob.K)
 
     solver = _bnb_disjoint if prob.disjoint else _bnb_overlap
-    if small:
-        if method == "bnb":
-            chosen, val, complete, nodes, bound = solver(prob, deadline)
-            if chosen is None:
-                if complete:
-                    raise ValueError(infeasible_msg)
-                raise ValueError("no feasible selection found within the time limit")
-            return done(chosen, "bnb", complete, bound, nodes, prob.K)
+    if small and method == "milp":
         lim = None if deadline is None else max(deadline - time.perf_counter(), 0.05)
         chosen, val, ub, optimal, nodes, status = _solve_milp(
             prob, np.arange(prob.K), artificial=False, time_limit=lim
@@ -1386,13 +1410,16 @@ def select_groups(
             raise ValueError("no feasible selection found within the time limit")
         return done(chosen, "milp", optimal, ub, nodes, prob.K)
 
-    # large: column generation + reduced-cost fixing, then an exact search over the survivors
-    pi, L, inc, z_inc, survivors, rounds = _reduce(prob, deadline)
+    # prices + incumbent + reduced-cost fixing, then an exact search over the survivors
+    colgen = not small and prob.n <= _COLGEN_MAX_N
+    pi, L, inc, z_inc, survivors, rounds = _reduce(prob, deadline, colgen)
     gap_tol = max(1e-6, 1e-9 * abs(z_inc)) if math.isfinite(z_inc) else 0.0
     if inc is not None and L <= z_inc + gap_tol:
         chosen, val, optimal, bound, nodes = inc, z_inc, True, z_inc, rounds
     elif method == "bnb":
-        chosen, val, optimal, nodes, bound = solver(prob, deadline, cand=survivors, pi=pi, incumbent=(inc, z_inc))
+        chosen, val, optimal, nodes, bound = solver(
+            prob, deadline, cand=survivors, pi=pi, incumbent=(inc, z_inc)
+        )
         nodes += rounds
         bound = min(bound, L)
     else:
@@ -1459,7 +1486,11 @@ def selection_objective(masks, gains, chosen: Sequence[int], singleton_gain: flo
         else:
             raise ValueError(f"chosen index {c} out of range for {m + len(missing)} candidates")
         if not np.isfinite(vals[row]).all():
-            what = "a forbidden singleton (singleton_gain=-inf)" if row.sum() == 1 else "a non-finite member gain"
+            what = (
+                "a forbidden singleton (singleton_gain=-inf)"
+                if row.sum() == 1
+                else "a non-finite member gain"
+            )
             raise ValueError(f"chosen group {c} has {what}")
         covered |= row
         best[row] = np.maximum(best[row], vals[row])

@@ -120,6 +120,18 @@ def test_matches_train_group_regression_mixed_kinds_and_one_hot(regression_toy, 
     assert_same_training(trainer.train(REG_JOBS), refs)
 
 
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_matches_train_group_with_wide_regression_targets(backend):
+    """Targets of width 2 (forecasting-style heads): MSE averaged over the width."""
+    base = toy_dataset(kinds=("regression", "regression"), sizes=(30, 17), seed=2)
+    splits = {t: TaskSplits(*[(x, torch.cat([y, 0.5 * y + 0.1], 1)) for x, y in (base.splits[t][s] for s in
+                                                                                 ("train", "val", "test"))])
+              for t in base.task_names}
+    ds = MultiTaskDataset("wide", base.task_names, base.task_kinds, "per_task", splits)
+    jobs = [(("t0", "t1"), 0), (("t1",), 1)]
+    assert_same_training(BatchedMLPTrainer(ds, TOY, backend=backend).train(jobs), reference(ds, jobs, TOY))
+
+
 def test_nesterov_weight_decay_no_oversampling_torch_init(toy):
     cfg = TOY.replace(nesterov=True, weight_decay=1e-3, oversample=False, lr_decay_start=None, init="torch")
     jobs = [(("t0", "t1"), 0), (("t2", "t0"), 1)]  # also: a group not in dataset order

@@ -186,7 +186,9 @@ def test_released_code_penalty_uses_singletons_only_when_forced():
     masks, gains = _hand()
     # {a,b} and {b,c} leave d uncovered: one penalised singleton is unavoidable
     for method in ("brute", "bnb", "milp"):
-        sel = select_groups(masks[[0, 3]], gains[[0, 3]], 3, singleton_gain=-1e8, task_names=NAMES, method=method)
+        sel = select_groups(
+            masks[[0, 3]], gains[[0, 3]], 3, singleton_gain=-1e8, task_names=NAMES, method=method
+        )
         assert sel.objective == pytest.approx(-1e8 + 1.0, abs=1e-6)
         assert set(sel.groups) == {("a", "b"), ("b", "c"), ("d",)}
 
@@ -201,7 +203,9 @@ def test_infeasible_instances_raise():
         with pytest.raises(ValueError, match="no feasible selection"):
             select_groups(*sub, 1, singleton_gain=-math.inf, method=method)
         with pytest.raises(ValueError, match="no feasible selection"):
-            select_groups(masks[[0, 3]], gains[[0, 3]], 3, singleton_gain=-math.inf, disjoint=True, method=method)
+            select_groups(
+                masks[[0, 3]], gains[[0, 3]], 3, singleton_gain=-math.inf, disjoint=True, method=method
+            )
         with pytest.raises(ValueError, match="no feasible selection"):
             select_groups(masks, gains, 1.5, costs=[2.0, 2.0, 2.0, 2.0], method=method)
     with pytest.raises(ValueError, match="no feasible selection"):  # task d in no usable group
