@@ -347,6 +347,33 @@ def test_exports_csv_and_pandas(tmp_path, fakes):
     assert back["gain"].iloc[0] == pytest.approx(gains.gains[0, 0])
 
 
+def test_csv_round_trip_is_exact_and_checked(tmp_path, fakes):
+    path = tmp_path / "g.sqlite"
+    collect_gains(fakes.FakeTrainer(), [("a", "b"), ("b", "c", "d", "e")], seeds=[0, 1], store=path,
+                  progress=False)
+    gains = GainStore(path).gains(include_singletons=True)
+    back = GroupGains.from_csv(gains.to_csv(tmp_path / "gains.csv"))
+    assert back.task_names == gains.task_names == TASKS  # inferred from the STL rows
+    np.testing.assert_array_equal(back.masks, gains.masks)
+    np.testing.assert_array_equal(back.seeds, gains.seeds)
+    np.testing.assert_array_equal(back.test_losses, gains.test_losses)  # NaN outside members, exact floats
+    np.testing.assert_array_equal(back.gains, gains.gains)
+    assert set(back.stl_losses) == {0, 1}
+    np.testing.assert_array_equal(back.stl_losses[1], gains.stl_losses[1])
+    ordered = GroupGains.from_csv(tmp_path / "gains.csv", task_names=["e", "d", "c", "b", "a"])
+    assert ordered.task_names == ("e", "d", "c", "b", "a")
+    np.testing.assert_array_equal(ordered.gains, gains.gains[:, ::-1])
+    with pytest.raises(ValueError, match="not in task_names"):
+        GroupGains.from_csv(tmp_path / "gains.csv", task_names=["a", "b"])
+    (tmp_path / "bad.csv").write_text("group,seed\na|b,0\n")
+    with pytest.raises(ValueError, match="columns"):
+        GroupGains.from_csv(tmp_path / "bad.csv")
+    text = (tmp_path / "gains.csv").read_text().replace("a|b,2,0,a", "a|c,2,0,a", 1)
+    (tmp_path / "edited.csv").write_text(text)
+    with pytest.raises(ValueError, match="member tasks"):
+        GroupGains.from_csv(tmp_path / "edited.csv")
+
+
 # ================================================================== collection
 def test_resume_skips_done_jobs(tmp_path, fakes):
     path = tmp_path / "g.sqlite"

@@ -308,6 +308,79 @@ class GroupGains:
             writer.writerows(self.records())
         return path
 
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike, task_names: Sequence[str] | None = None) -> GroupGains:
+        """Read a table written by :meth:`to_csv` (the same rows, in the same order).
+
+        Args:
+            path: the CSV file (columns ``group, size, seed, task, test_loss, stl_loss, gain``).
+            task_names: the dataset's task order. ``None``: the order in which
+                tasks first appear in the file (the dataset's order when the
+                table holds the STL rows, as ``to_csv`` of a collection with
+                ``include_singletons=True`` writes them first).
+
+        Raises:
+            ValueError: missing columns, a task outside ``task_names``, a
+                ``(group, seed)`` whose member rows disagree with its key, or
+                two STL losses for one task and seed that differ.
+        """
+        from lightning_etap.groundtruth.sampling import parse_group_key
+
+        path = Path(path)
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in _RECORD_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: not a GroupGains table, columns {missing} are missing")
+            records = list(reader)
+        seen: dict[str, None] = {}
+        for r in records:
+            seen.setdefault(r["task"], None)
+        names = tuple(str(t) for t in task_names) if task_names is not None else tuple(seen)
+        index = {t: i for i, t in enumerate(names)}
+        unknown = [t for t in seen if t not in index]
+        if unknown:
+            raise ValueError(f"{path}: task(s) {unknown[:5]} are not in task_names")
+        n = len(names)
+        rows: dict[tuple[str, int], int] = {}
+        masks: list[np.ndarray] = []
+        losses: list[np.ndarray] = []
+        gains: list[np.ndarray] = []
+        seeds: list[int] = []
+        stl: dict[int, np.ndarray] = {}
+        for r in records:
+            seed = int(r["seed"])
+            key = (r["group"], seed)
+            if key not in rows:
+                rows[key] = len(masks)
+                masks.append(np.zeros(n, dtype=bool))
+                losses.append(np.full(n, np.nan))
+                gains.append(np.full(n, np.nan))
+                seeds.append(seed)
+            k, i = rows[key], index[r["task"]]
+            masks[k][i] = True
+            losses[k][i] = float(r["test_loss"])
+            gains[k][i] = float(r["gain"])
+            value = float(r["stl_loss"])
+            held = stl.setdefault(seed, np.full(n, np.nan))
+            if not math.isnan(value):
+                if not math.isnan(held[i]) and held[i] != value:
+                    raise ValueError(f"{path}: two different STL losses for task {r['task']!r}, seed {seed}")
+                held[i] = value
+        for (key, _seed), k in rows.items():
+            members = set(parse_group_key(key))
+            if members != {names[i] for i in np.flatnonzero(masks[k])}:
+                raise ValueError(f"{path}: the rows of group {key!r} do not list exactly its member tasks")
+        m = len(masks)
+        return cls(
+            task_names=names,
+            masks=np.array(masks, dtype=bool).reshape(m, n),
+            test_losses=np.array(losses, dtype=float).reshape(m, n),
+            gains=np.array(gains, dtype=float).reshape(m, n),
+            seeds=np.array(seeds, dtype=np.int64),
+            stl_losses=stl,
+        )
+
     def __repr__(self) -> str:
         return (f"GroupGains({len(self)} rows, {self.n_tasks} tasks, "
                 f"seeds={sorted({int(s) for s in self.seeds})})")

@@ -70,8 +70,10 @@ class LightningGroupTrainer:
     """The default group trainer: one :func:`~lightning_etap.training.train_group` call per job.
 
     Args:
-        dataset: a dataset name (``"chemical"``, ``"digits"``, ...) or a
-            :class:`DatasetSpec`.
+        dataset: a dataset name (``"chemical"``, ``"digits"``, ...), a
+            :class:`DatasetSpec`, or a loaded
+            :class:`~lightning_etap.data.MultiTaskDataset` (sent whole to
+            worker processes; a name is reloaded there instead).
         config: a preset name or a :class:`~lightning_etap.training.TrainConfig`.
         root: data directory (with a dataset name).
         dataset_options: loader options (with a dataset name), e.g. ``{"seed": 0}``.
@@ -96,7 +98,7 @@ class LightningGroupTrainer:
 
     def __init__(
         self,
-        dataset: str | DatasetSpec,
+        dataset: Any,
         config: Any = "chemical",
         *,
         root: str | None = None,
@@ -104,14 +106,24 @@ class LightningGroupTrainer:
         threads: int | None = 1,
         **trainer_kwargs: Any,
     ) -> None:
+        from lightning_etap.data.base import MultiTaskDataset
         from lightning_etap.training import get_preset
 
-        if isinstance(dataset, DatasetSpec):
+        self._dataset = None
+        if isinstance(dataset, MultiTaskDataset):
+            if root is not None or dataset_options:
+                raise ValueError("root and dataset_options apply to a dataset name, not a loaded dataset")
+            self.spec = None
+            self._dataset = dataset
+        elif isinstance(dataset, DatasetSpec):
             if root is not None or dataset_options:
                 raise ValueError("give root and dataset_options inside the DatasetSpec, not beside it")
             self.spec = dataset
+        elif isinstance(dataset, str):
+            self.spec = DatasetSpec(dataset, None if root is None else str(root), dict(dataset_options or {}))
         else:
-            self.spec = DatasetSpec(str(dataset), None if root is None else str(root), dict(dataset_options or {}))
+            raise TypeError(f"dataset must be a dataset name, a DatasetSpec or a MultiTaskDataset, got "
+                            f"{type(dataset).__name__}")
         self.config = get_preset(config)
         self.threads = threads
         self.trainer_kwargs = dict(trainer_kwargs)
@@ -120,7 +132,7 @@ class LightningGroupTrainer:
     @property
     def dataset(self):
         """The dataset (loaded on first use, once per process)."""
-        return self.spec.load()
+        return self._dataset if self.spec is None else self.spec.load()
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -133,7 +145,7 @@ class LightningGroupTrainer:
             "library_version": _library_version(),
             "dataset": {
                 "name": ds.name,
-                "options": self.spec.options,
+                "options": self.spec.options if self.spec is not None else None,
                 "task_names": list(ds.task_names),
                 "metadata": ds.metadata,
             },
@@ -155,7 +167,8 @@ class LightningGroupTrainer:
         return out
 
     def __repr__(self) -> str:
-        return f"LightningGroupTrainer({self.spec!r}, {self.config!r})"
+        what = self.spec if self.spec is not None else f"<dataset {self.dataset.name!r}>"
+        return f"LightningGroupTrainer({what!r}, {self.config!r})"
 
 
 def module_test_losses(module, trainer, tasks: Sequence[str]) -> dict[str, float]:
