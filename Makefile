@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-EXTRAS ?= dev,plot,ray
+EXTRAS ?= dev,plot,ray,wandb,docs
 SHARED_DATA := $(abspath ../shared/data)
 # Read the datasets from ../shared/data when it is there (no download needed).
 ifneq ($(wildcard $(SHARED_DATA)/README.md),)
@@ -11,7 +11,7 @@ export LIGHTNING_ETAP_DATA ?= $(SHARED_DATA)
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint docs clean
 
 $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,8 @@ test: install
 lint: install
 	$(BIN)/ruff check lightning_etap tests benchmarks examples
 
+docs: install
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build site *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -180,7 +181,7 @@ def test_step_scores_and_reductions_match_hand_computation_for_every_knob():
     make = lambda: TinyMTL(optimizer="sgd", lr=0.1, opt_kwargs={"momentum": 0.9})  # noqa: E731
     model = make()
     rec = Recorder()
-    cbs = {k: AffinityCallback("encoder", update=k[0], divide_by_lr=k[1], normalize_by_loss=k[2], reduction=k[3],
+    cbs = {k: AffinityCallback("encoder", every_n_steps=1, update=k[0], divide_by_lr=k[1], normalize_by_loss=k[2], reduction=k[3],
                                keep_step_scores=True) for k in KNOBS}
     fit(model, tiny_loader(), [rec, *cbs.values()])
     assert len(rec.records) == 6
@@ -217,7 +218,7 @@ def test_gradient_accumulation_averages_micro_batch_scores():
     torch.manual_seed(1)
     make = lambda: TinyMTL(optimizer="sgd", lr=0.05, opt_kwargs={"momentum": 0.5, "nesterov": True})  # noqa: E731
     rec = Recorder()
-    cb = AffinityCallback("encoder", update="optimizer", keep_step_scores=True)
+    cb = AffinityCallback("encoder", every_n_steps=1, update="optimizer", keep_step_scores=True)
     fit(make(), tiny_loader(n=32), [rec, cb], max_epochs=1, accumulate_grad_batches=2)
     res = cb.result
     assert res.measured_steps == 2 and res.steps.tolist() == [0, 1]
@@ -349,8 +350,8 @@ def test_tag_matches_brute_force_lookahead_with_batchnorm_and_dropout():
     torch.manual_seed(2)
     make = lambda: TinyMTL(optimizer="sgd", lr=0.1, bn=True, dropout=0.3, opt_kwargs={"momentum": 0.9})  # noqa: E731
     rec = Recorder()
-    tag = AffinityCallback("encoder", method="tag", keep_step_scores=True)
-    tag_opt = AffinityCallback("encoder", method="tag", update="optimizer", divide_by_lr=False, keep_step_scores=True)
+    tag = AffinityCallback("encoder", every_n_steps=1, method="tag", keep_step_scores=True)
+    tag_opt = AffinityCallback("encoder", every_n_steps=1, method="tag", update="optimizer", divide_by_lr=False, keep_step_scores=True)
     model = make()
     fit(model, tiny_loader(), [rec, tag, tag_opt])
     assert "training_step" not in model.__dict__
@@ -394,7 +395,7 @@ def test_training_is_bit_for_bit_identical_with_and_without_the_callback(method,
     kw = dict(optimizer=optimizer, lr=0.05, bn=True, dropout=0.2,
               opt_kwargs={"momentum": 0.9} if optimizer == "sgd" else {})
     runs = []
-    for callbacks in ([], [AffinityCallback("encoder", method=method, update=update)]):
+    for callbacks in ([], [AffinityCallback("encoder", every_n_steps=1, method=method, update=update)]):
         torch.manual_seed(5)
         model = TinyMTL(**kw)
         trainer = fit(model, tiny_loader(), callbacks, seed=5)
@@ -416,7 +417,7 @@ def test_reference_module_through_train_group():
     ds = load_digits()
     group = ["digit_1", "digit_4", "digit_7"]
     cfg = TrainConfig(hidden=(16,), lr=0.05, momentum=0.9, batch_size=64, max_epochs=2, patience=5)
-    cb = AffinityCallback("encoder")
+    cb = AffinityCallback("encoder", every_n_steps=1)
     train_group(ds, group, cfg, seed=0, callbacks=[cb])
     res = cb.result
     steps = 2 * int(np.ceil(len(ds.split("digit_1", "train")[0]) / 64))
@@ -430,9 +431,9 @@ def test_own_module_with_adam_shared_as_list_and_as_callable():
     """A conv two-tower module with nothing of ours, Adam's own update, checked against real steps on copies."""
     torch.manual_seed(4)
     model = ConvTwoTower()
-    as_list = AffinityCallback([*model.conv.parameters(), *model.fc.parameters()], update="optimizer",
+    as_list = AffinityCallback([*model.conv.parameters(), *model.fc.parameters()], update="optimizer", every_n_steps=1,
                                keep_step_scores=True)
-    as_callable = AffinityCallback(lambda m: [*m.conv.parameters(), *m.fc.parameters()], update="optimizer",
+    as_callable = AffinityCallback(lambda m: [*m.conv.parameters(), *m.fc.parameters()], update="optimizer", every_n_steps=1,
                                    keep_step_scores=True)
     rec = Recorder()
     fit(model, image_loader(), [rec, as_list, as_callable], max_epochs=1)
@@ -482,7 +483,7 @@ class DetachedB(TinyMTL):
 
 
 def test_detached_task_loss_warns_once_and_counts_as_zero_gradient():
-    cb = AffinityCallback("encoder", normalize_by_loss=False)
+    cb = AffinityCallback("encoder", every_n_steps=1, normalize_by_loss=False)
     with pytest.warns(RuntimeWarning, match=r"\['b'\] are not attached") as record:
         fit(DetachedB(), tiny_loader(), [cb], max_epochs=1)
     assert sum("not attached" in str(w.message) for w in record) == 1
@@ -490,7 +491,7 @@ def test_detached_task_loss_warns_once_and_counts_as_zero_gradient():
 
 
 def test_zero_task_loss_leaves_its_column_out():
-    cb = AffinityCallback("encoder")
+    cb = AffinityCallback("encoder", every_n_steps=1)
     fit(TinyMTL(zero_task="c"), tiny_loader(), [cb], max_epochs=1)
     res = cb.result
     assert res.zero_loss_skips == {"a": 0, "b": 0, "c": 3}
@@ -538,7 +539,7 @@ def test_errors_are_clear():
     with pytest.raises(RuntimeError, match="no training step"):
         AffinityCallback().result  # noqa: B018
     # a subset of the returned tasks, in the requested order
-    cb = AffinityCallback(tasks=["c", "a"])
+    cb = AffinityCallback(tasks=["c", "a"], every_n_steps=1)
     fit(TinyMTL(), tiny_loader(), [cb], max_epochs=1)
     assert cb.result.task_names == ("c", "a")
 
@@ -578,10 +579,10 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_matrix(tmp_path):
             trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
         return model
 
-    full = AffinityCallback("encoder", update="optimizer", keep_step_scores=True)
+    full = AffinityCallback("encoder", every_n_steps=1, update="optimizer", keep_step_scores=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     model_full = run([full, ckpt], 3)
-    resumed = AffinityCallback("encoder", update="optimizer", keep_step_scores=True)
+    resumed = AffinityCallback("encoder", every_n_steps=1, update="optimizer", keep_step_scores=True)
     model_resumed = run([resumed], 3, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(model_full.parameters(), model_resumed.parameters(), strict=True))
     assert resumed.result == full.result
@@ -635,3 +636,75 @@ def test_docstring_examples_run():
 
     outcome = doctest.testmod(module)
     assert outcome.failed == 0
+
+
+def test_auto_schedule_calibrates_then_measures_every_kth_step_and_resumes(monkeypatch):
+    """Steps 0-1 measured, 2-4 timed plain, then every k-th; k from the timings, recorded and checkpointed."""
+    from lightning_etap.affinity import callback as cbmod
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(cbmod.time, "perf_counter", lambda: float(next(ticks)))  # every clock read: +1 s
+    cb = AffinityCallback("encoder", overhead=0.5)
+    fit(TinyMTL(), tiny_loader(n=96), [cb], max_epochs=1)  # 12 steps
+    res = cb.result
+    k = res.settings["every_n_steps_chosen"]
+    assert res.settings["every_n_steps"] == "auto" and isinstance(k, int) and k >= 1
+    expected = [s for s in range(12) if s < 2 or (s >= 5 and (s - 5) % k == 0)]
+    assert res.measured_steps == len(expected)
+    state = cb.state_dict()
+    assert state["schedule"]["chosen"] == k and state["schedule"]["calibration_start"] == 0
+    again = AffinityCallback("encoder", overhead=0.5)
+    again.load_state_dict(state)
+    assert again._chosen == k and again._calib_start == 0
+    with pytest.raises(ValueError, match="every_n_steps"):
+        AffinityCallback(every_n_steps="sometimes")
+    with pytest.raises(ValueError, match="overhead"):
+        AffinityCallback(overhead=0)
+
+
+def test_engines_and_scopes_agree_with_the_autograd_reference():
+    """engine='fast' == engine='autograd' on one fit; last_layer / representation by hand on the same steps."""
+    torch.manual_seed(3)
+    model = TinyMTL(optimizer="sgd", lr=0.1, opt_kwargs={"momentum": 0.9})
+    cbs = {
+        "fast": AffinityCallback("encoder", every_n_steps=1, update="optimizer", keep_step_scores=True),
+        "autograd": AffinityCallback("encoder", every_n_steps=1, update="optimizer", engine="autograd",
+                                     keep_step_scores=True),
+        "last": AffinityCallback("encoder", every_n_steps=1, scope="last_layer", keep_step_scores=True),
+        "rep": AffinityCallback("encoder", every_n_steps=1, scope="representation", keep_step_scores=True),
+    }
+    rec = Recorder()
+    fit(model, tiny_loader(), [rec, *cbs.values()])
+    np.testing.assert_allclose(cbs["fast"].result.step_matrices, cbs["autograd"].result.step_matrices,
+                               rtol=1e-5, atol=1e-10)
+    assert cbs["last"].result.measured_steps == cbs["rep"].result.measured_steps == 6
+    assert cbs["rep"].result.settings["scope"] == "representation"
+    with pytest.raises(ValueError, match="update='gradient'"):
+        AffinityCallback("encoder", scope="representation", update="optimizer")
+    with pytest.raises(ValueError, match="submodule"):
+        AffinityCallback(lambda m: m.encoder.parameters(), scope="representation")
+    with pytest.raises(ValueError, match="method='etap'"):
+        AffinityCallback(method="tag", scope="last_layer")
+    with pytest.raises(ValueError, match="engine"):
+        AffinityCallback(engine="jax")
+
+
+def test_curves_and_heatmap_reach_the_trainers_logger(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    cb = AffinityCallback("encoder", every_n_steps=1, log_every_n_steps=2)
+    fit(TinyMTL(), tiny_loader(), [cb], logger=logger, log_every_n_steps=2)
+    logger.finalize("success")
+    import csv as _csv
+
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as fh:
+        rows = [r for r in _csv.DictReader(fh) if r.get("affinity/a->b")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]
+    folder = Path(logger.log_dir)
+    assert (folder / "affinity_heatmap.png").stat().st_size > 1000
+    with open(folder / "affinity_matrix.csv", newline="") as fh:
+        table = list(_csv.reader(fh))
+    assert table[0] == ["source", *TASKS]
+    np.testing.assert_allclose(float(table[1][2]), cb.result.matrix[0, 1], rtol=1e-12)

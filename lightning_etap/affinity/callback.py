@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_etap.affinity.dashboard import AffinityDashboard
+from lightning_etap.affinity.gram import GramEngine
 from lightning_etap.affinity.result import AffinityResult
 from lightning_etap.affinity.scores import (
     REDUCTIONS,
@@ -113,13 +118,57 @@ class AffinityCallback(Callback):
         reduction: ``"epoch_mean_sum"`` (released code: mean of the step scores
             within each epoch, summed over epochs) or ``"mean"`` (eq. 6: mean
             over all measured steps).
-        every_n_steps: measure every k-th optimizer step (``global_step % k == 0``).
+        every_n_steps: which optimizer steps are measured. An integer ``k``:
+            every k-th step (``global_step % k == 0``), deterministic.
+            ``"auto"`` (default): steps 0 and 1 are measured and steps 2-4 are
+            not, which times a measured step's extra cost against a plain
+            step; from step 5 on every k-th step is measured with the smallest
+            ``k`` that keeps the extra time near ``overhead`` times the
+            training time (``k`` is chosen once, recorded in
+            ``result.settings["every_n_steps_chosen"]`` and checkpointed; under
+            DDP rank zero's choice is broadcast). Pass an integer for runs that
+            must be repeatable to the bit.
+        overhead: the target extra time of ``every_n_steps="auto"``, as a
+            fraction of plain training time (default 0.1).
+        scope: which gradients are scored. ``"shared"`` (default): every
+            shared parameter (the paper's score). Cheaper approximations whose
+            agreement with it is measured in ``benchmarks/affinity_overhead.py``:
+            ``"last_layer"``: only the last shared ``nn.Linear`` layer run in the
+            forward pass; ``"representation"``: gradients of the task losses
+            w.r.t. the shared module's output instead of any parameter (needs
+            ``shared`` to name a submodule, and ``update="gradient"``).
+        engine: how per-task gradient products are computed; both are exact.
+            ``"fast"`` (default): from the activations of the shared
+            ``nn.Linear`` layers (forward hooks; with per-task inputs all
+            per-task gradients cost about one backward), exact autograd for
+            any other shared parameter; ``"autograd"``: explicit per-task
+            gradients of every shared parameter, one parameter block at a time.
+            TAG always uses ``"autograd"`` (it needs the update vectors).
         keep_step_scores: also keep every measured step's matrix (``result.step_matrices``).
+        log_every_n_steps: log the running matrix to every logger of the Trainer
+            as ``affinity/<source>-><target>`` scalars this often (``None``: the
+            Trainer's ``log_every_n_steps``; ``0``: no curves). Rank zero only,
+            through each logger's ``log_metrics`` (see :class:`AffinityDashboard`).
+        heatmap: at the end of fit log the matrix as a heatmap (W&B: a table and
+            an image; other loggers: ``affinity_heatmap.png``,
+            ``affinity_matrix.csv`` and ``affinity_curves.csv`` in their log directory).
 
     Gradient accumulation: every micro-batch of a measured step is scored on
     its own live graph and the micro-batch scores are averaged into the step's
     score. A step with a non-finite loss, gradient or score is skipped
     (counted in ``result.skipped_steps``, warned once).
+
+    Data-parallel training (DDP): the per-task gradients and losses of a
+    measured step are averaged over the ranks before they are multiplied, so
+    every rank holds the affinity of the global batch, exactly what one
+    process computes on it (TAG: the updates and the lookahead losses).
+
+    Mixed precision: the per-task backward passes run on the step's own graph
+    (bf16 / fp16 activations under autocast); products are accumulated in
+    float32 / float64. With fp16 loss scaling (a ``GradScaler``) the seeds of
+    the per-task backward passes are multiplied by the current scale against
+    underflow and the gradients divided by it again; the task losses
+    ``training_step`` returns are unscaled, so the scores are too.
 
     Raises:
         ValueError: invalid arguments; at fit time, a step without
@@ -145,8 +194,13 @@ class AffinityCallback(Callback):
         divide_by_lr: bool = True,
         normalize_by_loss: bool = True,
         reduction: str = "epoch_mean_sum",
-        every_n_steps: int = 1,
+        every_n_steps: int | str = "auto",
+        overhead: float = 0.1,
+        scope: str = "shared",
+        engine: str = "fast",
         keep_step_scores: bool = False,
+        log_every_n_steps: int | None = None,
+        heatmap: bool = True,
     ) -> None:
         if method not in ("etap", "tag"):
             raise ValueError(f"method must be 'etap' or 'tag', got {method!r}")
@@ -154,8 +208,22 @@ class AffinityCallback(Callback):
             raise ValueError(f"update must be 'gradient' or 'optimizer', got {update!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if every_n_steps != "auto" and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                        or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be a positive integer or 'auto', got {every_n_steps!r}")
+        if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not 0 < overhead <= 10:
+            raise ValueError(f"overhead must be a fraction of training time in (0, 10], got {overhead!r}")
+        if scope not in ("shared", "last_layer", "representation"):
+            raise ValueError(f"scope must be 'shared', 'last_layer' or 'representation', got {scope!r}")
+        if engine not in ("fast", "autograd"):
+            raise ValueError(f"engine must be 'fast' or 'autograd', got {engine!r}")
+        if scope != "shared" and method == "tag":
+            raise ValueError(f"scope={scope!r} applies to method='etap' (TAG moves every shared parameter)")
+        if scope == "representation" and update != "gradient":
+            raise ValueError("scope='representation' has no optimizer state to follow: use update='gradient'")
+        if scope == "representation" and not isinstance(shared, str):
+            raise ValueError("scope='representation' needs shared= the name of the shared submodule, whose "
+                             "output is the shared representation")
         if tasks is not None:
             if isinstance(tasks, str):
                 raise TypeError(f"tasks must be a sequence of task names, not the string {tasks!r}")
@@ -178,7 +246,11 @@ class AffinityCallback(Callback):
         self.normalize_by_loss = bool(normalize_by_loss)
         self.reduction = reduction
         self.every_n_steps = every_n_steps
+        self.overhead = float(overhead)
+        self.scope = scope
+        self.engine = engine
         self.keep_step_scores = bool(keep_step_scores)
+        self.dashboard = AffinityDashboard(log_every_n_steps=log_every_n_steps, heatmap=heatmap)
         # run state lives in setup() (tensors made here would be shared between ddp_spawn workers)
         self._module: L.LightningModule | None = None
         self._loaded = False
@@ -194,13 +266,15 @@ class AffinityCallback(Callback):
         return {
             "method": self.method, "update": self.update, "divide_by_lr": self.divide_by_lr,
             "normalize_by_loss": self.normalize_by_loss, "reduction": self.reduction,
-            "every_n_steps": self.every_n_steps, "shared": shared,
+            "every_n_steps": self.every_n_steps, "scope": self.scope, "shared": shared,
+            **({"overhead": self.overhead} if self.every_n_steps == "auto" else {}),
         }
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self.settings, tasks=self.tasks)
+        extra = {"engine": self.engine} if self.engine != "fast" else {}  # both engines give the same numbers
+        return self._generate_state_key(**self.settings, tasks=self.tasks, **extra)
 
     # ------------------------------------------------------------------ setup / teardown
     def _reset(self) -> None:
@@ -212,6 +286,10 @@ class AffinityCallback(Callback):
         self._skipped = 0
         self._zero_loss: list[int] = [0] * len(self._task_names or [])
         self._warned: set[str] = set()
+        # every_n_steps="auto": calibration start, first step of the regular schedule, chosen interval
+        self._calib_start: int | None = None
+        self._chosen: int | None = self.every_n_steps if isinstance(self.every_n_steps, int) else None
+        self._timing: dict[str, list[float]] = {"plain": [], "extra": []}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -225,6 +303,14 @@ class AffinityCallback(Callback):
         self._params = _resolve_shared(pl_module, self.shared)
         self._blocks = parameter_blocks(self._params, pl_module)
         self._gradients = ExactTaskGradients()
+        self._engine: GramEngine | None = None
+        if self.method == "etap" and (self.engine == "fast" or self.scope != "shared"):
+            root = pl_module.get_submodule(self.shared) if isinstance(self.shared, str) else None
+            self._engine = GramEngine(pl_module, self._params, root=root, scope=self.scope)
+        self._step_clock: dict[str, float] = {}
+        self._clock_step: int | None = None
+        self._clock_measured = False
+        self._measuring = False
         if not self._loaded:
             self._reset()
         self._captured: _Captured | None = None
@@ -237,6 +323,10 @@ class AffinityCallback(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.close()
+            self._engine = None
         self._unwrap()
         self._captured = None
         self._tag_state = None
@@ -324,24 +414,110 @@ class AffinityCallback(Callback):
                 return opt
         raise ValueError("AffinityCallback: no optimizer updates the shared parameters")
 
+    # ------------------------------------------------------------------ schedule
+    def _is_measured(self, trainer: L.Trainer) -> bool:
+        """Whether the optimizer step about to run is measured (decides ``"auto"``'s interval once)."""
+        step = trainer.global_step
+        if self._chosen is not None and self._calib_start is None:  # a fixed interval
+            return step % self._chosen == 0
+        if self._calib_start is None:
+            self._calib_start = step
+        offset = step - self._calib_start
+        if offset < 5:
+            return offset < 2
+        if self._chosen is None:
+            self._chosen = self._choose_interval(trainer)
+        return (offset - 5) % self._chosen == 0
+
+    def _choose_interval(self, trainer: L.Trainer) -> int:
+        plain = statistics.median(self._timing["plain"]) if self._timing["plain"] else 0.0
+        extra = min(self._timing["extra"]) if self._timing["extra"] else 0.0
+        k = 1 if plain <= 0 else max(1, math.ceil(extra / (self.overhead * plain)))
+        if trainer.world_size > 1:
+            k = int(trainer.strategy.broadcast(k, src=0))  # every rank measures the same steps
+        return k
+
+    def _step_time(self, trainer: L.Trainer, key: str, seconds: float) -> None:
+        """Add to this optimizer step's clock (``"batch"``: whole micro-batches; ``"extra"``: our own work)."""
+        if self._chosen is None and self._calib_start is not None:
+            self._step_clock[key] = self._step_clock.get(key, 0.0) + seconds
+
+    def _close_clock(self, step: int | None) -> None:
+        """File the finished optimizer step's times (calibration of ``"auto"`` only)."""
+        if getattr(self, "_clock_step", None) is not None and self._clock_step != step and self._step_clock:
+            if self._chosen is None:
+                clock = self._step_clock
+                if self._clock_measured:
+                    self._timing["extra"].append(clock.get("extra", 0.0))
+                else:
+                    self._timing["plain"].append(clock.get("batch", 0.0))
+            self._step_clock = {}
+        self._clock_step = step
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._close_clock(trainer.global_step)
+        self._measuring = self._is_measured(trainer)
+        self._clock_measured = self._measuring
+        if self._measuring and self._engine is not None:
+            self._engine.start_step()
+        self._batch_t0 = time.perf_counter()
+
+    def _all_reduce(self, trainer: L.Trainer) -> Callable[[Tensor], Tensor] | None:
+        """Averages a tensor over the data-parallel ranks (``None`` on one process)."""
+        if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+        world = trainer.world_size
+
+        def mean(t: Tensor) -> Tensor:
+            t = t.detach().clone()
+            torch.distributed.all_reduce(t)
+            return t / world
+
+        return mean
+
+    @staticmethod
+    def _grad_scale(trainer: L.Trainer) -> float:
+        """The fp16 loss scale of the step (1.0 without a ``GradScaler``)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return 1.0
+        return float(scaler.get_scale())
+
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         cap, self._captured = self._captured, None
-        if cap is None or trainer.global_step % self.every_n_steps != 0:
+        if cap is None or not getattr(self, "_measuring", False):
             return
+        t0 = time.perf_counter()
+        try:
+            self._measure(trainer, cap)
+        finally:
+            self._step_time(trainer, "extra", time.perf_counter() - t0)
+
+    def _measure(self, trainer: L.Trainer, cap: _Captured) -> None:
         names, losses = self._ordered_losses(cap.task_losses)
         values = losses.detach()
         detached = [t for t in names if not cap.task_losses[t].requires_grad]
         if detached:
             self._warn_once("detached", f"AffinityCallback: task_losses {detached} are not attached to the autograd "
                             "graph; their gradients count as zero. Return the losses before .detach() / .item()")
+        reduce = self._all_reduce(trainer)
+        if reduce is not None:  # the global batch's losses; every rank then takes the same decisions
+            values = reduce(values.double()).to(values.dtype)
         if not bool(torch.isfinite(values).all()):
             self._bad_step("a non-finite task loss")
             return
         opt = self._optimizer(trainer)
+        scale = self._grad_scale(trainer)
         if self.method == "etap":
             rules = task_update_rules(opt, self._params, self.update, per_unit_lr=self.divide_by_lr)
-            products = step_products(losses, self._params, rules, self._blocks, self._gradients)
+            if self._engine is not None:
+                products = self._engine.products(losses, rules, grad_scale=scale, all_reduce=reduce)
+            else:
+                products = step_products(losses, self._params, rules, self._blocks, self._gradients,
+                                         grad_scale=scale, all_reduce=reduce)
             scores, valid = step_scores(products, values, self.normalize_by_loss)
             self._add_micro(scores, valid)
             return
@@ -354,19 +530,22 @@ class AffinityCallback(Callback):
                 return
         rules = task_update_rules(opt, self._params, self.update)
         updates: list[Tensor | None] = [None] * len(self._params)
-        for k, grads in self._gradients(losses, self._params, self._blocks):
+        for k, grads in self._gradients(losses, self._params, self._blocks, scale=scale):
+            if reduce is not None:
+                grads = reduce(grads.contiguous())
             updates[k] = apply_update(rules[k], grads)
         if not all(bool(torch.isfinite(u).all()) for u in updates):
             self._bad_step("a non-finite gradient or update")
             return
-        self._tag_state = (names, values, updates, lr, cap)
+        self._tag_state = (names, values, updates, lr, cap, reduce)
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state, self._tag_state = self._tag_state, None
         if state is None:
             return
-        names, before, updates, lr, cap = state
+        t0 = time.perf_counter()
+        names, before, updates, lr, cap, reduce = state
         original = self._tap.original
 
         def evaluate() -> Tensor:
@@ -380,8 +559,11 @@ class AffinityCallback(Callback):
                 after = lookahead_task_losses(self._params, updates, evaluate, reset)
         finally:
             _LOOKAHEAD[0] -= 1
+        if reduce is not None:
+            after = reduce(after)
         scores, valid = tag_step_scores(before, after, lr)
         self._add_micro(scores, valid)
+        self._step_time(trainer, "extra", time.perf_counter() - t0)
 
     def _add_micro(self, scores: Tensor, valid: Tensor) -> None:
         if not bool(torch.isfinite(scores[:, valid]).all()):
@@ -410,11 +592,22 @@ class AffinityCallback(Callback):
             self._zero_loss[j] += 1
         self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step)
         self._measured += 1
+        if self.dashboard.is_due(trainer, trainer.global_step):
+            self.dashboard.log_step(trainer, self._task_names, self._acc.matrix(self.reduction).numpy(),
+                                    step=trainer.global_step)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._acc is not None and self._measured:
+            self.dashboard.log_final(trainer, self.result)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._captured = None  # do not keep the step's graph alive
+        if self._engine is not None:
+            self._engine.stop_step()
+        self._step_time(trainer, "batch", time.perf_counter() - getattr(self, "_batch_t0", time.perf_counter()))
 
     # ------------------------------------------------------------------ result
     @property
@@ -442,14 +635,17 @@ class AffinityCallback(Callback):
             measured_steps=self._measured,
             skipped_steps=self._skipped,
             zero_loss_skips=dict(zip(self._task_names, self._zero_loss, strict=True)),
-            settings=self.settings,
+            settings={**self.settings, "every_n_steps_chosen": self._chosen},
         )
 
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
+        schedule = {"calibration_start": self._calib_start, "chosen": self._chosen,
+                    "timing": {k: list(v) for k, v in self._timing.items()}}
         if self._acc is None:
-            return {"version": 1, "settings": self.settings, "task_names": self._task_names, "accumulator": None}
+            return {"version": 1, "settings": self.settings, "task_names": self._task_names, "accumulator": None,
+                    "schedule": schedule}
         return {
             "version": 1,
             "settings": self.settings,
@@ -458,6 +654,7 @@ class AffinityCallback(Callback):
             "measured_steps": self._measured,
             "skipped_steps": self._skipped,
             "zero_loss_skips": list(self._zero_loss),
+            "schedule": schedule,
         }
 
     @override
@@ -477,6 +674,11 @@ class AffinityCallback(Callback):
             self._measured = int(state_dict["measured_steps"])
             self._skipped = int(state_dict["skipped_steps"])
             self._zero_loss = [int(v) for v in state_dict["zero_loss_skips"]]
+        schedule = state_dict.get("schedule")
+        if schedule is not None and self.every_n_steps == "auto":
+            self._calib_start = schedule["calibration_start"]
+            self._chosen = schedule["chosen"]
+            self._timing = {k: [float(x) for x in v] for k, v in schedule["timing"].items()}
         self._loaded = True
 
 

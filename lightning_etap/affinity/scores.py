@@ -144,15 +144,17 @@ class ExactTaskGradients:
         return [torch.stack(r) for r in rows]
 
     def __call__(
-        self, task_losses: Tensor, params: Sequence[Tensor], blocks: Sequence[Sequence[int]]
+        self, task_losses: Tensor, params: Sequence[Tensor], blocks: Sequence[Sequence[int]],
+        scale: float = 1.0,
     ) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(k, G_k)``; ``scale`` multiplies the backward seeds (fp16 loss scale) and divides the result."""
         n = task_losses.shape[0]
         if not task_losses.requires_grad:  # no task reaches anything trainable
             for block in blocks:
                 for k in block:
                     yield k, params[k].new_zeros((n, *params[k].shape))
             return
-        eye = torch.eye(n, dtype=task_losses.dtype, device=task_losses.device)
+        eye = torch.eye(n, dtype=task_losses.dtype, device=task_losses.device) * scale
         for block in blocks:
             inputs = [params[k] for k in block]
             grads: Sequence[Tensor | None] | None = None
@@ -170,9 +172,12 @@ class ExactTaskGradients:
                         RuntimeWarning, stacklevel=2,
                     )
             if grads is None:
-                grads = self._separate(task_losses, inputs)
+                grads = self._separate(task_losses * scale if scale != 1.0 else task_losses, inputs)
             for k, g, p in zip(block, grads, inputs, strict=True):
-                yield k, (p.new_zeros((n, *p.shape)) if g is None else g)
+                if g is None:
+                    yield k, p.new_zeros((n, *p.shape))
+                else:
+                    yield k, (g if scale == 1.0 else g.float() / scale)
 
 
 # --------------------------------------------------------------------------- update rules
@@ -363,6 +368,9 @@ def step_products(
     rules: Sequence[UpdateRule],
     blocks: Sequence[Sequence[int]] | None = None,
     gradients: TaskGradients | None = None,
+    *,
+    grad_scale: float = 1.0,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``Z[i, j] = u_i · g_j`` for one step, float64 ``(n, n)``.
 
@@ -372,6 +380,9 @@ def step_products(
         rules: one update rule per parameter (:func:`task_update_rules`).
         blocks: parameter blocks (:func:`parameter_blocks`); default one per parameter.
         gradients: the per-task gradient provider (default :class:`ExactTaskGradients`).
+        grad_scale: fp16 loss scale (seeds multiplied by it, gradients divided by it).
+        all_reduce: averages a tensor over data-parallel ranks (each block's
+            per-task gradients go through it before they are multiplied).
 
     For linear rules this accumulates ``Σ_p α_p G_p G_pᵀ`` and ``Σ_p G_p c_p``
     (``Z = gram + (G c)[None, :]``); for Adam ``Σ_p U_p G_pᵀ``. At most one
@@ -382,8 +393,12 @@ def step_products(
     gradients = ExactTaskGradients() if gradients is None else gradients
     gram = torch.zeros(n, n, dtype=torch.float64, device=task_losses.device)
     gc = torch.zeros(n, dtype=torch.float64, device=task_losses.device)
-    for k, grads in gradients(task_losses, params, blocks):
+    stream = gradients(task_losses, params, blocks, scale=grad_scale) if grad_scale != 1.0 else \
+        gradients(task_losses, params, blocks)
+    for k, grads in stream:
         rule = rules[k]
+        if all_reduce is not None:
+            grads = all_reduce(grads.contiguous())
         flat = grads.reshape(n, -1)
         if isinstance(rule, LinearUpdate):
             if rule.alpha != 0:

@@ -1,0 +1,559 @@
+"""Per-task gradient products from layer activations: the fast exact engine.
+
+The ETAP step score needs only ``Z[i, j] = u_i · g_j`` (see
+:mod:`lightning_etap.affinity.scores`), never the per-task gradients
+themselves. For a linear layer ``z = a Wᵀ + b`` inside the shared encoder the
+per-task weight gradient is ``G_i = Δ_iᵀ A`` (``A`` the layer's inputs, one row
+per example, ``Δ_i = ∂L_i/∂z``), so the products can be built from the layer's
+inputs and output gradients, which autograd computes far more cheaply than
+``n`` separate parameter backward passes.
+
+What this module does at a measured step:
+
+1. Forward hooks (:class:`ActivationTap`) record, during the step's forward, every
+   call of every shared ``nn.Linear``: its input ``A`` and its output ``z``
+   (still in the graph), and the outputs of the *shared root* (the shared
+   submodule, e.g. ``encoder``).
+2. ``D_i = ∂L_i/∂h`` at the root outputs ``h`` for all tasks at once (one
+   vectorised backward through the heads only: cheap).
+3. **Separable** batches (per-task inputs, Chemical-style: every example
+   row of ``h`` feeds one task only, and nothing in the encoder mixes rows):
+   one backward of ``Σ_i D_i`` from ``h`` to every ``z`` gives every row's
+   ``Δ`` for its own task, so all ``n`` per-task gradients cost about one
+   backward. **Dense** batches (shared inputs): one vectorised backward of
+   the ``n`` seeds ``D_i`` from ``h`` to every ``z``.
+4. Per layer, the products ``Σ α G_i·G_j + G_i·c`` are formed either from
+   chunks of the explicit ``G_i = Δ_iᵀ A`` (at most ``max_chunk_bytes`` of them
+   alive) or, for dense batches with few rows and wide layers, through the
+   example Gram matrix ``A Aᵀ`` without ever forming ``G``
+   (``G_i·G_j = ⟨Δ_i, (A Aᵀ) Δ_j⟩``), whichever costs fewer multiply-adds.
+
+Shared parameters outside plain ``nn.Linear`` layers (convolutions, norms,
+embeddings, ...) fall back to exact autograd per-task gradients
+(:class:`~lightning_etap.affinity.scores.ExactTaskGradients`), block by block.
+
+Under data-parallel training every per-task gradient chunk is all-reduced
+(averaged over ranks) before it is multiplied, so every rank computes the
+products of the *global* batch's gradients; the Gram-matrix shortcut, which
+never forms the gradients, is not used then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_etap.affinity.scores import (
+    AdamUpdate,
+    ExactTaskGradients,
+    LinearUpdate,
+    UpdateRule,
+    parameter_blocks,
+)
+
+__all__ = ["ActivationTap", "FastLinearLayer", "GramEngine", "linear_layers", "shared_root"]
+
+#: at most this many bytes of explicit per-task gradient chunks alive at once
+MAX_CHUNK_BYTES = 32 * 2**20
+
+#: modules whose training-mode forward mixes the rows of a batch (per-task rows are then not separable)
+_ROW_MIXING: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+
+
+# --------------------------------------------------------------------------- discovery
+@dataclass
+class FastLinearLayer:
+    """A shared ``nn.Linear`` whose per-task gradients come from its activations."""
+
+    module: nn.Linear
+    weight: int  # index of the weight in the shared parameter list
+    bias: int | None  # index of the bias, or None (no bias, or the bias is not shared / frozen)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or a subclass) whose forward is ``nn.Linear``'s own ``F.linear``."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def linear_layers(module: nn.Module, params: Sequence[Tensor]) -> list[FastLinearLayer]:
+    """The plain ``nn.Linear`` modules of ``module`` whose weight is among ``params``.
+
+    A layer whose weight is not shared (or is frozen) is left to the other
+    path for its bias; a layer whose bias is shared goes here only together
+    with its weight.
+    """
+    index = {id(p): k for k, p in enumerate(params)}
+    out: list[FastLinearLayer] = []
+    seen: set[int] = set()
+    for sub in module.modules():
+        if id(sub) in seen or not _plain_linear(sub):
+            continue
+        seen.add(id(sub))
+        w = index.get(id(sub.weight))
+        if w is None:
+            continue
+        b = index.get(id(sub.bias)) if sub.bias is not None else None
+        out.append(FastLinearLayer(sub, w, b))
+    return out
+
+
+def shared_root(module: nn.Module, params: Sequence[Tensor]) -> nn.Module | None:
+    """The smallest submodule of ``module`` owning every parameter in ``params`` (``None``: only ``module`` itself)."""
+    wanted = {id(p) for p in params}
+    best: nn.Module | None = None
+    best_size = None
+    for name, sub in module.named_modules():
+        if sub is module or not name:
+            continue
+        owned = {id(p) for p in sub.parameters()}
+        if wanted <= owned:
+            size = len(owned)
+            if best_size is None or size < best_size:
+                best, best_size = sub, size
+    return best
+
+
+# --------------------------------------------------------------------------- recording
+@dataclass
+class _LinearCall:
+    layer: int  # index into the engine's fast layers
+    root_call: int  # the enclosing root call, -1 outside any
+    inputs: Tensor  # (rows, in), detached
+    output: Tensor  # the layer's output, in the graph (any leading shape)
+
+
+@dataclass
+class _Record:
+    linear: list[_LinearCall] = field(default_factory=list)
+    roots: list[list[Tensor]] = field(default_factory=list)  # per root call: tensor outputs in the graph
+    open_root: int = -1
+
+
+class ActivationTap:
+    """Forward hooks that record what :class:`GramEngine` needs, only while ``active``.
+
+    Recording costs nothing but references: the layer inputs are tensors
+    autograd saves anyway, and the outputs are kept alive only until the step's
+    products are computed (:meth:`take`).
+    """
+
+    def __init__(self, layers: Sequence[FastLinearLayer], root: nn.Module | None) -> None:
+        self.layers = list(layers)
+        self.root = root
+        self.active = False
+        self._record = _Record()
+        self._handles: list[Any] = []
+        for k, layer in enumerate(self.layers):
+            self._handles.append(layer.module.register_forward_hook(self._linear_hook(k)))
+        if root is not None:
+            self._handles.append(root.register_forward_pre_hook(self._root_pre))
+            self._handles.append(root.register_forward_hook(self._root_post))
+
+    def _linear_hook(self, k: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not self.active or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return
+            if not args or not isinstance(args[0], Tensor) or not output.requires_grad:
+                return
+            x = args[0]
+            self._record.linear.append(_LinearCall(k, self._record.open_root,
+                                                   x.detach().reshape(-1, x.shape[-1]), output))
+        return hook
+
+    def _root_pre(self, module: nn.Module, args: tuple) -> None:
+        if self.active and torch.is_grad_enabled():
+            self._record.roots.append([])
+            self._record.open_root = len(self._record.roots) - 1
+
+    def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.active or not torch.is_grad_enabled() or self._record.open_root < 0:
+            return
+        self._record.roots[self._record.open_root] = [t for t in _tensor_leaves(output) if t.requires_grad]
+        self._record.open_root = -1
+
+    def take(self) -> _Record:
+        """The record of the step so far (and a fresh one for what follows)."""
+        record, self._record = self._record, _Record()
+        return record
+
+    def clear(self) -> None:
+        self._record = _Record()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+
+def _tensor_leaves(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensor_leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    return []
+
+
+# --------------------------------------------------------------------------- the engine
+@dataclass
+class _LayerData:
+    """One fast layer's step data: inputs ``A (R, in)`` and output gradients."""
+
+    inputs: Tensor  # (R, in) float32
+    delta: Tensor  # dense: (n, R, out); separable: (R, out)
+    owner: Tensor | None  # separable: (R,) task of each row (-1: none)
+
+
+class GramEngine:
+    """Step products ``Z[i, j] = u_i · g_j`` of the shared parameters from layer activations.
+
+    Args:
+        module: the LightningModule (hooks go on its submodules).
+        params: the trainable shared parameters, in a fixed order.
+        root: the shared root module (its outputs are the shared representation);
+            ``None`` to find it (:func:`shared_root`).
+        scope: ``"shared"`` (every shared parameter, exact), ``"last_layer"``
+            (only the last shared ``nn.Linear`` called in the forward pass) or
+            ``"representation"`` (gradients w.r.t. the root outputs instead of
+            any parameter).
+        separable: ``"auto"`` (detect per-task rows at every step), ``False``
+            (always the dense path).
+        max_chunk_bytes: bound on explicit per-task gradient chunks.
+        use_gram_trick: allow the example-Gram shortcut on dense batches.
+
+    Call :meth:`start_step` before a measured step's forward (the hooks record
+    only then) and :meth:`products` in ``on_before_backward``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[Tensor],
+        root: nn.Module | None = None,
+        *,
+        scope: str = "shared",
+        separable: bool | str = "auto",
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        use_gram_trick: bool = True,
+    ) -> None:
+        if scope not in ("shared", "last_layer", "representation"):
+            raise ValueError(f"scope must be 'shared', 'last_layer' or 'representation', got {scope!r}")
+        self.params = list(params)
+        self.scope = scope
+        self.root = root if root is not None else shared_root(module, self.params)
+        if scope == "representation" and self.root is None:
+            raise ValueError(
+                "scope='representation' needs a shared submodule whose output is the shared representation; "
+                "the shared parameters are not all inside one submodule (name it with shared='<submodule>')"
+            )
+        self.layers = linear_layers(module, self.params) if scope != "representation" else []
+        covered = {lay.weight for lay in self.layers} | {lay.bias for lay in self.layers if lay.bias is not None}
+        self.rest = [k for k in range(len(self.params)) if k not in covered] if scope == "shared" else []
+        self._rest_blocks = _reindexed_blocks(self.params, self.rest, module)
+        self._gradients = ExactTaskGradients()
+        self.separable = separable
+        self.max_chunk_bytes = int(max_chunk_bytes)
+        self.use_gram_trick = bool(use_gram_trick)
+        mixing = self.root is not None and any(isinstance(m, _ROW_MIXING) for m in self.root.modules())
+        self._root_mixes_rows = mixing
+        self.tap = ActivationTap(self.layers, self.root)
+        #: the path the last step took ("separable", "dense", "autograd"), for tests and diagnostics
+        self.last_path = ""
+
+    def close(self) -> None:
+        self.tap.remove()
+
+    def start_step(self) -> None:
+        self.tap.clear()
+        self.tap.active = True
+
+    def stop_step(self) -> None:
+        self.tap.active = False
+        self.tap.clear()
+
+    # ------------------------------------------------------------------ main entry
+    def products(
+        self,
+        task_losses: Tensor,
+        rules: Sequence[UpdateRule],
+        *,
+        grad_scale: float = 1.0,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """``Z`` (float64 ``(n, n)``) of the step whose forward was recorded.
+
+        Args:
+            task_losses: ``(n,)`` per-task losses, in the graph.
+            rules: one update rule per shared parameter
+                (:func:`~lightning_etap.affinity.scores.task_update_rules`);
+                ``scope="representation"`` uses only their learning-rate
+                factor (the first rule's ``alpha``).
+            grad_scale: the loss scale of fp16 training: seeds are multiplied by
+                it (against underflow) and the gradients divided by it again.
+            all_reduce: averages a tensor over data-parallel ranks in place
+                (``None``: one process).
+        """
+        record = self.tap.take()
+        self.tap.active = False
+        n = task_losses.shape[0]
+        device = task_losses.device
+        Z = torch.zeros(n, n, dtype=torch.float64, device=device)
+        if not task_losses.requires_grad:
+            self.last_path = "none"
+            return Z
+        seeds = torch.eye(n, dtype=task_losses.dtype, device=device) * grad_scale
+        roots = [t for call in record.roots for t in call]
+        if self.scope == "representation":
+            self._representation(task_losses, roots, seeds, rules, Z, grad_scale, all_reduce)
+            return Z
+        calls = record.linear
+        if self.scope == "last_layer" and calls:
+            last = calls[-1].layer
+            calls = [c for c in calls if c.layer == last]
+        data = self._layer_data(task_losses, record, calls, roots, seeds, grad_scale, n)
+        for k, layer_data in data.items():
+            self._layer_products(self.layers[k], layer_data, rules, Z, all_reduce, n)
+        if self.rest:
+            self._autograd_products(task_losses, rules, Z, grad_scale, all_reduce, n)
+        return Z
+
+    # ------------------------------------------------------------------ output gradients
+    def _layer_data(self, task_losses, record: _Record, calls: list[_LinearCall], roots: list[Tensor],
+                    seeds: Tensor, grad_scale: float, n: int) -> dict[int, _LayerData]:
+        if not calls:
+            return {}
+        outputs = [c.output for c in calls]
+        owners: list[Tensor] | None = None
+        D: Sequence[Tensor | None] | None = None
+        if roots:
+            D = torch.autograd.grad(task_losses, roots, grad_outputs=seeds, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+            if self.separable == "auto" and not self._mixing_now():
+                owners = _row_owners(record, D)
+        if owners is not None:
+            self.last_path = "separable"
+            total = [None if d is None else d.sum(0) for d in D]
+            grads = torch.autograd.grad(
+                [r for r, t in zip(roots, total) if t is not None], outputs,
+                grad_outputs=[t for t in total if t is not None], retain_graph=True, allow_unused=True)
+            per_call_owner = _call_owners(record, calls, owners)
+            if per_call_owner is not None:
+                return _gather(calls, grads, per_call_owner, grad_scale, dense=False)
+        self.last_path = "dense"
+        if roots and D is not None and any(d is not None for d in D):
+            keep = [i for i, d in enumerate(D) if d is not None]
+            grads = torch.autograd.grad([roots[i] for i in keep], outputs, grad_outputs=[D[i] for i in keep],
+                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
+            if all(g is not None for g in grads) or not self._outputs_outside_roots(calls):
+                return _gather(calls, grads, None, grad_scale, dense=True)
+        grads = torch.autograd.grad(task_losses, outputs, grad_outputs=seeds, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        return _gather(calls, grads, None, grad_scale, dense=True)
+
+    def _outputs_outside_roots(self, calls: list[_LinearCall]) -> bool:
+        return any(c.root_call < 0 for c in calls)
+
+    def _mixing_now(self) -> bool:
+        return self._root_mixes_rows and any(m.training for m in self.root.modules() if isinstance(m, _ROW_MIXING))
+
+    # ------------------------------------------------------------------ products of one layer
+    def _layer_products(self, layer: FastLinearLayer, data: _LayerData, rules: Sequence[UpdateRule], Z: Tensor,
+                        all_reduce, n: int) -> None:
+        rw = rules[layer.weight]
+        rb = rules[layer.bias] if layer.bias is not None else None
+        A, delta, owner = data.inputs, data.delta, data.owner
+        dense = owner is None
+        # bias: g_i = Σ_rows Δ_i  (n, out)
+        if rb is not None:
+            if dense:
+                gb = delta.sum(1)
+            else:
+                gb = torch.zeros(n, delta.shape[1], dtype=delta.dtype, device=delta.device)
+                ok = owner >= 0
+                gb.index_add_(0, owner[ok], delta[ok])
+            if all_reduce is not None:
+                gb = all_reduce(gb)
+            _accumulate(Z, rb, gb, gb, layer.module.bias, None)
+        out_dim, in_dim = layer.module.weight.shape
+        R = A.shape[0]
+        linear = isinstance(rw, LinearUpdate)
+        trick = (self.use_gram_trick and dense and linear and all_reduce is None
+                 and R * R * in_dim + n * R * R * out_dim + n * n * R * out_dim < n * R * in_dim * out_dim)
+        if trick:
+            self._gram_trick(rw, A, delta, Z, layer.module.weight)
+            return
+        # explicit chunks of G (n, rows of W, in)
+        per_row = n * in_dim * 4 * (2 if not linear else 1)
+        step = max(1, min(out_dim, self.max_chunk_bytes // max(1, per_row)))
+        if not dense:
+            order = torch.argsort(owner)
+            counts = torch.bincount(owner[owner >= 0], minlength=n).tolist()
+            skip = int((owner < 0).sum())
+            A_sorted = A[order][skip:]
+            D_sorted = delta[order][skip:]
+            bounds = [0]
+            for c in counts:
+                bounds.append(bounds[-1] + c)
+        for o0 in range(0, out_dim, step):
+            o1 = min(out_dim, o0 + step)
+            if dense:
+                G = torch.einsum("nro,ri->noi", delta[:, :, o0:o1], A)
+            else:
+                G = A.new_zeros(n, o1 - o0, in_dim)
+                for i in range(n):
+                    a, b = bounds[i], bounds[i + 1]
+                    if b > a:
+                        torch.mm(D_sorted[a:b, o0:o1].T, A_sorted[a:b], out=G[i])
+            if all_reduce is not None:
+                G = all_reduce(G)
+            _accumulate(Z, rw, G.reshape(n, -1), G, layer.module.weight, (o0, o1))
+
+    def _gram_trick(self, rule: LinearUpdate, A: Tensor, delta: Tensor, Z: Tensor, weight: Tensor) -> None:
+        """``α Σ ⟨Δ_i, K Δ_j⟩ + ⟨Δ_i, A Cᵀ⟩`` with ``K = A Aᵀ``: the weight products without forming ``G``."""
+        n = delta.shape[0]
+        if rule.alpha != 0:
+            K = A @ A.T  # (R, R)
+            M = torch.matmul(K, delta)  # (n, R, out)
+            Z += rule.alpha * torch.einsum("iro,jro->ij", delta, M).double()
+        if rule.offset is not None:
+            AC = A @ rule.offset.detach().to(A.dtype).reshape(weight.shape).T  # (R, out)
+            Z += torch.einsum("iro,ro->i", delta, AC).double().unsqueeze(0).expand(n, n)
+
+    # ------------------------------------------------------------------ other paths
+    def _autograd_products(self, task_losses, rules, Z, grad_scale, all_reduce, n) -> None:
+        params = [self.params[k] for k in self.rest]
+        local_rules = [rules[k] for k in self.rest]
+        for k, grads in self._gradients(task_losses, params, self._rest_blocks, scale=grad_scale):
+            flat = grads.reshape(n, -1).float()
+            if all_reduce is not None:
+                flat = all_reduce(flat)
+            _accumulate(Z, local_rules[k], flat, flat.reshape(grads.shape), params[k], None)
+
+    def _representation(self, task_losses, roots, seeds, rules, Z, grad_scale, all_reduce) -> None:
+        """``Z[i, j] = α D_i · D_j`` with ``D_i = ∂L_i/∂h`` at the shared representation ``h``."""
+        self.last_path = "representation"
+        if not roots:
+            return
+        D = torch.autograd.grad(task_losses, roots, grad_outputs=seeds, retain_graph=True,
+                                allow_unused=True, is_grads_batched=True)
+        n = task_losses.shape[0]
+        alpha = rules[0].alpha if isinstance(rules[0], LinearUpdate) else 1.0
+        for d in D:
+            if d is None:
+                continue
+            flat = d.reshape(n, -1).float() / grad_scale
+            if all_reduce is not None:
+                flat = all_reduce(flat)
+            Z += alpha * (flat @ flat.T).double()
+
+
+# --------------------------------------------------------------------------- helpers
+def _reindexed_blocks(params: Sequence[Tensor], keep: Sequence[int], module: nn.Module) -> list[list[int]]:
+    sub = [params[k] for k in keep]
+    return parameter_blocks(sub, module) if sub else []
+
+
+def _row_owners(record: _Record, D: Sequence[Tensor | None]) -> list[Tensor] | None:
+    """Per root call, the task owning each row of its (single) output, or ``None`` if rows are shared."""
+    owners: list[Tensor] = []
+    k = 0
+    for call in record.roots:
+        if len(call) != 1:
+            return None
+        d = D[k]
+        k += 1
+        if d is None:
+            owners.append(torch.full((call[0].reshape(-1, call[0].shape[-1]).shape[0],), -1, dtype=torch.long))
+            continue
+        n = d.shape[0]
+        nz = d.reshape(n, -1, d.shape[-1]).ne(0).any(-1)  # (n, rows)
+        per_row = nz.sum(0)
+        if bool((per_row > 1).any()):
+            return None
+        owner = torch.where(per_row == 1, nz.to(torch.int8).argmax(0), -1)
+        owners.append(owner.long())
+    return owners if owners else None
+
+
+def _call_owners(record: _Record, calls: list[_LinearCall], owners: list[Tensor]) -> list[Tensor] | None:
+    out = []
+    for c in calls:
+        if c.root_call < 0:
+            return None
+        own = owners[c.root_call]
+        if own.shape[0] != c.inputs.shape[0]:
+            return None
+        out.append(own)
+    return out
+
+
+def _gather(calls: list[_LinearCall], grads: Sequence[Tensor | None], owners: list[Tensor] | None,
+            grad_scale: float, dense: bool) -> dict[int, _LayerData]:
+    """Concatenate every call's rows per layer (float32, unscaled)."""
+    per_layer: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}
+    for idx, (c, g) in enumerate(zip(calls, grads)):
+        if g is None:
+            continue
+        out_dim = c.output.shape[-1]
+        if dense:
+            delta = g.reshape(g.shape[0], -1, out_dim).float()
+        else:
+            delta = g.reshape(-1, out_dim).float()
+        if grad_scale != 1.0:
+            delta = delta / grad_scale
+        per_layer.setdefault(c.layer, []).append((c.inputs.float(), delta, None if owners is None else owners[idx]))
+    data = {}
+    for k, items in per_layer.items():
+        A = torch.cat([a for a, _, _ in items]) if len(items) > 1 else items[0][0]
+        if dense:
+            delta = torch.cat([d for _, d, _ in items], dim=1) if len(items) > 1 else items[0][1]
+            owner = None
+        else:
+            delta = torch.cat([d for _, d, _ in items]) if len(items) > 1 else items[0][1]
+            owner = torch.cat([o for _, _, o in items]) if len(items) > 1 else items[0][2]
+            owner = owner.to(delta.device)
+        data[k] = _LayerData(A, delta, owner)
+    return data
+
+
+def _accumulate(Z: Tensor, rule: UpdateRule, flat: Tensor, shaped: Tensor, param: Tensor,
+                rows: tuple[int, int] | None) -> None:
+    """Add ``u_i · g_j`` of one parameter (or rows ``rows`` of it) to ``Z``.
+
+    ``flat``: ``(n, numel)`` per-task gradients; ``shaped``: the same as
+    ``(n, *shape)`` (or ``(n, rows, *rest)`` for a slice).
+    """
+    n = flat.shape[0]
+    if isinstance(rule, LinearUpdate):
+        if rule.alpha != 0:
+            Z += rule.alpha * (flat @ flat.T).double()
+        if rule.offset is not None:
+            off = rule.offset.detach()
+            if rows is not None:
+                off = off[rows[0]:rows[1]]
+            Z += (flat @ off.reshape(-1).to(flat.dtype)).double().unsqueeze(0).expand(n, n)
+        return
+    rule = _adam_slice(rule, rows)
+    U = rule(shaped.to(rule.param.dtype)).reshape(n, -1).to(flat.dtype)
+    Z += (U @ flat.T).double()
+
+
+def _adam_slice(rule: AdamUpdate, rows: tuple[int, int] | None) -> AdamUpdate:
+    if rows is None:
+        return rule
+    a, b = rows
+
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[a:b]
+
+    return AdamUpdate(
+        lr=rule.lr, beta1=rule.beta1, beta2=rule.beta2, eps=rule.eps, weight_decay=rule.weight_decay,
+        decoupled=rule.decoupled, maximize=rule.maximize, step=rule.step, param=rule.param[a:b],
+        exp_avg=cut(rule.exp_avg), exp_avg_sq=cut(rule.exp_avg_sq), max_exp_avg_sq=cut(rule.max_exp_avg_sq),
+    )

@@ -1,0 +1,261 @@
+"""The activation-based product engine against the exact autograd reference.
+
+The reference is :func:`lightning_etap.affinity.scores.step_products` with
+:class:`~lightning_etap.affinity.scores.ExactTaskGradients` (one batched
+backward per parameter block, explicit ``n x P`` gradients): every path of
+:class:`~lightning_etap.affinity.gram.GramEngine` (separable, dense,
+Gram-matrix shortcut, explicit chunks, autograd fallback for non-linear
+layers, Adam) must give the same ``Z`` to float32 accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_etap.affinity.gram import GramEngine, linear_layers, shared_root
+from lightning_etap.affinity.scores import step_products, task_update_rules
+
+torch.set_default_dtype(torch.float32)
+
+
+class PerTask(nn.Module):
+    """Per-task inputs encoded in one pass over their concatenation (like MultiTaskMLP)."""
+
+    def __init__(self, d=12, hidden=(16, 8), n=4, bn=False):
+        super().__init__()
+        layers, w = [], d
+        for h in hidden:
+            layers += [nn.Linear(w, h)] + ([nn.BatchNorm1d(h)] if bn else []) + [nn.ReLU()]
+            w = h
+        self.encoder = nn.Sequential(*layers)
+        self.heads = nn.ModuleList([nn.Linear(w, 1) for _ in range(n)])
+
+    def losses(self, xs, ys):
+        sizes = [x.shape[0] for x in xs]
+        h = self.encoder(torch.cat(xs))
+        return torch.stack([nn.functional.binary_cross_entropy_with_logits(self.heads[i](hi), ys[i])
+                            for i, hi in enumerate(torch.split(h, sizes))])
+
+
+class Shared(nn.Module):
+    def __init__(self, d=12, hidden=(16, 8), n=4, seq=False):
+        super().__init__()
+        layers, w = [], d
+        for h in hidden:
+            layers += [nn.Linear(w, h), nn.Tanh()]
+            w = h
+        self.encoder = nn.Sequential(*layers)
+        self.heads = nn.ModuleList([nn.Linear(w, 1) for _ in range(n)])
+        self.seq = seq
+
+    def losses(self, x, ys):
+        h = self.encoder(x)
+        if self.seq:
+            h = h.mean(1)
+        return torch.stack([((self.heads[i](h) - ys[i]) ** 2).mean() for i in range(len(self.heads))])
+
+
+class Reused(nn.Module):
+    """One shared layer applied twice, a convolution (autograd fallback) and a frozen layer."""
+
+    def __init__(self, n=3):
+        super().__init__()
+        self.encoder = nn.ModuleDict({
+            "conv": nn.Conv1d(2, 3, 3, padding=1),
+            "lin": nn.Linear(3 * 6, 10),
+            "again": nn.Linear(10, 10),
+            "frozen": nn.Linear(10, 10),
+        })
+        self.encoder["frozen"].requires_grad_(False)
+        self.heads = nn.ModuleList([nn.Linear(10, 1) for _ in range(n)])
+
+    def losses(self, x, ys):
+        e = self.encoder
+        h = torch.relu(e["lin"](e["conv"](x).flatten(1)))
+        h = torch.relu(e["again"](h))
+        h = torch.relu(e["again"](h))  # the same weights, a second time
+        h = e["frozen"](h)
+        return torch.stack([((self.heads[i](h) - ys[i]) ** 2).mean() for i in range(len(self.heads))])
+
+
+def shared_params(model):
+    return [p for p in model.encoder.parameters() if p.requires_grad]
+
+
+def reference(model, losses_fn, params, rules):
+    return step_products(losses_fn(), params, rules)
+
+
+def engine_products(model, losses_fn, params, rules, **kw):
+    engine = GramEngine(model, params, root=model.encoder, **kw)
+    engine.start_step()
+    losses = losses_fn()
+    Z = engine.products(losses, rules)
+    path = engine.last_path
+    engine.close()
+    return Z, path
+
+
+def warm_optimizer(opt_fn, model, losses_fn, steps=2):
+    """An optimizer with state (momentum buffers / Adam moments) after a few real steps."""
+    opt = opt_fn(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        losses_fn().sum().backward()
+        opt.step()
+    opt.zero_grad()
+    return opt
+
+
+def per_task_data(n=4, d=12, rows=(5, 7, 3, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(r, d, generator=g) for r in rows[:n]]
+    ys = [torch.randint(0, 2, (r, 1), generator=g).float() for r in rows[:n]]
+    return xs, ys
+
+
+OPTIMIZERS = {
+    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.05),
+    "momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "nesterov_groups": lambda m: torch.optim.SGD(
+        [{"params": [p for n_, p in m.named_parameters() if n_.endswith("bias")], "lr": 0.2},
+         {"params": [p for n_, p in m.named_parameters() if not n_.endswith("bias")]}],
+        lr=0.05, momentum=0.8, nesterov=True),
+    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+    "adamw_amsgrad": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("update", ["gradient", "optimizer"])
+def test_separable_per_task_rows_match_autograd(opt_name, update):
+    torch.manual_seed(0)
+    model = PerTask()
+    xs, ys = per_task_data()
+    fn = lambda: model.losses(xs, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, update)
+    Z, path = engine_products(model, fn, params, rules)
+    assert path == "separable"
+    torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+@pytest.mark.parametrize("trick", [True, False])
+def test_dense_shared_inputs_match_autograd(opt_name, trick):
+    torch.manual_seed(1)
+    # wide layers and few rows: the Gram-matrix shortcut is the cheaper one for the linear rule
+    model = Shared(d=40, hidden=(64, 48), n=5)
+    g = torch.Generator().manual_seed(2)
+    x, ys = torch.randn(6, 40, generator=g), [torch.randn(6, 1, generator=g) for _ in range(5)]
+    fn = lambda: model.losses(x, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "optimizer")
+    Z, path = engine_products(model, fn, params, rules, use_gram_trick=trick)
+    assert path == "dense"
+    torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
+
+
+def test_sequence_inputs_small_chunks_and_batchnorm_fall_back_to_dense():
+    torch.manual_seed(3)
+    model = Shared(d=6, hidden=(10, 8), n=3, seq=True)  # Linear on (B, T, d)
+    g = torch.Generator().manual_seed(4)
+    x, ys = torch.randn(4, 5, 6, generator=g), [torch.randn(4, 1, generator=g) for _ in range(3)]
+    fn = lambda: model.losses(x, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS["momentum"], model, fn)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "optimizer")
+    Z, _ = engine_products(model, fn, params, rules, max_chunk_bytes=64, use_gram_trick=False)
+    torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
+
+    bn = PerTask(bn=True)
+    xs, ys = per_task_data()
+    fn = lambda: bn.losses(xs, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS["sgd"], bn, fn)
+    params = shared_params(bn)
+    rules = task_update_rules(opt, params, "gradient")
+    Z, path = engine_products(bn, fn, params, rules)
+    assert path == "dense"  # batch statistics mix the tasks' rows
+    torch.testing.assert_close(Z, reference(bn, fn, params, rules), rtol=2e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_reused_layer_convolution_and_frozen_layer(opt_name):
+    torch.manual_seed(5)
+    model = Reused()
+    g = torch.Generator().manual_seed(6)
+    x, ys = torch.randn(7, 2, 6, generator=g), [torch.randn(7, 1, generator=g) for _ in range(3)]
+    fn = lambda: model.losses(x, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
+    params = shared_params(model)
+    assert len(linear_layers(model, params)) == 2  # lin and again; frozen is not shared-trainable
+    rules = task_update_rules(opt, params, "optimizer")
+    Z, _ = engine_products(model, fn, params, rules)
+    torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
+
+
+def test_last_layer_and_representation_scopes_by_hand():
+    torch.manual_seed(7)
+    model = PerTask(hidden=(16, 8), n=3)
+    xs, ys = per_task_data(n=3)
+    fn = lambda: model.losses(xs, ys)  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "gradient")
+    last = model.encoder[2]
+    losses = fn()
+    G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], [last.weight, last.bias],
+                                                                          retain_graph=True)])
+                     for i in range(3)])
+    Z, _ = engine_products(model, fn, params, rules, scope="last_layer")
+    torch.testing.assert_close(Z, 0.1 * (G @ G.T).double(), rtol=2e-5, atol=1e-9)
+
+    h_store = {}
+    model.encoder.register_forward_hook(lambda m, a, out: h_store.setdefault("h", out))
+    losses = fn()
+    D = torch.stack([torch.autograd.grad(losses[i], h_store["h"], retain_graph=True)[0].flatten()
+                     for i in range(3)])
+    Z, path = engine_products(model, fn, params, rules, scope="representation")
+    assert path == "representation"
+    torch.testing.assert_close(Z, 0.1 * (D @ D.T).double(), rtol=2e-5, atol=1e-9)
+
+
+def test_engine_leaves_training_untouched_and_grad_scale_is_undone():
+    torch.manual_seed(8)
+    model = PerTask()
+    twin = copy.deepcopy(model)
+    xs, ys = per_task_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "optimizer")
+    engine = GramEngine(model, params, root=model.encoder)
+    engine.start_step()
+    losses = model.losses(xs, ys)
+    Z1 = engine.products(losses, rules)
+    engine.start_step()
+    losses = model.losses(xs, ys)
+    Z2 = engine.products(losses, rules, grad_scale=1024.0)
+    losses.sum().backward()
+    twin.losses(xs, ys).sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)  # .grad only from the step's own backward
+    torch.testing.assert_close(Z1, Z2, rtol=1e-5, atol=1e-12)
+    engine.close()
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_root_discovery_and_errors():
+    model = Reused()
+    params = shared_params(model)
+    assert shared_root(model, params) is model.encoder
+    assert shared_root(model, params + [model.heads[0].weight]) is None
+    with pytest.raises(ValueError, match="scope"):
+        GramEngine(model, params, scope="nope")
+    with pytest.raises(ValueError, match="representation"):
+        GramEngine(model, params + [model.heads[0].weight], scope="representation")
