@@ -31,7 +31,7 @@ lint: install
 	$(BIN)/ruff check lightning_etap tests benchmarks examples
 
 docs: install
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build site *.egg-info

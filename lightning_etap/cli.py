@@ -1,115 +1,129 @@
 """The ``lightning-etap`` command.
 
-``lightning-etap run`` is the main job. Today it trains the reference model on a
-dataset (ETTm1 by default) for every task alone (single-task learning) and for
-all tasks together, and prints each task's test loss and relative MTL gain.
-The later stages of the pipeline (affinity, sampled ground truth, prediction,
-selection, report) will grow into the same command.
+``lightning-etap run`` is the main job: on ETTm1 by default it measures the
+task affinity during one all-task fit, trains the sampled training groups for
+ground truth, fits ETAP, predicts every group, selects groups for budgets 2-4
+and writes a report, all in one run directory (``runs/<dataset>``). The
+stages are also commands of their own (``affinity``, ``gains``, ``predict``,
+``select``, ``report``) reading and writing the same directory; a finished
+stage is skipped unless ``--force``. The pipeline itself lives in
+:mod:`lightning_etap.pipeline`; this module only turns options into a config.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 from lightning_etap import __version__
+from lightning_etap.pipeline.errors import UserError
+
+__all__ = ["UserError", "main"]
+
+_STAGE_HELP = {
+    "affinity": "stage 1: the all-task fit with the AffinityCallback",
+    "gains": "stage 2: train the training groups (and, with measure_all, every group) for ground truth",
+    "predict": "stage 3: fit ETAP on the training groups and predict every candidate group",
+    "select": "stage 4: select groups for every budget (and the true optimum when every group was measured)",
+    "report": "stage 5: write report/index.html and its figures",
+}
 
 
-class UserError(Exception):
-    """A mistake in the command line or configuration: reported in one line, no traceback."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other user error."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # only options given on the command line override the config
+    g = p.add_argument_group("run directory and config")
+    g.add_argument("-c", "--config", default=None, metavar="FILE", help="YAML config (see docs/pipeline.md)")
+    g.add_argument("-o", "--output", default=S, metavar="DIR", help="run directory (default: runs/<dataset>)")
+    g.add_argument("--force", action="store_true", help="redo the stage(s) even if up to date")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=S, help="ettm1 (default), digits, chemical, school, parkinsons, landmine")
+    g.add_argument("--data-root", dest="data_root", default=S, metavar="DIR",
+                   help="data directory (default: $LIGHTNING_ETAP_DATA or the per-user cache)")
+    g.add_argument("--preset", default=S, help="training recipe of the reference model (default: the dataset's)")
+    g.add_argument("--tasks", nargs="+", default=S, metavar="TASK", help="the tasks to group (default: all)")
+    g.add_argument("--max-epochs", dest="max_epochs", type=int, default=S, metavar="N", help="epoch cap of every fit")
+    g.add_argument("--engine", choices=["loop", "lightning"], default=S,
+                   help="how ground-truth groups train: a plain loop (default, faster, same numbers) or a Trainer")
+    g = p.add_argument_group("ground truth, prediction and selection")
+    g.add_argument("--train-groups", dest="n_train_groups", type=int, default=S, metavar="N",
+                   help="|G_train|: sampled training groups besides the all-task group (default 10)")
+    g.add_argument("--seeds", nargs="+", type=int, default=S, metavar="S", help="training seeds (default 0)")
+    g.add_argument("--measure-all", dest="measure_all", choices=["auto", "true", "false"], default=S,
+                   help="also train every candidate group to find the true optimum (auto: up to 127 groups)")
+    g.add_argument("--budget", dest="budgets", nargs="+", type=int, default=S, metavar="B",
+                   help="numbers of groups to select (default 2 3 4)")
+    g = p.add_argument_group("where and how")
+    g.add_argument("--executor", choices=["local", "processes", "ray"], default=S,
+                   help="where ground-truth jobs train (default: processes)")
+    g.add_argument("--workers", type=int, default=S, metavar="N", help="processes of the processes executor (2)")
+    g.add_argument("--ray-address", dest="ray_address", default=S, metavar="ADDR", help="Ray cluster address")
+    g.add_argument("--logger", choices=["none", "csv", "tensorboard", "wandb"], default=S,
+                   help="logger of the all-task fit and the report's figures (default: none)")
+    g.add_argument("--wandb-mode", dest="wandb_mode", choices=["online", "offline"], default=S)
+    g.add_argument("--wandb-project", dest="wandb_project", default=S)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lightning_etap.data.registry import DATASETS
-    from lightning_etap.training import PRESETS
-
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lightning-etap",
         description="Which tasks should train together? ETAP task grouping for PyTorch Lightning.",
     )
     p.add_argument("--version", action="version", version=f"lightning-etap {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    run = sub.add_parser("run", help="run the main job (default dataset: ettm1)")
-    run.add_argument("--dataset", default="ettm1", help=f"one of {sorted(DATASETS)} (default: ettm1)")
-    run.add_argument("--data-root", default=None,
-                     help="data directory (default: $LIGHTNING_ETAP_DATA or the per-user cache)")
-    run.add_argument("--preset", default=None,
-                     help=f"training recipe, one of {sorted(PRESETS)} (default: the dataset's own)")
-    run.add_argument("--tasks", nargs="+", default=None, help="restrict to these tasks (default: all)")
-    run.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    run.add_argument("--max-epochs", type=int, default=None, help="override the preset's epoch cap")
-    run.add_argument("--output", default=None, help="write the results as JSON to this file")
-
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="the main job: every stage, skipping those already done (default: ettm1)",
+                         description="Run every stage in one run directory; finished stages are skipped, so "
+                                     "the same command resumes an interrupted run.")
+    _pipeline_options(run)
+    for stage, text in _STAGE_HELP.items():
+        _pipeline_options(sub.add_parser(stage, help=text, description=text))
     ds = sub.add_parser("datasets", help="list the datasets and where their files are looked for")
     ds.add_argument("--data-root", default=None)
     return p
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from lightning_etap.data.registry import DATASETS, load_dataset
-    from lightning_etap.training import PRESETS, get_preset, relative_gain, train_group
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("output", "dataset", "data_root", "preset", "engine", "tasks", "n_train_groups", "seeds", "measure_all",
+            "budgets", "executor", "workers", "ray_address", "logger", "wandb_mode", "wandb_project")
+    out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    return out
 
-    name = args.dataset.lower()
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
-    preset = args.preset or (name if name in PRESETS else "chemical")
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    config = get_preset(preset)
-    if args.max_epochs is not None:
-        if args.max_epochs < 1:
-            raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
-        config = config.replace(max_epochs=args.max_epochs)
-    if args.output is not None:
-        out = Path(args.output)
-        if out.parent and not out.parent.exists():
-            raise UserError(f"output directory {out.parent} does not exist")
 
-    t0 = time.perf_counter()
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from lightning_etap.pipeline.config import resolve_config
+
+    overrides = _overrides(args)
+    if hasattr(args, "max_epochs") and args.max_epochs < 1:
+        raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
+    config = resolve_config(args.config, overrides, max_epochs=getattr(args, "max_epochs", None))
+
+    from lightning_etap.pipeline.stages import Pipeline
+
+    pipeline = Pipeline(config, progress=not args.no_progress)
+    print(f"lightning-etap {__version__}: {args.command} in {pipeline.dir.path} "
+          f"({config.dataset}{', your own model' if config.custom else f', preset {config.preset}'})", flush=True)
     try:
-        dataset = load_dataset(name, args.data_root)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise UserError(str(err)) from err
-    tasks = dataset.task_names if args.tasks is None else tuple(args.tasks)
-    try:
-        dataset.check_tasks(tasks)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    print(f"lightning-etap {__version__}: {dataset.name}, {len(tasks)} tasks, preset {preset!r}, "
-          f"seed {args.seed} (loaded in {time.perf_counter() - t0:.1f}s)", flush=True)
-
-    stl = {}
-    for i, task in enumerate(tasks, 1):
-        res = train_group(dataset, [task], config, seed=args.seed)
-        stl[task] = res.test_losses[task]
-        print(f"  [{i}/{len(tasks)}] single-task {task}: test loss {stl[task]:.4f} "
-              f"({res.epochs} epochs, {res.seconds:.1f}s)", flush=True)
-    mtl = train_group(dataset, list(tasks), config, seed=args.seed)
-    print(f"  all-task model: {mtl.epochs} epochs, {mtl.seconds:.1f}s", flush=True)
-
-    rows = []
-    print()
-    print(f"{'task':>12s}  {'STL loss':>10s}  {'MTL loss':>10s}  {'gain':>8s}")
-    for task in tasks:
-        gain = relative_gain(stl[task], mtl.test_losses[task])
-        rows.append({"task": task, "stl_loss": stl[task], "mtl_loss": mtl.test_losses[task], "gain": gain})
-        print(f"{task:>12s}  {stl[task]:10.4f}  {mtl.test_losses[task]:10.4f}  {gain:+8.1%}")
-    total_stl, total_mtl = sum(stl.values()), mtl.total_test_loss
-    print(f"{'total':>12s}  {total_stl:10.4f}  {total_mtl:10.4f}  {(total_stl - total_mtl) / total_stl:+8.1%}")
-    print(f"\nfinished in {time.perf_counter() - t0:.1f}s")
-    if args.output is not None:
-        payload = {"dataset": dataset.name, "preset": preset, "seed": args.seed, "config": config.to_dict(),
-                   "tasks": rows, "version": __version__}
-        try:
-            Path(args.output).write_text(json.dumps(payload, indent=2))
-        except OSError as err:
-            raise UserError(f"cannot write {args.output}: {err.strerror}") from err
+        if args.command == "run":
+            pipeline.run(force=args.force)
+        else:
+            pipeline.run_stage(args.command, force=args.force)
+    except KeyboardInterrupt:
+        print(f"lightning-etap: interrupted; finished work is kept in {pipeline.dir.path}: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    if args.command in ("run", "select", "report"):
+        print()
+        print(pipeline.summary())
     return 0
 
 
@@ -126,25 +140,29 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-etap`` console command."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        if args.command == "run":
-            return _cmd_run(args)
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         if args.command == "datasets":
             return _cmd_datasets(args)
+        return _cmd_pipeline(args)
     except UserError as err:
         print(f"lightning-etap: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lightning-etap: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    except Exception as err:
+        from lightning_etap.groundtruth.collect import CollectionError
+
+        if isinstance(err, CollectionError):
+            print(f"lightning-etap: error: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

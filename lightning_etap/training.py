@@ -227,6 +227,7 @@ def train_group(
     callbacks: Sequence[Callback] = (),
     logger: Any = False,
     threads: int | None = 1,
+    engine: str = "lightning",
     **trainer_kwargs: Any,
 ) -> GroupTrainResult:
     """Train one group with early stopping and return every member's test loss.
@@ -242,11 +243,29 @@ def train_group(
             The reference models are small, and on a CPU they train fastest on
             one thread (measured 10x faster than two threads on a busy 2-core
             machine); ``None`` keeps torch's current setting.
+        engine: ``"lightning"`` (default): a :class:`lightning.Trainer` with
+            early stopping and best-weight restoring callbacks. ``"loop"``: the
+            same steps in a plain PyTorch loop (same initialisation, batches,
+            optimizer and schedule, validation every epoch, the same stopping
+            and restoring rules), for ground truth at scale: the reference
+            models are so small that the Trainer's per-step bookkeeping is
+            most of their training time (ETTm1: 2-2.6x less CPU time, the same
+            test losses to the bit on the CPU). It takes no ``callbacks``,
+            ``logger`` or Trainer arguments.
         **trainer_kwargs: passed to :class:`lightning.Trainer` (e.g. ``accelerator``).
 
     Returns:
         A :class:`GroupTrainResult`.
+
+    Raises:
+        ValueError: an unknown ``engine``, or ``engine="loop"`` with callbacks,
+            a logger or Trainer arguments.
     """
+    if engine not in ("lightning", "loop"):
+        raise ValueError(f"engine must be 'lightning' or 'loop', got {engine!r}")
+    if engine == "loop" and (callbacks or logger or trainer_kwargs):
+        raise ValueError("engine='loop' trains without a Lightning Trainer: it takes no callbacks, logger or "
+                         f"Trainer arguments (got {sorted(trainer_kwargs) or 'callbacks / a logger'})")
     cfg = get_preset(config)
     group = dataset.check_tasks(dataset.task_names if tasks is None else tasks)
     start = time.perf_counter()
@@ -256,6 +275,16 @@ def train_group(
         oversample=cfg.oversample, seed=seed,
     )
     model = build_model(dataset, group, cfg)
+    if engine == "loop":
+        previous_threads = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        try:
+            test_losses, val_loss, best_epoch, epochs = _fit_loop(model, datamodule, cfg)
+        finally:
+            torch.set_num_threads(previous_threads)
+        return GroupTrainResult(tuple(group), test_losses, val_loss, best_epoch, epochs,
+                                time.perf_counter() - start, int(seed))
     restore = RestoreBestWeights("val_loss")
     stopper = EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min", check_finite=True)
     kwargs: dict[str, Any] = dict(
@@ -289,6 +318,66 @@ def train_group(
         seconds=time.perf_counter() - start,
         seed=int(seed),
     )
+
+
+def _split_losses(model: MultiTaskMLP, loader) -> dict[str, torch.Tensor]:
+    """Exact per-task mean loss over a split (the arithmetic of the model's ``MeanMetric``)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            for t, loss in model.task_losses(batch).items():
+                n = batch["y"][t].shape[0]
+                sums[t] = sums.get(t, torch.zeros((), dtype=torch.float32)) + loss * n
+                counts[t] = counts.get(t, 0) + n
+    model.train()
+    return {t: sums[t] / counts[t] for t in model.task_names}
+
+
+def _fit_loop(model: MultiTaskMLP, datamodule: MultiTaskDataModule, cfg: TrainConfig):
+    """``train_group(engine="loop")``: fit, stop early, restore the best weights, test.
+
+    Mirrors what the Trainer does with :class:`EarlyStopping` and
+    :class:`RestoreBestWeights`: zero the gradients, back-propagate the summed
+    task losses and step the optimizer for every batch; validate after every
+    epoch; step an epoch-interval lr schedule; stop on a non-finite validation
+    loss or after ``patience`` epochs without strict improvement.
+    """
+    configured = model.configure_optimizers()
+    if isinstance(configured, dict):
+        optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    else:
+        optimizer, scheduler = configured, None
+    datamodule.setup("fit")
+    train = datamodule.train_dataloader()
+    val = datamodule.val_dataloader()
+    model.train()
+    best, best_epoch, best_state, waited, epochs = math.inf, -1, None, 0, 0
+    for epoch in range(cfg.max_epochs):
+        train.sampler.set_epoch(epoch)
+        for batch in train:
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack(list(model.task_losses(batch).values())).sum().backward()
+            optimizer.step()
+        val_loss = float(torch.stack(list(_split_losses(model, val).values())).sum())
+        epochs = epoch + 1
+        if scheduler is not None:
+            scheduler.step()
+        if not math.isfinite(val_loss):
+            break
+        if val_loss < best:
+            best, best_epoch, waited = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test = {t: float(v) for t, v in _split_losses(model, datamodule.test_dataloader()).items()}
+    model.test_losses = dict(test)
+    return test, float(best), int(best_epoch), int(epochs)
 
 
 def relative_gain(stl_loss: float | torch.Tensor, mtl_loss: float | torch.Tensor):

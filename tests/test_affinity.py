@@ -627,6 +627,12 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert np.isnan(back.epoch_matrices[1]).all()
     plain = hand_result()
     assert AffinityResult.load(plain.save(tmp_path / "plain")) == plain
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["affinity.json", "affinity.npz"]  # no temp files
+    other = AffinityResult(("x", "y", "z"), np.ones((3, 3)), np.ones((1, 3, 3)), [0])
+    other.save(tmp_path / "other")
+    (tmp_path / "plain" / "affinity.npz").write_bytes((tmp_path / "other" / "affinity.npz").read_bytes())
+    with pytest.raises(ValueError, match="interrupted"):  # arrays of another save beside this json
+        AffinityResult.load(tmp_path / "plain")
 
 
 def test_docstring_examples_run():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -16,3 +20,66 @@ def test_stl_vs_mtl_example_runs():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("gain") == 3
+
+
+def _example(name: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    res = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                         timeout=timeout, env=env, cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_own_module_example_measures_its_affinity():
+    out = _example("own_module.py", "--tiny")
+    assert "AffinityResult(4 tasks" in out and "pair a+b:" in out and "group a+b+c:" in out
+
+
+@pytest.mark.slow
+def test_own_module_config_runs_the_whole_pipeline(tmp_path):
+    """The README's own-module story: the YAML config beside the example, run from its folder."""
+    from lightning_etap.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(EXAMPLES)
+    try:
+        code = main(["run", "-c", "own_module.yaml", "--max-epochs", "2", "--train-groups", "3",
+                     "--executor", "local", "--no-progress", "-o", str(tmp_path / "run")])
+    finally:
+        os.chdir(cwd)
+        sys.modules.pop("own_module", None)
+    assert code == 0
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert selection["task_names"] == ["a", "b", "c", "d"] and selection["complete"]
+    assert (tmp_path / "run" / "report" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_ground_truth_on_ray_example(tmp_path):
+    pytest.importorskip("ray", reason="the Ray example needs the ray extra (installed in CI)")
+    store = tmp_path / "gains.sqlite"
+    out = _example("ground_truth_ray.py", "--tiny", "--store", str(store))
+    assert "2 groups measured on Ray" in out and "digit_3 + digit_5 + digit_8" in out
+    out = _example("ground_truth_ray.py", "--tiny", "--store", str(store))  # resumed: nothing trained again
+    assert "2 groups measured on Ray" in out
+
+
+@pytest.mark.slow
+def test_wandb_dashboard_example_logs_the_report_figures(tmp_path):
+    pytest.importorskip("wandb", reason="the W&B example needs the wandb extra")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        env[var] = str(tmp_path / var.lower())
+    run_dir = tmp_path / "run"
+    out = _example("wandb_dashboard.py", "--tiny", "--output", str(run_dir), env=env)
+    assert "budget 2: ETAP chooses" in out and "W&B run" in out
+    images = {p.name.split("_")[0] for p in (run_dir / "logs").rglob("media/images/report/*.png")}
+    assert {"affinity", "predicted", "selection", "timings"} <= images, sorted(images)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_school_pipeline_example(shared_data, tmp_path):
+    env = {**os.environ, "LIGHTNING_ETAP_DATA": str(shared_data)}
+    out = _example("school_pipeline.py", "--tiny", "--output", str(tmp_path / "run"), env=env)
+    assert "school, 4 tasks" in out and "budget 3: ETAP chooses" in out

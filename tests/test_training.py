@@ -340,3 +340,29 @@ def test_glorot_init_matches_keras_default():
     with pytest.raises(ValueError, match="init"):
         MultiTaskMLP(3, ["a"], init="he")
     assert get_preset("chemical").init == "glorot"
+
+
+# ------------------------------------------------------------------ engine="loop"
+@pytest.mark.parametrize("which", ["shared", "per_task"])
+def test_the_plain_loop_engine_gives_the_trainer_numbers_to_the_bit(which, digits):
+    """Same init, batches, optimizer, schedule, dropout draws, stopping and restoring as the Trainer."""
+    if which == "shared":
+        dataset, tasks = digits, ["digit_3", "digit_5", "digit_8"]
+    else:
+        dataset, tasks = per_task_toy(sizes=(60, 30, 14)), ["t0", "t1", "t2"]
+    recipe = FAST.replace(max_epochs=9, patience=2, dropout=0.2, lr_decay_start=1, lr_decay_every=2,
+                          lr_decay_factor=0.5, batch_size=16)
+    for seed in (0, 1):
+        ref = train_group(dataset, tasks, recipe, seed)
+        fast = train_group(dataset, tasks, recipe, seed, engine="loop")
+        assert fast.test_losses == ref.test_losses  # exact, every task
+        assert (fast.epochs, fast.best_epoch, fast.val_loss) == (ref.epochs, ref.best_epoch, ref.val_loss)
+    stopped = train_group(dataset, tasks, recipe.replace(lr=5.0, patience=1), 0)  # early stop / divergence path
+    assert train_group(dataset, tasks, recipe.replace(lr=5.0, patience=1), 0, engine="loop").epochs == stopped.epochs
+
+
+def test_the_plain_loop_engine_refuses_trainer_arguments(digits):
+    with pytest.raises(ValueError, match="no callbacks, logger or Trainer arguments"):
+        train_group(digits, ["digit_1"], FAST, 0, engine="loop", max_steps=3)
+    with pytest.raises(ValueError, match="engine must be"):
+        train_group(digits, ["digit_1"], FAST, 0, engine="fast")

@@ -152,6 +152,10 @@ class AffinityCallback(Callback):
         heatmap: at the end of fit log the matrix as a heatmap (W&B: a table and
             an image; other loggers: ``affinity_heatmap.png``,
             ``affinity_matrix.csv`` and ``affinity_curves.csv`` in their log directory).
+        save_dir: at the end of training global rank zero saves the result there
+            (:meth:`AffinityResult.save`; read it back with
+            :meth:`AffinityResult.load`). Under ``ddp_spawn`` the measurement
+            lives in the worker processes, so this is how it reaches the caller.
 
     Gradient accumulation: every micro-batch of a measured step is scored on
     its own live graph and the micro-batch scores are averaged into the step's
@@ -201,6 +205,7 @@ class AffinityCallback(Callback):
         keep_step_scores: bool = False,
         log_every_n_steps: int | None = None,
         heatmap: bool = True,
+        save_dir: str | None = None,
     ) -> None:
         if method not in ("etap", "tag"):
             raise ValueError(f"method must be 'etap' or 'tag', got {method!r}")
@@ -251,6 +256,7 @@ class AffinityCallback(Callback):
         self.engine = engine
         self.keep_step_scores = bool(keep_step_scores)
         self.dashboard = AffinityDashboard(log_every_n_steps=log_every_n_steps, heatmap=heatmap)
+        self.save_dir = None if save_dir is None else str(save_dir)
         # run state lives in setup() (tensors made here would be shared between ddp_spawn workers)
         self._module: L.LightningModule | None = None
         self._loaded = False
@@ -600,6 +606,8 @@ class AffinityCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._acc is not None and self._measured:
             self.dashboard.log_final(trainer, self.result)
+            if self.save_dir is not None and trainer.is_global_zero:
+                self.result.save(self.save_dir)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

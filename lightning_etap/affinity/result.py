@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,9 +148,24 @@ class AffinityResult:
         """Write ``affinity.json`` (names, counts, settings) and ``affinity.npz`` (arrays) into directory ``path``.
 
         No pickle is used; :meth:`load` gives back an equal result, bit for bit.
+        Each file is written to a temporary name and moved into place; the
+        JSON (written last) records the arrays' SHA-256, so an interrupted save
+        never passes for a complete one.
         """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"matrix": self.matrix, "epoch_matrices": self.epoch_matrices, "epochs": self.epochs}
+        if self.step_matrices is not None:
+            arrays.update(step_matrices=self.step_matrices, steps=self.steps)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".affinity-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+            os.replace(tmp, folder / "affinity.npz")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         meta = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -157,12 +175,16 @@ class AffinityResult:
             "zero_loss_skips": {str(k): int(v) for k, v in self.zero_loss_skips.items()},
             "settings": self.settings,
             "has_steps": self.step_matrices is not None,
+            "arrays_sha256": digest,
         }
-        (folder / "affinity.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        arrays = {"matrix": self.matrix, "epoch_matrices": self.epoch_matrices, "epochs": self.epochs}
-        if self.step_matrices is not None:
-            arrays.update(step_matrices=self.step_matrices, steps=self.steps)
-        np.savez(folder / "affinity.npz", **arrays)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".affinity-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(meta, indent=2, sort_keys=True))
+            os.replace(tmp, folder / "affinity.json")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return folder
 
     @classmethod
@@ -174,7 +196,14 @@ class AffinityResult:
             raise ValueError(f"{folder} does not hold an affinity result (format {meta.get('format')!r})")
         if int(meta.get("version", 0)) > _VERSION:
             raise ValueError(f"affinity result version {meta['version']} is newer than this library reads")
-        with np.load(folder / "affinity.npz", allow_pickle=False) as data:
+        raw = (folder / "affinity.npz").read_bytes()
+        expected = meta.get("arrays_sha256")
+        if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+            raise ValueError(f"{folder / 'affinity.npz'} does not match {folder / 'affinity.json'} (an interrupted "
+                             "or mixed save); save the result again")
+        import io
+
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         return cls(
             task_names=tuple(meta["task_names"]),

@@ -79,6 +79,11 @@ class LightningGroupTrainer:
         dataset_options: loader options (with a dataset name), e.g. ``{"seed": 0}``.
         threads: torch threads while training (1 is fastest for these small
             models on a CPU; see :func:`~lightning_etap.training.train_group`).
+        engine: ``"lightning"`` (default, a Trainer per job) or ``"loop"`` (the
+            same training in a plain PyTorch loop, 2-3x faster for these small
+            models, the same numbers; no ``trainer_kwargs``). See
+            :func:`~lightning_etap.training.train_group`. ``"loop"`` is recorded
+            in the fingerprint.
         **trainer_kwargs: passed to :class:`lightning.Trainer` (JSON-serialisable
             values only: they are part of the fingerprint).
 
@@ -104,6 +109,7 @@ class LightningGroupTrainer:
         root: str | None = None,
         dataset_options: dict[str, Any] | None = None,
         threads: int | None = 1,
+        engine: str = "lightning",
         **trainer_kwargs: Any,
     ) -> None:
         from lightning_etap.data.base import MultiTaskDataset
@@ -126,6 +132,11 @@ class LightningGroupTrainer:
                             f"{type(dataset).__name__}")
         self.config = get_preset(config)
         self.threads = threads
+        if engine not in ("lightning", "loop"):
+            raise ValueError(f"engine must be 'lightning' or 'loop', got {engine!r}")
+        if engine == "loop" and trainer_kwargs:
+            raise ValueError(f"engine='loop' takes no Trainer arguments, got {sorted(trainer_kwargs)}")
+        self.engine = engine
         self.trainer_kwargs = dict(trainer_kwargs)
         normalize_json(self.trainer_kwargs, "trainer_kwargs")  # fail early on values a fingerprint cannot hold
 
@@ -140,7 +151,7 @@ class LightningGroupTrainer:
 
     def fingerprint(self) -> dict[str, Any]:
         ds = self.dataset
-        return normalize_json({
+        fingerprint = {
             "trainer": "lightning_etap.LightningGroupTrainer",
             "library_version": _library_version(),
             "dataset": {
@@ -151,7 +162,10 @@ class LightningGroupTrainer:
             },
             "train_config": self.config.to_dict(),
             "trainer_kwargs": self.trainer_kwargs,
-        })
+        }
+        if self.engine != "lightning":  # stores made before the option existed keep their fingerprint
+            fingerprint["engine"] = self.engine
+        return normalize_json(fingerprint)
 
     def train(self, jobs: Sequence[tuple[tuple[str, ...], int]]) -> list[GroupOutcome]:
         from lightning_etap.training import train_group
@@ -159,7 +173,7 @@ class LightningGroupTrainer:
         out = []
         for group, seed in jobs:
             r = train_group(self.dataset, list(group), self.config, int(seed), threads=self.threads,
-                            **self.trainer_kwargs)
+                            engine=self.engine, **self.trainer_kwargs)
             out.append(GroupOutcome(
                 group=tuple(group), seed=int(seed), test_losses=dict(r.test_losses), epochs=r.epochs,
                 best_epoch=r.best_epoch, seconds=r.seconds, extra={"val_loss": r.val_loss},

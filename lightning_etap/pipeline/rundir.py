@@ -1,0 +1,225 @@
+"""One folder per pipeline run: every stage reads its inputs from it and writes its results to it.
+
+Layout::
+
+    <run>/config.yaml          the resolved config (written by the first command)
+    <run>/stages.json          which stages are done, with what inputs, and when
+    <run>/timings.json         wall seconds of the last run of every stage (and its parts)
+    <run>/affinity/            AffinityResult.save: affinity.json + affinity.npz
+    <run>/groups.json          the training groups and the held-out measured groups
+    <run>/gains.sqlite         GainStore: one row per trained (group, seed), resumable
+    <run>/predictor.json       ETAPPredictor.save
+    <run>/predictions.npz      candidate groups, predicted gains, cross-validated training predictions
+    <run>/selection.json       the chosen groups per budget, predicted and measured
+    <run>/report/index.html    the report (figures embedded) and its PNG files
+    <run>/logs/                the logger's files (CSV, TensorBoard, W&B)
+
+A stage is *up to date* when ``stages.json`` records it as finished with the
+same inputs it would use now: the config keys it reads and the tokens of the
+stages it reads from. Each finished stage gets a fresh token, so redoing a
+stage makes every stage after it out of date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lightning_etap.pipeline.config import IDENTITY_KEYS, PipelineConfig, read_yaml
+from lightning_etap.pipeline.errors import UserError
+
+__all__ = ["STAGES", "RunDirectory"]
+
+#: The stages, in order, with the stages each reads from.
+STAGES: dict[str, tuple[str, ...]] = {
+    "affinity": (),
+    "gains": (),
+    "predict": ("affinity", "gains"),
+    "select": ("predict", "gains"),
+    "report": ("affinity", "gains", "predict", "select"),
+}
+
+#: The config keys each stage's result depends on (besides its upstream stages).
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "affinity": IDENTITY_KEYS,
+    "gains": (*IDENTITY_KEYS, "n_train_groups", "measure_all", "max_candidates"),
+    "predict": ("predictor", "max_candidates"),
+    "select": ("budgets", "singleton_gain", "selection_time_limit"),
+    "report": (),
+}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    """The folder of one run (see the module documentation for its layout).
+
+    Args:
+        path: the folder; created by :meth:`prepare`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ paths
+    config_path = property(lambda self: self.path / "config.yaml")
+    state_path = property(lambda self: self.path / "stages.json")
+    timings_path = property(lambda self: self.path / "timings.json")
+    affinity_dir = property(lambda self: self.path / "affinity")
+    groups_path = property(lambda self: self.path / "groups.json")
+    store_path = property(lambda self: self.path / "gains.sqlite")
+    predictor_path = property(lambda self: self.path / "predictor.json")
+    predictions_path = property(lambda self: self.path / "predictions.npz")
+    selection_path = property(lambda self: self.path / "selection.json")
+    report_dir = property(lambda self: self.path / "report")
+    logs_dir = property(lambda self: self.path / "logs")
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        """Create the folder and check that it is writable.
+
+        Raises:
+            UserError: the folder cannot be created or written.
+        """
+        try:
+            if self.path.exists() and not self.path.is_dir():
+                raise UserError(f"output directory {self.path} is not writable: it is a file")
+            self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-check-"):
+                pass
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise UserError(f"output directory {self.path} is not writable: {reason}") from None
+
+    def saved_config(self) -> dict[str, Any] | None:
+        """The mapping in ``config.yaml``, or ``None`` when the run has none yet."""
+        if not self.config_path.is_file():
+            return None
+        return read_yaml(self.config_path)
+
+    def check_config(self, config: PipelineConfig) -> None:
+        """Refuse to resume a run directory that was created for another experiment.
+
+        Raises:
+            UserError: a setting in :data:`IDENTITY_KEYS` differs from the saved one.
+        """
+        saved = self.saved_config()
+        if saved is None:
+            return
+        old = PipelineConfig.from_dict(saved, f"{self.config_path}").identity()
+        new = config.identity()
+        diff = [k for k in IDENTITY_KEYS if old[k] != new[k]]
+        if diff:
+            shown = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in diff[:4])
+            raise UserError(f"run directory {self.path} was created with other settings ({shown}); "
+                            "use another --output, or delete the directory to start over")
+
+    def save_config(self, config: PipelineConfig) -> None:
+        """Write ``config.yaml`` (atomically)."""
+        header = "# lightning-etap run configuration (resolved); rerun with: lightning-etap run --output <this folder>\n"
+        _atomic_write_text(self.config_path, header + config.to_yaml())
+
+    # ------------------------------------------------------------------ stage records
+    def _state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            return {}
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {self.state_path} ({err}); delete it to redo every stage") from None
+
+    def stage_inputs(self, stage: str, config: PipelineConfig) -> dict[str, Any]:
+        """What ``stage`` would read now: its config keys and the tokens of its upstream stages."""
+        full = config.to_dict()
+        state = self._state()
+        return {
+            "config": {k: full[k] for k in STAGE_KEYS[stage]},
+            "upstream": {s: state.get(s, {}).get("token") for s in STAGES[stage]},
+        }
+
+    def stage_status(self, stage: str, config: PipelineConfig) -> str:
+        """``"done"`` (up to date), ``"stale"`` (finished with other inputs) or ``"missing"``."""
+        record = self._state().get(stage)
+        if not record or not record.get("token"):
+            return "missing"
+        return "done" if record.get("inputs") == self.stage_inputs(stage, config) else "stale"
+
+    def stale_reason(self, stage: str, config: PipelineConfig) -> str:
+        """Which inputs of ``stage`` changed since it finished (for messages)."""
+        record = self._state().get(stage) or {}
+        old = record.get("inputs") or {"config": {}, "upstream": {}}
+        new = self.stage_inputs(stage, config)
+        keys = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
+        ups = [s for s in new["upstream"] if old["upstream"].get(s) != new["upstream"][s]]
+        parts = ([f"config {', '.join(keys)}"] if keys else []) + ([f"stage {', '.join(ups)} redone"] if ups else [])
+        return "; ".join(parts) or "inputs changed"
+
+    def record_stage(self, stage: str, config: PipelineConfig, seconds: float,
+                     parts: dict[str, float] | None = None, **extra: Any) -> None:
+        """Mark ``stage`` finished (new token) and store its wall time."""
+        state = self._state()
+        inputs = self.stage_inputs(stage, config)
+        state[stage] = {
+            "token": uuid.uuid4().hex,
+            "inputs": inputs,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": float(seconds),
+            **extra,
+        }
+        _atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True))
+        timings = self.timings()
+        timings[stage] = {"seconds": float(seconds), "parts": dict(parts or {})}
+        _atomic_write_text(self.timings_path, json.dumps(timings, indent=2))
+
+    def stage_record(self, stage: str) -> dict[str, Any]:
+        """The stored record of ``stage`` (empty when it never finished)."""
+        return dict(self._state().get(stage) or {})
+
+    def forget_stage(self, stage: str) -> None:
+        """Drop the record of ``stage`` (it and every stage after it become out of date)."""
+        state = self._state()
+        if stage in state:
+            del state[stage]
+            _atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True))
+
+    def timings(self) -> dict[str, Any]:
+        """``timings.json``: stage -> ``{"seconds": s, "parts": {part: s}}``, in stage order."""
+        if not self.timings_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.timings_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {s: data[s] for s in STAGES if s in data}
+
+    def require(self, stages: Sequence[str], config: PipelineConfig, for_stage: str) -> None:
+        """Raise unless every stage in ``stages`` is up to date.
+
+        Raises:
+            UserError: naming the first stage to (re)run, and the command that does it.
+        """
+        for stage in stages:
+            status = self.stage_status(stage, config)
+            if status == "done":
+                continue
+            what = "has not run" if status == "missing" else f"is out of date ({self.stale_reason(stage, config)})"
+            raise UserError(f"the {stage} stage {what}; {for_stage} needs it: run "
+                            f"`lightning-etap {stage} --output {self.path}` (or `lightning-etap run`) first")

@@ -1,0 +1,531 @@
+"""The five stages of ``lightning-etap run``, each reading and writing one run directory.
+
+1. ``affinity``: one all-task fit with the :class:`~lightning_etap.affinity.AffinityCallback`.
+2. ``gains``: the all-task group and ``n_train_groups`` sampled groups (and, with
+   ``measure_all``, every other candidate group) trained for ground truth into a
+   resumable :class:`~lightning_etap.groundtruth.GainStore`.
+3. ``predict``: :class:`~lightning_etap.predictors.ETAPPredictor` fitted on the
+   training groups only; every candidate group predicted; the training groups'
+   gains also predicted by leave-one-group-out refits (for the report).
+4. ``select``: :func:`~lightning_etap.selection.select_groups` on the predicted
+   gains for every budget; with every group measured, also on the measured
+   gains (the true optimum), and ETAP's choice scored with the measured gains.
+5. ``report``: ``report/index.html`` and its figures.
+
+:class:`Pipeline` runs them; a stage that is up to date is skipped unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_etap.pipeline.components import Workspace, logger_record
+from lightning_etap.pipeline.config import PipelineConfig
+from lightning_etap.pipeline.errors import UserError
+from lightning_etap.pipeline.rundir import STAGES, RunDirectory
+
+__all__ = ["EpochProgress", "Pipeline", "cross_validated", "evaluate_selection"]
+
+
+class Pipeline:
+    """The stages of one run directory.
+
+    Args:
+        config: the config (resolved here: dataset, preset and output defaults filled in).
+        progress: show progress bars (on stderr).
+        out: where stage headers and the summary are printed.
+
+    Example:
+        >>> from lightning_etap.pipeline import Pipeline, PipelineConfig
+        >>> cfg = PipelineConfig(dataset="digits", tasks=["digit_1", "digit_7", "digit_9"],
+        ...                      recipe={"max_epochs": 2}, n_train_groups=2, executor="local")
+        >>> pipeline = Pipeline(cfg)      # doctest: +SKIP
+        >>> pipeline.run()                # doctest: +SKIP
+    """
+
+    def __init__(self, config: PipelineConfig, *, progress: bool = True, out: TextIO | None = None) -> None:
+        self.config = config.resolved()
+        self.dir = RunDirectory(self.config.output)
+        self.workspace = Workspace(self.config, progress=progress)
+        self.out = out if out is not None else sys.stdout
+        self._opened = False
+
+    # ------------------------------------------------------------------ driving
+    def open(self) -> None:
+        """Create (or check) the run directory and write the resolved ``config.yaml``.
+
+        Raises:
+            UserError: the directory is not writable, or it holds a run of another experiment.
+        """
+        if self._opened:
+            return
+        self.dir.prepare()
+        self.dir.check_config(self.config)
+        self.dir.save_config(self.config)
+        self._opened = True
+
+    def run(self, stages: Sequence[str] | None = None, *, force: bool = False) -> dict[str, str]:
+        """Run ``stages`` (default: all, in order), skipping those up to date unless ``force``.
+
+        Returns:
+            stage -> ``"ran"`` or ``"skipped"``.
+        """
+        self.open()
+        todo = list(STAGES) if stages is None else list(stages)
+        status = {}
+        for i, stage in enumerate(todo, 1):
+            status[stage] = self.run_stage(stage, force=force, index=(i, len(todo)))
+        return status
+
+    def run_stage(self, stage: str, *, force: bool = False, index: tuple[int, int] | None = None) -> str:
+        """Run one stage (its upstream stages must be up to date); ``"ran"`` or ``"skipped"``."""
+        if stage not in STAGES:
+            raise UserError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
+        self.open()
+        label = f"[{index[0]}/{index[1]}] {stage}" if index else stage
+        status = self.dir.stage_status(stage, self.config)
+        if status == "done" and not force:
+            seconds = self.dir.stage_record(stage).get("seconds", math.nan)
+            self._print(f"{label}: up to date ({seconds:.1f}s when it ran; --force redoes it)")
+            return "skipped"
+        self.dir.require(STAGES[stage], self.config, stage)
+        if status == "stale" and not force:
+            self._print(f"{label}: redoing ({self.dir.stale_reason(stage, self.config)})")
+        start = time.perf_counter()
+        parts, extra = getattr(self, f"_{stage}")(label, force)
+        seconds = time.perf_counter() - start
+        self.dir.record_stage(stage, self.config, seconds, parts, **extra)
+        self._print(f"{label}: done in {seconds:.1f}s")
+        return "ran"
+
+    def _print(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    # ------------------------------------------------------------------ 1. affinity
+    def _affinity(self, label: str, force: bool):
+        from lightning_etap.affinity import AffinityCallback
+
+        cfg, ws = self.config, self.workspace
+        names = list(ws.task_names)
+        self._print(f"{label}: all-task fit of {len(names)} tasks ({cfg.dataset}) with the AffinityCallback")
+        # every step by default: the report repeats to the bit (the callback's own default, "auto", picks the
+        # measured steps from timings); the reference models are small enough for it
+        options = {"every_n_steps": 1, **cfg.affinity}
+        try:
+            callback = AffinityCallback(shared=cfg.shared, tasks=names, **options)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"affinity: {err}") from None
+        logger = ws.logger(self.dir.path)
+        seed = cfg.seeds[0]
+        callbacks: list[Any] = [callback]
+        if cfg.custom:
+            from lightning_etap.groundtruth.trainers import _QUIET_TRAINER
+            from lightning_etap.training import quiet_lightning
+
+            model_factory, datamodule_factory = ws.factories()
+            kwargs = {**_QUIET_TRAINER, **cfg.trainer, "logger": logger if logger is not None else False}
+            user_callbacks = list(kwargs.pop("callbacks", []))
+            if ws.progress:
+                callbacks.append(EpochProgress("affinity: all-task fit", kwargs.get("max_epochs")))
+            with quiet_lightning():
+                L.seed_everything(seed, workers=True, verbose=False)
+                model = model_factory(tuple(names))
+                datamodule = datamodule_factory(tuple(names), seed)
+                trainer = L.Trainer(callbacks=[*user_callbacks, *callbacks], **kwargs)
+                trainer.fit(model, datamodule=datamodule)
+            epochs = int(trainer.current_epoch)
+        else:
+            from lightning_etap.training import train_group
+
+            recipe = ws.train_config()
+            if ws.progress:
+                callbacks.append(EpochProgress("affinity: all-task fit", recipe.max_epochs))
+            result = train_group(ws.dataset, names, recipe, seed, callbacks=callbacks,
+                                 logger=logger if logger is not None else False)
+            epochs = result.epochs
+        affinity = callback.result
+        if self.dir.affinity_dir.exists():
+            shutil.rmtree(self.dir.affinity_dir)
+        affinity.save(self.dir.affinity_dir)
+        record = logger_record(logger)
+        _close_logger(logger)
+        self._print(f"    {affinity.measured_steps} steps measured over {epochs} epochs; "
+                    f"saved to {self.dir.affinity_dir}")
+        return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps}
+
+    # ------------------------------------------------------------------ 2. gains
+    def _gains(self, label: str, force: bool):
+        from lightning_etap.groundtruth import collect_gains
+        from lightning_etap.groups import masks_to_groups
+
+        cfg, ws = self.config, self.workspace
+        names = ws.task_names
+        train = ws.train_groups(names)
+        measure = cfg.measures_all(len(names))
+        heldout: list[tuple[str, ...]] = []
+        if measure:
+            seen = set(train)
+            heldout = [g for g in masks_to_groups(ws.candidates(names), names) if g not in seen]
+        if force:
+            for suffix in ("", "-wal", "-shm"):
+                (self.dir.store_path.parent / (self.dir.store_path.name + suffix)).unlink(missing_ok=True)
+        groups = {"task_names": list(names), "train": [list(g) for g in train],
+                  "heldout": [list(g) for g in heldout], "measure_all": measure}
+        self.dir.groups_path.write_text(json.dumps(groups, indent=1))
+        trainer = ws.group_trainer()
+        executor = ws.executor()
+        parts = {}
+        self._print(f"{label}: training groups: the all-task group + {len(train) - 1} sampled, "
+                    f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})")
+        start = time.perf_counter()
+        collect_gains(trainer, train, cfg.seeds, store=self.dir.store_path, executor=executor,
+                      progress=ws.progress, task_names=names)
+        parts["training groups"] = time.perf_counter() - start
+        if heldout:
+            self._print(f"{label}: held-out groups: every other group ({len(heldout)}), to find the true optimum")
+            start = time.perf_counter()
+            collect_gains(trainer, heldout, cfg.seeds, store=self.dir.store_path, executor=executor,
+                          progress=ws.progress, task_names=names)
+            parts["held-out groups"] = time.perf_counter() - start
+        return parts, {"n_train_groups": len(train), "n_heldout_groups": len(heldout)}
+
+    # ------------------------------------------------------------------ 3. predict
+    def _predict(self, label: str, force: bool):
+        from lightning_etap.predictors import ETAPPredictor
+
+        cfg = self.config
+        affinity, names, groups, _ = self._load_inputs()
+        train = self._measured(groups["train"])
+        self._print(f"{label}: ETAP fitted on {len(train)} training groups, predicting every candidate group")
+        try:
+            predictor = ETAPPredictor(affinity.matrix, task_names=list(names), **cfg.predictor)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # fewer groups than CV folds: said in the docs
+                predictor.fit(train.masks, train.gains)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"predictor: {err}") from None
+        try:
+            predictor.save(self.dir.predictor_path)
+        except NotImplementedError:
+            self.dir.predictor_path.unlink(missing_ok=True)  # tree ensembles are refitted, never pickled
+        candidates = self.workspace.candidates(names)
+        predicted = predictor.predict(candidates)
+        cv = cross_validated(predictor, train.masks, train.gains, progress=self.workspace.progress)
+        np.savez(self.dir.predictions_path, task_names=np.array(names), candidates=candidates,
+                 predicted=predicted, train_masks=train.masks, train_measured=train.gains, train_cv=cv)
+        return {}, {"n_candidates": int(candidates.shape[0])}
+
+    # ------------------------------------------------------------------ 4. select
+    def _select(self, label: str, force: bool):
+        from lightning_etap.selection import select_groups
+
+        cfg = self.config
+        _, names, groups, predictions = self._load_inputs(predictions=True)
+        candidates, predicted = predictions["candidates"], predictions["predicted"]
+        measured = self._measured()
+        complete = bool(groups["measure_all"])
+        self._print(f"{label}: budgets {cfg.budgets} over {len(candidates)} candidate groups"
+                    + (" (predicted and measured)" if complete else " (predicted)"))
+        results = []
+        for budget in cfg.budgets:
+            try:
+                etap = select_groups(candidates, predicted, budget, singleton_gain=cfg.singleton_gain,
+                                     task_names=names, time_limit=cfg.selection_time_limit)
+            except ValueError as err:
+                raise UserError(f"selection with budget {budget}: {err}") from None
+            entry: dict[str, Any] = {
+                "budget": budget,
+                "etap": _selection_record(etap, candidates, predicted, names, cfg.singleton_gain),
+            }
+            entry["etap"]["measured"] = evaluate_selection(etap.masks, measured, cfg.singleton_gain)
+            if complete:
+                best = select_groups(measured.masks, measured.gains, budget, singleton_gain=cfg.singleton_gain,
+                                     task_names=names, time_limit=cfg.selection_time_limit)
+                entry["optimum"] = _selection_record(best, measured.masks, measured.gains, names, cfg.singleton_gain)
+                entry["optimum"]["measured"] = evaluate_selection(best.masks, measured, cfg.singleton_gain)
+                got = entry["etap"]["measured"]["objective"]
+                entry["gap"] = None if got is None else float(best.objective - got)
+            results.append(entry)
+        stl = measured.stl_losses.get(-1)
+        everyone = evaluate_selection(np.ones((1, len(names)), dtype=bool), measured, cfg.singleton_gain)
+        payload = {
+            "task_names": list(names),
+            "singleton_gain": cfg.singleton_gain,
+            "complete": complete,
+            "n_candidates": int(len(candidates)),
+            "stl_total_test_loss": None if stl is None or np.isnan(stl).any() else float(np.sum(stl)),
+            "all_tasks": everyone,
+            "budgets": results,
+        }
+        self.dir.selection_path.write_text(json.dumps(_json_ready(payload), indent=1))
+        return {}, {}
+
+    # ------------------------------------------------------------------ 5. report
+    def _report(self, label: str, force: bool):
+        from lightning_etap.pipeline.report import write_report
+
+        self._print(f"{label}: writing {self.dir.report_dir / 'index.html'}")
+        try:
+            pngs = write_report(self.dir, self.config)
+        except ModuleNotFoundError as err:
+            if "matplotlib" in str(err):
+                raise UserError("the report needs matplotlib: pip install 'lightning-etap[plot]' "
+                                f"(every other result is in {self.dir.path})") from None
+            raise
+        self._log_figures(pngs)
+        return {}, {}
+
+    def _log_figures(self, pngs: dict[str, Any]) -> None:
+        """Send the report's figures to the W&B run / TensorBoard version of the affinity fit."""
+        record = self.dir.stage_record("affinity").get("logger") or {}
+        if self.config.logger not in ("wandb", "tensorboard") or not record:
+            return
+        logger = self.workspace.logger(self.dir.path, resume=record)
+        try:
+            if self.config.logger == "wandb":
+                import wandb
+
+                selection = json.loads(self.dir.selection_path.read_text())
+                logger.experiment.log({f"report/{name}": wandb.Image(str(path)) for name, path in pngs.items()})
+                rows = [[e["budget"], "; ".join(" + ".join(g) for g in e["etap"]["groups"]),
+                         e["etap"]["objective"], e["etap"]["measured"]["objective"],
+                         (e.get("optimum") or {}).get("objective")] for e in selection["budgets"]]
+                table = wandb.Table(columns=["budget", "etap_groups", "predicted_gain", "measured_gain",
+                                             "optimal_gain"], data=rows)
+                logger.experiment.log({"report/selection": table})
+            else:
+                from PIL import Image
+
+                for step, (name, path) in enumerate(pngs.items()):
+                    image = np.asarray(Image.open(path).convert("RGB"))
+                    logger.experiment.add_image(f"report/{name}", image, step, dataformats="HWC")
+        finally:
+            _close_logger(logger)
+
+    # ------------------------------------------------------------------ shared readers
+    def _load_inputs(self, predictions: bool = False):
+        from lightning_etap.affinity import AffinityResult
+
+        affinity = AffinityResult.load(self.dir.affinity_dir)
+        groups = json.loads(self.dir.groups_path.read_text())
+        names = tuple(groups["task_names"])
+        if tuple(affinity.task_names) != names:
+            raise UserError(f"the affinity was measured on tasks {list(affinity.task_names)} but the groups "
+                            f"are over {list(names)}; redo both stages with --force")
+        loaded = None
+        if predictions:
+            with np.load(self.dir.predictions_path, allow_pickle=False) as data:
+                loaded = {k: data[k] for k in data.files}
+        return affinity, names, groups, loaded
+
+    def _measured(self, groups: Sequence[Sequence[str]] | None = None):
+        """Measured gains (mean over the config's seeds) of ``groups``, or of every finished group."""
+        from lightning_etap.groundtruth import GainStore, GroupGains
+
+        with GainStore(self.dir.store_path) as store:
+            try:
+                gains = GroupGains.from_store(store, groups=groups, seeds=self.config.seeds)
+            except ValueError as err:
+                raise UserError(f"{err}: rerun the gains stage") from None
+        return gains.mean_over_seeds()
+
+    # ------------------------------------------------------------------ summary
+    def summary(self) -> str:
+        """The terminal summary of a finished run: choices, gains, time per stage."""
+        from lightning_etap.pipeline.report import terminal_summary
+
+        return terminal_summary(self.dir)
+
+
+# ---------------------------------------------------------------------- helpers
+class EpochProgress(Callback):
+    """One tqdm bar over the epochs of a fit (validation loss as postfix), on global rank zero.
+
+    Args:
+        desc: the bar's label.
+        total: the epoch cap (``None`` or ``-1``: unknown).
+    """
+
+    def __init__(self, desc: str, total: int | None) -> None:
+        self.desc = desc
+        self.total = total if isinstance(total, int) and total > 0 else None
+        self.bar = None
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from tqdm.auto import tqdm
+
+        if trainer.is_global_zero:
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            value = trainer.callback_metrics.get("val_loss")
+            if value is not None:
+                self.bar.set_postfix(val_loss=f"{float(value):.4g}", refresh=False)
+            self.bar.update(1)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+def _close_logger(logger) -> None:
+    if logger is None:
+        return
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    else:
+        logger.finalize("success")
+
+
+def cross_validated(predictor, masks: np.ndarray, gains: np.ndarray, progress: bool = False) -> np.ndarray:
+    """Leave-one-group-out predictions of the training groups (NaN where a refit is impossible).
+
+    Each group's gains are predicted by a clone of ``predictor`` fitted on the
+    other training groups, so the report can plot predicted against measured
+    without the optimism of in-sample predictions.
+    """
+    from sklearn.base import clone
+    from tqdm.auto import tqdm
+
+    m = masks.shape[0]
+    out = np.full(masks.shape, np.nan)
+    if m < 3:
+        return out
+    rows = range(m)
+    if progress:
+        rows = tqdm(rows, desc="cross-validation", unit="fit", file=sys.stderr, dynamic_ncols=True, leave=False)
+    for i in rows:
+        keep = np.arange(m) != i
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = clone(predictor).fit(masks[keep], gains[keep])
+            except ValueError:
+                continue
+        out[i] = model.predict(masks[i : i + 1])[0]
+    return out
+
+
+def _selection_record(selection, masks: np.ndarray, gains: np.ndarray, names: Sequence[str],
+                      singleton_gain: float) -> dict[str, Any]:
+    """The chosen groups of ``selection`` with the gains (from ``gains``) of their members."""
+    rows = {masks[r].tobytes(): r for r in range(len(masks))}
+    groups = []
+    member_gains = []
+    for mask, group in zip(selection.masks, selection.groups):
+        r = rows.get(np.asarray(mask, dtype=bool).tobytes())
+        if mask.sum() == 1:
+            member_gains.append({t: float(singleton_gain) for t in group})
+        elif r is None:
+            member_gains.append({t: None for t in group})
+        else:
+            member_gains.append({t: float(gains[r, names.index(t)]) for t in group})
+        groups.append(list(group))
+    served = {names[t]: list(selection.groups[list(selection.chosen).index(int(c))])
+              for t, c in enumerate(selection.served_by)}
+    return {
+        "groups": groups,
+        "member_gains": member_gains,
+        "objective": float(selection.objective),
+        "mean_gain": float(selection.objective) / len(names),
+        "task_gain": {names[t]: float(v) for t, v in enumerate(selection.task_gain)},
+        "served_by": served,
+        "optimal": bool(selection.optimal),
+        "method": selection.method,
+        "seconds": float(selection.seconds),
+    }
+
+
+def evaluate_selection(chosen: np.ndarray, measured, singleton_gain: float = 0.0) -> dict[str, Any]:
+    """Score chosen groups with *measured* gains: what training them would really give.
+
+    Each task takes the chosen group that did best on it (as after training the
+    networks and keeping the best head per task); a task alone gets
+    ``singleton_gain`` and its single-task test loss.
+
+    Args:
+        chosen: ``(k, n)`` bool masks of the chosen groups.
+        measured: :class:`~lightning_etap.groundtruth.GroupGains` averaged over seeds
+            (``mean_over_seeds``).
+        singleton_gain: the gain of a task trained alone.
+
+    Returns:
+        ``objective`` (sum over tasks of the best measured gain), ``mean_gain``,
+        ``total_test_loss`` (sum over tasks of the best test loss), ``task_gain``,
+        ``task_loss``, and ``measured`` (per chosen group: whether it was trained).
+        ``objective`` and ``total_test_loss`` are ``None`` unless every chosen
+        group with two or more tasks was measured.
+    """
+    names = list(measured.task_names)
+    n = len(names)
+    rows = {measured.masks[r].tobytes(): r for r in range(len(measured))}
+    stl = measured.stl_losses.get(-1, np.full(n, np.nan))
+    best_gain = np.full(n, -np.inf)
+    best_loss = np.full(n, np.inf)
+    known = []
+    for mask in np.asarray(chosen, dtype=bool):
+        cols = np.flatnonzero(mask)
+        if len(cols) == 1:
+            gain, loss = np.array([singleton_gain]), stl[cols]
+            ok = True
+        else:
+            r = rows.get(mask.tobytes())
+            ok = r is not None
+            if not ok:
+                known.append(False)
+                continue
+            gain, loss = measured.gains[r, cols], measured.test_losses[r, cols]
+        known.append(ok)
+        best_gain[cols] = np.maximum(best_gain[cols], gain)
+        best_loss[cols] = np.minimum(best_loss[cols], loss)
+    complete = all(known) and np.isfinite(best_gain).all()
+    objective = float(best_gain.sum()) if complete else None
+    loss_known = complete and np.isfinite(best_loss).all()
+    return {
+        "objective": objective,
+        "mean_gain": None if objective is None else objective / n,
+        "total_test_loss": float(best_loss.sum()) if loss_known else None,
+        "task_gain": {names[t]: (float(v) if np.isfinite(v) else None) for t, v in enumerate(best_gain)},
+        "task_loss": {names[t]: (float(v) if np.isfinite(v) else None) for t, v in enumerate(best_loss)},
+        "measured": known,
+    }
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

@@ -1,0 +1,392 @@
+"""`lightning-etap run` end to end: the stages, the run directory, resuming, the report, user errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_etap.cli import main
+from lightning_etap.pipeline import PipelineConfig, UserError
+from lightning_etap.pipeline.config import resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["digit_1", "digit_3", "digit_7", "digit_9"]
+TINY = ["--dataset", "digits", "--tasks", *TASKS, "--max-epochs", "2", "--train-groups", "4",
+        "--executor", "local", "--no-progress"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One complete tiny run on digits (4 tasks: all 11 multi-task groups measured), with the CSV logger."""
+    out = tmp_path_factory.mktemp("run") / "digits"
+    code = main(["run", *TINY, "--logger", "csv", "-o", str(out)])
+    assert code == 0
+    return out
+
+
+def _measured(run_dir: Path):
+    from lightning_etap.groundtruth import GainStore, GroupGains
+
+    with GainStore(run_dir / "gains.sqlite") as store:
+        return GroupGains.from_store(store, seeds=[0]).mean_over_seeds()
+
+
+# ---------------------------------------------------------------------- the run directory
+@pytest.mark.slow
+def test_tiny_run_writes_every_file(tiny_run):
+    for name in ("config.yaml", "stages.json", "timings.json", "affinity/affinity.json", "affinity/affinity.npz",
+                 "groups.json", "gains.sqlite", "predictor.json", "predictions.npz", "selection.json",
+                 "report/index.html"):
+        assert (tiny_run / name).is_file(), name
+    stages = json.loads((tiny_run / "stages.json").read_text())
+    assert list(json.loads((tiny_run / "timings.json").read_text())) == ["affinity", "gains", "predict", "select",
+                                                                        "report"]
+    assert set(stages) == {"affinity", "gains", "predict", "select", "report"}
+    page = (tiny_run / "report" / "index.html").read_text()
+    pngs = sorted((tiny_run / "report").glob("*.png"))
+    assert {p.stem for p in pngs} == {"affinity_heatmap", "affinity_curves", "predicted_vs_measured", "selection",
+                                      "timings"}
+    for png in pngs:  # each file is a PNG and is embedded in the page
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png.name})" in page
+    assert page.count("src=\"data:image/png;base64,") == len(pngs)
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert list((tiny_run / "logs" / "csv").rglob("metrics.csv"))  # the CSV logger recorded the fit
+    groups = json.loads((tiny_run / "groups.json").read_text())
+    assert groups["measure_all"] is True  # 11 groups <= 127
+    assert tuple(groups["train"][0]) == tuple(TASKS)  # the all-task group is always a training group
+    assert len(groups["train"]) == 5 and len(groups["train"]) + len(groups["heldout"]) == 11
+
+
+def _brute_force(masks, gains, budget, singleton_gain=0.0):
+    """Best sum over tasks of the best gain among at most ``budget`` groups covering every task (reference)."""
+    n = masks.shape[1]
+    rows = [(m, np.where(m, g, -np.inf)) for m, g in zip(masks, gains) if m.sum() >= 2]
+    rows += [(np.eye(n, dtype=bool)[t], np.where(np.eye(n, dtype=bool)[t], singleton_gain, -np.inf)) for t in range(n)]
+    best = -np.inf
+    for k in range(1, budget + 1):
+        for combo in itertools.combinations(range(len(rows)), k):
+            value = np.max([rows[c][1] for c in combo], axis=0)
+            if np.isfinite(value).all():
+                best = max(best, float(value.sum()))
+    return best
+
+
+@pytest.mark.slow
+def test_selection_is_optimal_against_brute_force(tiny_run):
+    sel = json.loads((tiny_run / "selection.json").read_text())
+    with np.load(tiny_run / "predictions.npz") as data:
+        candidates, predicted = data["candidates"], data["predicted"]
+    measured = _measured(tiny_run)
+    assert sel["complete"] and [e["budget"] for e in sel["budgets"]] == [2, 3, 4]
+    for entry in sel["budgets"]:
+        b = entry["budget"]
+        assert len(entry["etap"]["groups"]) <= b
+        assert entry["etap"]["objective"] == pytest.approx(_brute_force(candidates, predicted, b), abs=1e-9)
+        optimum = _brute_force(measured.masks, measured.gains, b)
+        assert entry["optimum"]["objective"] == pytest.approx(optimum, abs=1e-9)
+        # ETAP's choice scored by hand with the measured gains: each task takes its best chosen group
+        by_group = {tuple(g): r for r, g in enumerate(measured.groups)}
+        best = {t: -np.inf for t in TASKS}
+        for group in entry["etap"]["groups"]:
+            for t in group:
+                gain = 0.0 if len(group) == 1 else measured.gains[by_group[tuple(group)], TASKS.index(t)]
+                best[t] = max(best[t], gain)
+        assert entry["etap"]["measured"]["objective"] == pytest.approx(sum(best.values()), abs=1e-9)
+        assert entry["gap"] == pytest.approx(optimum - sum(best.values()), abs=1e-9)
+        assert entry["gap"] >= -1e-9
+
+
+@pytest.mark.slow
+def test_training_groups_are_cross_validated_out_of_sample(tiny_run):
+    from lightning_etap.affinity import AffinityResult
+    from lightning_etap.predictors import ETAPPredictor
+
+    affinity = AffinityResult.load(tiny_run / "affinity")
+    with np.load(tiny_run / "predictions.npz") as data:
+        masks, gains, cv = data["train_masks"], data["train_measured"], data["train_cv"]
+    i = 2  # refit without group i by hand: its cross-validated prediction must come from that model
+    keep = np.arange(len(masks)) != i
+    with pytest.warns(UserWarning):
+        model = ETAPPredictor(affinity.matrix).fit(masks[keep], gains[keep])
+    np.testing.assert_allclose(cv[i][masks[i]], model.predict(masks[i:i + 1])[0][masks[i]], rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage_and_a_new_budget_redoes_only_select_and_report(tiny_run, capsys):
+    before = json.loads((tiny_run / "stages.json").read_text())
+    code, out, _ = _run(["run", "-o", str(tiny_run), "--no-progress"], capsys)  # config read from the run dir
+    assert code == 0 and out.count("up to date") == 5
+    assert json.loads((tiny_run / "stages.json").read_text()) == before
+    code, out, _ = _run(["run", "-o", str(tiny_run), "--budget", "2", "3", "--no-progress"], capsys)
+    assert code == 0 and out.count("up to date") == 3
+    after = json.loads((tiny_run / "stages.json").read_text())
+    for stage in ("affinity", "gains", "predict"):
+        assert after[stage]["token"] == before[stage]["token"]
+    for stage in ("select", "report"):
+        assert after[stage]["token"] != before[stage]["token"]
+    assert [e["budget"] for e in json.loads((tiny_run / "selection.json").read_text())["budgets"]] == [2, 3]
+    assert "budget 3: ETAP chooses" in out and "time per stage" in out
+
+
+@pytest.mark.slow
+def test_resume_after_the_gains_stage_trains_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["affinity", *TINY, "-o", str(out)]) == 0
+    assert main(["gains", "-o", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    import lightning_etap.training as training
+
+    monkeypatch.setattr(training, "train_group", no_training)
+    code, text, err = _run(["run", "-o", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[1/5] affinity: up to date" in text and "[2/5] gains: up to date" in text
+    assert "budget 2: ETAP chooses" in text
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_retraining(tmp_path):
+    """SIGKILL in the middle of the gains stage; the rerun trains only what was not committed."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "lightning_etap.cli", "run", "--dataset", "digits", "--tasks",
+            "digit_0", "digit_2", "digit_4", "digit_6", "digit_8", "--max-epochs", "3", "--train-groups", "8",
+            "--measure-all", "false", "--executor", "local", "--no-progress", "-o", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = out / "gains.sqlite"
+    deadline = time.time() + 240
+    done_before: dict = {}
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if store.is_file():
+                try:
+                    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as conn:
+                        rows = conn.execute("SELECT group_key, seed, created_at FROM results WHERE status='done'")
+                        done_before = {(k, s): c for k, s, c in rows}
+                except sqlite3.OperationalError:
+                    pass
+                if len(done_before) >= 4:
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(done_before) >= 4, "the run finished or stalled before it could be interrupted"
+    assert json.loads((out / "stages.json").read_text()).keys() == {"affinity"}  # gains never finished
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with sqlite3.connect(store) as conn:
+        rows = {(k, s): (c, a) for k, s, c, a in
+                conn.execute("SELECT group_key, seed, created_at, attempts FROM results WHERE status='done'")}
+    assert len(rows) == 5 + 9  # 5 single-task models, the all-task group and 8 sampled groups
+    for job, created in done_before.items():
+        assert rows[job] == (created, 1), f"{job} was trained again"
+    assert "[1/5] affinity: up to date" in res.stdout and "[3/5] predict: done" in res.stdout
+
+
+# ---------------------------------------------------------------------- the report in a real browser
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _screenshot(browser: str, page: Path, png: Path) -> np.ndarray:
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as profile:
+        res = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={png}", "--window-size=1200,3000",
+             page.resolve().as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert png.is_file(), f"chromium wrote no screenshot (exit {res.returncode}): {res.stderr[-1500:]}"
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.slow
+def test_report_renders_its_plots_in_a_headless_browser(tiny_run, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on this machine (CI installs Debian's chromium package in .ci/run)")
+    page = tiny_run / "report" / "index.html"
+    shot = _screenshot(browser, page, tmp_path / "report.png")
+    # the same page with every image removed: what a page whose plots failed to render looks like
+    bare = tmp_path / "bare.html"
+    bare.write_text(re.sub(r"<img [^>]*>", "", page.read_text()))
+    empty = _screenshot(browser, bare, tmp_path / "bare.png")
+
+    def colored(img: np.ndarray) -> np.ndarray:  # saturated pixels: heatmap cells, curves, markers
+        return (img.max(axis=2) - img.min(axis=2)) > 60
+
+    assert shot.shape[:2] == (3000, 1200)
+    assert shot.std() > 20, "the screenshot is blank"
+    c, e = colored(shot), colored(empty)
+    assert c.sum() > 20_000 and c.sum() > 10 * e.sum(), (c.sum(), e.sum())
+    rows = np.flatnonzero(c.sum(axis=1) > 50)  # plots fill tall bands of the page, not single text lines
+    assert rows.size > 300, rows.size
+    assert (c[:, :600].sum() > 5_000) and (c[:, 600:].sum() > 5_000)  # side-by-side panels both drawn
+
+
+# ---------------------------------------------------------------------- the config
+def test_yaml_config_and_options_merge_with_the_options_winning(tmp_path):
+    cfg_file = tmp_path / "etap.yaml"
+    cfg_file.write_text("dataset: digits\nbudgets: [3]\nrecipe: {hidden: [8]}\nseeds: [1, 2]\n")
+    cfg = resolve_config(cfg_file, {"budgets": [2, 4], "output": str(tmp_path / "r")}, max_epochs=3)
+    assert cfg.dataset == "digits" and cfg.preset == "digits" and cfg.budgets == [2, 4] and cfg.seeds == [1, 2]
+    assert cfg.recipe == {"hidden": [8], "max_epochs": 3}
+    assert PipelineConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml())) == cfg  # round trip
+
+
+def test_default_config_is_the_ettm1_job():
+    cfg = resolve_config(None, {"output": "/nonexistent-run-dir-for-test"})
+    assert (cfg.dataset, cfg.preset, cfg.n_train_groups, cfg.budgets) == ("ettm1", "ettm1", 10, [2, 3, 4])
+    assert cfg.measures_all(7) and not cfg.measures_all(8)
+    assert resolve_config(None, {}).output == str(Path("runs") / "ettm1")
+
+
+def test_the_saved_config_is_the_base_and_the_identity_must_match(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.yaml").write_text(PipelineConfig(dataset="digits", seeds=[3], output=str(out)).resolved().to_yaml())
+    assert resolve_config(None, {"output": str(out)}).seeds == [3]
+    code, _, err = _run(["gains", "-o", str(out), "--seeds", "4"], capsys)
+    assert code == 2 and "was created with other settings (seeds: [3] there, [4] now)" in err
+
+
+# ---------------------------------------------------------------------- user errors: one line each
+@pytest.fixture()
+def bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: digits\nbudgett: 3\n")
+    return path
+
+
+@pytest.fixture()
+def broken_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("dataset: [digits\n")
+    return path
+
+
+@pytest.fixture()
+def a_file(tmp_path):
+    path = tmp_path / "plain-file"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; choose one of chemical, digits"),
+        (["run", "-c", "{bad_yaml}"], "unknown config key 'budgett' in config file"),
+        (["run", "-c", "{broken_yaml}"], "is not valid YAML (line 2"),
+        (["run", "-c", "{tmp}/missing.yaml"], "config file {tmp}/missing.yaml does not exist"),
+        (["run", "--dataset", "digits", "--data-root", "{tmp}/no-such-dir"], "data root {tmp}/no-such-dir does not"),
+        (["run", "--dataset", "digits", "--budget", "0"], "budget must be >= 1"),
+        (["run", "--dataset", "digits", "--budget", "two"], "argument --budget: invalid int value: 'two'"),
+        (["run", "--dataset", "digits", "-o", "{a_file}/run"], "is not writable"),
+        (["run", "--dataset", "digits", "-o", "{a_file}"], "is not writable: it is a file"),
+        (["run", "--dataset", "digits", "--preset", "nope"], "unknown preset 'nope'"),
+        (["run", "--dataset", "digits", "--tasks", "digit_42", "digit_1", "digit_2"], "unknown task(s) ['digit_42']"),
+        (["run", "--dataset", "digits", "--tasks", "digit_1", "digit_2"], "needs at least 3 tasks"),
+        (["run", "--dataset", "digits", "--max-epochs", "0"], "--max-epochs must be >= 1"),
+        (["run", "--dataset", "digits", "--train-groups", "1"], "'n_train_groups' in the options must be an integer >= 2"),
+        (["predict", "--dataset", "digits"], "the affinity stage has not run; predict needs it"),
+        (["report", "--dataset", "digits"], "the affinity stage has not run; report needs it"),
+    ],
+)
+def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch, bad_yaml, broken_yaml, a_file):
+    monkeypatch.chdir(tmp_path)  # default run directories land here
+    fill = {"bad_yaml": bad_yaml, "broken_yaml": broken_yaml, "a_file": a_file, "tmp": tmp_path}
+    argv = [a.format(**fill) for a in argv]
+    code, _, err = _run(argv, capsys)
+    assert code == 2, err
+    err = err.strip()
+    assert err.startswith("lightning-etap: error: ")
+    assert needle.format(**fill) in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_the_unknown_key_message_lists_the_allowed_keys(bad_yaml, capsys):
+    code, _, err = _run(["run", "-c", str(bad_yaml)], capsys)
+    assert code == 2 and "allowed keys: dataset, data_root," in err and "budgets" in err
+
+
+def test_missing_dataset_files_are_one_line(tmp_path, capsys, monkeypatch):
+    """ETTm1 absent from the data root and from the mirror: no download, one line saying how to fix it."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.setenv("LIGHTNING_ETAP_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("LIGHTNING_ETAP_MIRROR", str(tmp_path / "mirror"))
+    code, _, err = _run(["affinity", "-o", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2 and "ETTm1.csv" in err and err.count("\n") == 1, err
+    monkeypatch.setenv("LIGHTNING_ETAP_DATA", str(tmp_path / "nowhere"))
+    code, _, err = _run(["affinity", "-o", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2 and f"data root {tmp_path / 'nowhere'} does not exist" in err
+
+
+def test_an_unknown_affinity_option_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: digits\naffinity: {methd: tag}\n")
+    code, _, err = _run(["run", "-c", str(cfg), "-o", str(tmp_path / "r")], capsys)
+    assert code == 2 and "unknown affinity option 'methd'" in err and "allowed: method, update" in err
+
+
+def test_user_error_is_the_cli_error():
+    from lightning_etap import cli
+
+    assert cli.UserError is UserError
+
+
+def test_help_lists_the_stages():
+    res = subprocess.run([sys.executable, "-m", "lightning_etap.cli", "--help"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "COLUMNS": "120"})
+    for stage in ("run", "affinity", "gains", "predict", "select", "report", "datasets"):
+        assert stage in res.stdout
+
+
+def test_evaluate_selection_by_hand():
+    from lightning_etap.groundtruth import GroupGains
+    from lightning_etap.pipeline import evaluate_selection
+
+    nan = np.nan
+    masks = np.array([[1, 1, 0], [1, 1, 1]], dtype=bool)
+    losses = np.array([[0.9, 1.2, nan], [0.95, 0.9, 1.3]])
+    stl = np.array([1.0, 1.0, 1.0])
+    gains = np.where(masks, (stl - losses) / stl, nan)  # eq. 1: ab -> [0.1, -0.2]; abc -> [0.05, 0.1, -0.3]
+    measured = GroupGains(("a", "b", "c"), masks, losses, gains, np.array([-1, -1]), {-1: stl})
+    ab_c = evaluate_selection(np.array([[1, 1, 0], [0, 0, 1]], dtype=bool), measured)
+    assert ab_c["objective"] == pytest.approx(0.1 - 0.2 + 0.0)  # c alone: gain 0, its single-task loss
+    assert ab_c["total_test_loss"] == pytest.approx(0.9 + 1.2 + 1.0)
+    both = evaluate_selection(masks, measured)  # each task takes its better group
+    assert both["task_gain"] == pytest.approx({"a": 0.1, "b": 0.1, "c": -0.3})
+    assert both["total_test_loss"] == pytest.approx(0.9 + 0.9 + 1.3)
+    unknown = evaluate_selection(np.array([[1, 0, 0], [0, 1, 1]], dtype=bool), measured)  # bc never trained
+    assert unknown["objective"] is None and unknown["measured"] == [True, False]
