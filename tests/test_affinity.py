@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
 from pathlib import Path
 
@@ -644,24 +645,37 @@ def test_docstring_examples_run():
     assert outcome.failed == 0
 
 
-def test_auto_schedule_calibrates_then_measures_every_kth_step_and_resumes(monkeypatch):
-    """Steps 0-1 measured, 2-4 timed plain, then every k-th; k from the timings, recorded and checkpointed."""
-    from lightning_etap.affinity import callback as cbmod
+def test_auto_schedule_is_decided_from_shapes_at_the_first_step_and_resumes(tmp_path):
+    """The first step is measured; k comes from the multiply-add model, the same on every run; checkpointed."""
+    from lightning_etap.affinity.gram import FIXED_CALL_MACS, FIXED_STEP_MACS
 
-    ticks = iter(range(10**6))
-    monkeypatch.setattr(cbmod.time, "perf_counter", lambda: float(next(ticks)))  # every clock read: +1 s
-    cb = AffinityCallback("encoder", overhead=0.5)
-    fit(TinyMTL(), tiny_loader(n=96), [cb], max_epochs=1)  # 12 steps
-    res = cb.result
+    runs = []
+    for _ in range(2):
+        cb = AffinityCallback("encoder", overhead=0.5)
+        torch.manual_seed(0)
+        fit(TinyMTL(), tiny_loader(n=96), [cb], max_epochs=1)  # 12 steps
+        runs.append(cb.result)
+    res = runs[0]
     k = res.settings["every_n_steps_chosen"]
-    assert res.settings["every_n_steps"] == "auto" and isinstance(k, int) and k >= 1
-    expected = [s for s in range(12) if s < 2 or (s >= 5 and (s - 5) % k == 0)]
-    assert res.measured_steps == len(expected)
+    # TinyMTL: shared inputs (dense), encoder 4 -> 5 -> 3, batch 8, 3 tasks, SGD (Gram shortcut allowed)
+    n, R, layers = 3, 8, [(4, 5), (5, 3)]
+    forward = sum(R * a * b for a, b in layers)
+    extra = FIXED_STEP_MACS / 2 + FIXED_CALL_MACS * (len(layers) + 2)
+    for a, b in layers:
+        direct = n * R * a * b + n * n * a * b
+        trick = R * R * a + n * R * R * b + n * n * R * b
+        extra += n * R * a * b + min(direct, trick)
+    expected_k = max(1, math.ceil(extra / (3 * forward + FIXED_STEP_MACS) / 0.5 - 1e-9))
+    assert res.settings["every_n_steps"] == "auto" and k == expected_k > 1
+    assert res.measured_steps == len(range(0, 12, k)) and runs[1] == res  # same steps, same numbers
     state = cb.state_dict()
-    assert state["schedule"]["chosen"] == k and state["schedule"]["calibration_start"] == 0
+    assert state["schedule"] == {"anchor": 0, "chosen": k}
     again = AffinityCallback("encoder", overhead=0.5)
     again.load_state_dict(state)
-    assert again._chosen == k and again._calib_start == 0
+    assert again._chosen == k and again._anchor == 0
+    tag = AffinityCallback("encoder", method="tag", overhead=0.5)
+    fit(TinyMTL(), tiny_loader(n=96), [tag], max_epochs=1)
+    assert tag.result.settings["every_n_steps_chosen"] == 6  # n / overhead: about n plain steps per lookahead
     with pytest.raises(ValueError, match="every_n_steps"):
         AffinityCallback(every_n_steps="sometimes")
     with pytest.raises(ValueError, match="overhead"):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,17 +117,19 @@ class AffinityCallback(Callback):
             within each epoch, summed over epochs) or ``"mean"`` (eq. 6: mean
             over all measured steps).
         every_n_steps: which optimizer steps are measured. An integer ``k``:
-            every k-th step (``global_step % k == 0``), deterministic.
-            ``"auto"`` (default): steps 0 and 1 are measured and steps 2-4 are
-            not, which times a measured step's extra cost against a plain
-            step; from step 5 on every k-th step is measured with the smallest
-            ``k`` that keeps the extra time near ``overhead`` times the
-            training time (``k`` is chosen once, recorded in
-            ``result.settings["every_n_steps_chosen"]`` and checkpointed; under
-            DDP rank zero's choice is broadcast). Pass an integer for runs that
-            must be repeatable to the bit.
-        overhead: the target extra time of ``every_n_steps="auto"``, as a
-            fraction of plain training time (default 0.1).
+            every k-th step (``global_step % k == 0``). ``"auto"`` (default):
+            the first step of the fit is measured, and from the shapes it
+            recorded (layer widths, rows, tasks, the gradient path taken) a
+            multiply-add count of a measured step against a plain step picks
+            the smallest ``k`` whose extra work stays near ``overhead`` times
+            the training work; every k-th step after it is measured. The
+            choice depends on shapes only, so reruns measure the same steps;
+            it is recorded in ``result.settings["every_n_steps_chosen"]`` and
+            checkpointed (under DDP rank zero's choice is broadcast). The
+            model counts the fixed Python cost of a step too, which dominates
+            small models.
+        overhead: the target extra work of ``every_n_steps="auto"``, as a
+            fraction of plain training (default 0.1).
         scope: which gradients are scored. ``"shared"`` (default): every
             shared parameter (the paper's score). Cheaper approximations whose
             agreement with it is measured in ``benchmarks/affinity_overhead.py``:
@@ -292,10 +292,9 @@ class AffinityCallback(Callback):
         self._skipped = 0
         self._zero_loss: list[int] = [0] * len(self._task_names or [])
         self._warned: set[str] = set()
-        # every_n_steps="auto": calibration start, first step of the regular schedule, chosen interval
-        self._calib_start: int | None = None
+        # every_n_steps="auto": the step it was decided at (None: not yet) and the chosen interval
+        self._anchor: int | None = None
         self._chosen: int | None = self.every_n_steps if isinstance(self.every_n_steps, int) else None
-        self._timing: dict[str, list[float]] = {"plain": [], "extra": []}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -313,9 +312,6 @@ class AffinityCallback(Callback):
         if self.method == "etap" and (self.engine == "fast" or self.scope != "shared"):
             root = pl_module.get_submodule(self.shared) if isinstance(self.shared, str) else None
             self._engine = GramEngine(pl_module, self._params, root=root, scope=self.scope)
-        self._step_clock: dict[str, float] = {}
-        self._clock_step: int | None = None
-        self._clock_measured = False
         self._measuring = False
         if not self._loaded:
             self._reset()
@@ -422,53 +418,36 @@ class AffinityCallback(Callback):
 
     # ------------------------------------------------------------------ schedule
     def _is_measured(self, trainer: L.Trainer) -> bool:
-        """Whether the optimizer step about to run is measured (decides ``"auto"``'s interval once)."""
+        """Whether the optimizer step about to run is measured."""
         step = trainer.global_step
-        if self._chosen is not None and self._calib_start is None:  # a fixed interval
+        if self.every_n_steps != "auto":
             return step % self._chosen == 0
-        if self._calib_start is None:
-            self._calib_start = step
-        offset = step - self._calib_start
-        if offset < 5:
-            return offset < 2
-        if self._chosen is None:
-            self._chosen = self._choose_interval(trainer)
-        return (offset - 5) % self._chosen == 0
+        if self._chosen is None:  # "auto" before its first measured step: measure it and decide there
+            return True
+        return (step - self._anchor) % self._chosen == 0
 
-    def _choose_interval(self, trainer: L.Trainer) -> int:
-        plain = statistics.median(self._timing["plain"]) if self._timing["plain"] else 0.0
-        extra = min(self._timing["extra"]) if self._timing["extra"] else 0.0
-        k = 1 if plain <= 0 else max(1, math.ceil(extra / (self.overhead * plain)))
+    def _decide_interval(self, trainer: L.Trainer, n: int) -> None:
+        """``"auto"``: fix the interval after the first measured step, from multiply-add counts."""
+        if self.every_n_steps != "auto" or self._chosen is not None:
+            return
+        if self.method == "tag":  # n lookahead forwards plus n per-task backward passes: about n plain steps
+            ratio = float(n)
+        elif self._engine is not None and self._engine.last_costs is not None:
+            plain, extra = self._engine.last_costs
+            ratio = extra / plain
+        else:  # explicit per-task gradients: about n backward passes against forward + backward
+            ratio = 2.0 * n / 3.0
+        k = max(1, math.ceil(ratio / self.overhead - 1e-9))
         if trainer.world_size > 1:
             k = int(trainer.strategy.broadcast(k, src=0))  # every rank measures the same steps
-        return k
-
-    def _step_time(self, trainer: L.Trainer, key: str, seconds: float) -> None:
-        """Add to this optimizer step's clock (``"batch"``: whole micro-batches; ``"extra"``: our own work)."""
-        if self._chosen is None and self._calib_start is not None:
-            self._step_clock[key] = self._step_clock.get(key, 0.0) + seconds
-
-    def _close_clock(self, step: int | None) -> None:
-        """File the finished optimizer step's times (calibration of ``"auto"`` only)."""
-        if getattr(self, "_clock_step", None) is not None and self._clock_step != step and self._step_clock:
-            if self._chosen is None:
-                clock = self._step_clock
-                if self._clock_measured:
-                    self._timing["extra"].append(clock.get("extra", 0.0))
-                else:
-                    self._timing["plain"].append(clock.get("batch", 0.0))
-            self._step_clock = {}
-        self._clock_step = step
+        self._chosen, self._anchor = k, trainer.global_step
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._close_clock(trainer.global_step)
         self._measuring = self._is_measured(trainer)
-        self._clock_measured = self._measuring
         if self._measuring and self._engine is not None:
             self._engine.start_step()
-        self._batch_t0 = time.perf_counter()
 
     def _all_reduce(self, trainer: L.Trainer) -> Callable[[Tensor], Tensor] | None:
         """Averages a tensor over the data-parallel ranks (``None`` on one process)."""
@@ -494,13 +473,9 @@ class AffinityCallback(Callback):
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         cap, self._captured = self._captured, None
-        if cap is None or not getattr(self, "_measuring", False):
+        if cap is None or not self._measuring:
             return
-        t0 = time.perf_counter()
-        try:
-            self._measure(trainer, cap)
-        finally:
-            self._step_time(trainer, "extra", time.perf_counter() - t0)
+        self._measure(trainer, cap)
 
     def _measure(self, trainer: L.Trainer, cap: _Captured) -> None:
         names, losses = self._ordered_losses(cap.task_losses)
@@ -524,6 +499,7 @@ class AffinityCallback(Callback):
             else:
                 products = step_products(losses, self._params, rules, self._blocks, self._gradients,
                                          grad_scale=scale, all_reduce=reduce)
+            self._decide_interval(trainer, len(names))
             scores, valid = step_scores(products, values, self.normalize_by_loss)
             self._add_micro(scores, valid)
             return
@@ -540,6 +516,7 @@ class AffinityCallback(Callback):
             if reduce is not None:
                 grads = reduce(grads.contiguous())
             updates[k] = apply_update(rules[k], grads)
+        self._decide_interval(trainer, len(names))
         if not all(bool(torch.isfinite(u).all()) for u in updates):
             self._bad_step("a non-finite gradient or update")
             return
@@ -550,7 +527,6 @@ class AffinityCallback(Callback):
         state, self._tag_state = self._tag_state, None
         if state is None:
             return
-        t0 = time.perf_counter()
         names, before, updates, lr, cap, reduce = state
         original = self._tap.original
 
@@ -569,7 +545,6 @@ class AffinityCallback(Callback):
             after = reduce(after)
         scores, valid = tag_step_scores(before, after, lr)
         self._add_micro(scores, valid)
-        self._step_time(trainer, "extra", time.perf_counter() - t0)
 
     def _add_micro(self, scores: Tensor, valid: Tensor) -> None:
         if not bool(torch.isfinite(scores[:, valid]).all()):
@@ -615,7 +590,6 @@ class AffinityCallback(Callback):
         self._captured = None  # do not keep the step's graph alive
         if self._engine is not None:
             self._engine.stop_step()
-        self._step_time(trainer, "batch", time.perf_counter() - getattr(self, "_batch_t0", time.perf_counter()))
 
     # ------------------------------------------------------------------ result
     @property
@@ -649,8 +623,7 @@ class AffinityCallback(Callback):
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        schedule = {"calibration_start": self._calib_start, "chosen": self._chosen,
-                    "timing": {k: list(v) for k, v in self._timing.items()}}
+        schedule = {"anchor": self._anchor, "chosen": self._chosen}
         if self._acc is None:
             return {"version": 1, "settings": self.settings, "task_names": self._task_names, "accumulator": None,
                     "schedule": schedule}
@@ -684,9 +657,8 @@ class AffinityCallback(Callback):
             self._zero_loss = [int(v) for v in state_dict["zero_loss_skips"]]
         schedule = state_dict.get("schedule")
         if schedule is not None and self.every_n_steps == "auto":
-            self._calib_start = schedule["calibration_start"]
+            self._anchor = schedule["anchor"]
             self._chosen = schedule["chosen"]
-            self._timing = {k: [float(x) for x in v] for k, v in schedule["timing"].items()}
         self._loaded = True
 
 

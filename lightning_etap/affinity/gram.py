@@ -60,6 +60,11 @@ __all__ = ["ActivationTap", "FastLinearLayer", "GramEngine", "linear_layers", "s
 #: at most this many bytes of explicit per-task gradient chunks alive at once
 MAX_CHUNK_BYTES = 32 * 2**20
 
+#: multiply-add equivalents of the fixed (Python, dispatch) cost of a plain step and of a measured step's
+#: work per recorded layer call, in the cost model of ``GramEngine.last_costs``
+FIXED_STEP_MACS = 2e7
+FIXED_CALL_MACS = 2e6
+
 #: modules whose training-mode forward mixes the rows of a batch (per-task rows are then not separable)
 _ROW_MIXING: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 
@@ -263,8 +268,10 @@ class GramEngine:
         mixing = self.root is not None and any(isinstance(m, _ROW_MIXING) for m in self.root.modules())
         self._root_mixes_rows = mixing
         self.tap = ActivationTap(self.layers, self.root)
-        #: the path the last step took ("separable", "dense", "autograd"), for tests and diagnostics
+        #: the path the last step took ("separable", "dense", "representation", "none"), for diagnostics
         self.last_path = ""
+        #: (plain step, measurement) multiply-add estimates of the last measured step (see :meth:`_costs`)
+        self.last_costs: tuple[float, float] | None = None
 
     def close(self) -> None:
         self.tap.remove()
@@ -317,11 +324,44 @@ class GramEngine:
             last = calls[-1].layer
             calls = [c for c in calls if c.layer == last]
         data = self._layer_data(task_losses, record, calls, roots, seeds, grad_scale, n)
+        linear = all(isinstance(r, LinearUpdate) for r in rules)
+        # without a recorded linear layer the cost is unknown here (the callback then assumes n backward passes)
+        self.last_costs = self._costs(record.linear, data, n, linear and all_reduce is None) if record.linear else None
         for k, layer_data in data.items():
             self._layer_products(self.layers[k], layer_data, rules, Z, all_reduce, n)
         if self.rest:
             self._autograd_products(task_losses, rules, Z, grad_scale, all_reduce, n)
         return Z
+
+    def _costs(self, all_calls: list[_LinearCall], data: dict[int, _LayerData], n: int,
+               trick_allowed: bool) -> tuple[float, float]:
+        """Multiply-adds of a plain step and of this step's measurement, from the recorded shapes.
+
+        A plain step costs about three forward passes of the shared layers
+        (forward, input and weight gradients). The measurement: separable rows,
+        one input-gradient pass and one weight-gradient pass, plus the ``n x n``
+        products; dense rows, ``n`` input-gradient passes plus, per layer, the
+        cheaper of explicit gradients and the example-Gram shortcut. Shared
+        parameters outside ``nn.Linear`` layers count as ``n`` backward passes of
+        the whole encoder. Both get a fixed per-step / per-call cost (Python
+        and dispatch), which dominates for small models.
+        """
+        forward = float(sum(c.inputs.shape[0] * c.inputs.shape[1] * c.output.shape[-1] for c in all_calls))
+        plain = 3.0 * forward + FIXED_STEP_MACS
+        extra = FIXED_STEP_MACS / 2 + FIXED_CALL_MACS * (len(all_calls) + 2)
+        for d in data.values():
+            R, fan_in = d.inputs.shape
+            fan_out = d.delta.shape[-1]
+            size = fan_in * fan_out
+            if d.owner is not None:
+                extra += 2.0 * R * size + n * n * size
+            else:
+                direct = n * R * size + n * n * size
+                trick = R * R * fan_in + n * R * R * fan_out + n * n * R * fan_out
+                extra += n * R * size + (min(direct, trick) if trick_allowed else direct)
+        if self.rest:
+            extra += 2.0 * n * forward
+        return plain, extra
 
     # ------------------------------------------------------------------ output gradients
     def _layer_data(self, task_losses, record: _Record, calls: list[_LinearCall], roots: list[Tensor],
@@ -438,6 +478,7 @@ class GramEngine:
     def _representation(self, task_losses, roots, seeds, rules, Z, grad_scale, all_reduce) -> None:
         """``Z[i, j] = α D_i · D_j`` with ``D_i = ∂L_i/∂h`` at the shared representation ``h``."""
         self.last_path = "representation"
+        self.last_costs = (FIXED_STEP_MACS, FIXED_STEP_MACS / 2)
         if not roots:
             return
         D = torch.autograd.grad(task_losses, roots, grad_outputs=seeds, retain_graph=True,
