@@ -48,6 +48,8 @@ class TrainConfig:
         eval_batch_size: validation / test chunk size.
         init: weight initialisation, ``"torch"`` or ``"glorot"`` (Keras' default,
             used by the paper's released code).
+        gradient_surgery: ``None`` or ``"pcgrad"`` (PCGrad on the shared
+            encoder, Yu et al. 2020; the paper's Table 10 baseline).
     """
 
     hidden: tuple[int, ...] = (32, 16)
@@ -66,13 +68,27 @@ class TrainConfig:
     oversample: bool = True
     eval_batch_size: int = 4096
     init: str = "torch"
+    gradient_surgery: str | None = None
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The fields as JSON data (part of ground-truth store fingerprints).
+
+        Fields added after the first release are left out while at their
+        default, so stores written before them stay valid.
+        """
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        for key, default in _LATER_FIELDS.items():
+            if out.get(key) == default:
+                del out[key]
+        return out
+
+
+#: fields added after the first release, with their defaults (see TrainConfig.to_dict)
+_LATER_FIELDS: dict[str, Any] = {"gradient_surgery": None}
 
 
 #: Named recipes. ``chemical`` is the paper's (appendix B.1 + released code).
@@ -215,6 +231,7 @@ def build_model(dataset: MultiTaskDataset, tasks: Sequence[str], config: TrainCo
         lr_decay_every=config.lr_decay_every,
         lr_decay_factor=config.lr_decay_factor,
         init=config.init,
+        gradient_surgery=config.gradient_surgery,
     )
 
 
@@ -358,7 +375,10 @@ def _fit_loop(model: MultiTaskMLP, datamodule: MultiTaskDataModule, cfg: TrainCo
         train.sampler.set_epoch(epoch)
         for batch in train:
             optimizer.zero_grad(set_to_none=True)
-            torch.stack(list(model.task_losses(batch).values())).sum().backward()
+            losses = model.task_losses(batch)
+            model.prepare_surgery(losses)
+            torch.stack(list(losses.values())).sum().backward()
+            model.apply_surgery()
             optimizer.step()
         val_loss = float(torch.stack(list(_split_losses(model, val).values())).sum())
         epochs = epoch + 1

@@ -60,9 +60,11 @@ __all__ = ["ActivationTap", "FastLinearLayer", "GramEngine", "linear_layers", "s
 #: at most this many bytes of explicit per-task gradient chunks alive at once
 MAX_CHUNK_BYTES = 32 * 2**20
 
-#: multiply-add equivalents of the fixed (Python, dispatch) cost of a plain step and of a measured step's
-#: work per recorded layer call, in the cost model of ``GramEngine.last_costs``
-FIXED_STEP_MACS = 2e7
+#: multiply-add equivalents, in the cost model of ``GramEngine.last_costs``, of the fixed cost of a plain
+#: Lightning training step (loop, data, optimizer: about 6 ms on one CPU thread), of a measurement's own
+#: fixed cost (autograd calls, hooks) and of its work per recorded layer call
+FIXED_STEP_MACS = 6e7
+FIXED_MEASURE_MACS = 2e7
 FIXED_CALL_MACS = 2e6
 
 #: modules whose training-mode forward mixes the rows of a batch (per-task rows are then not separable)
@@ -348,7 +350,7 @@ class GramEngine:
         """
         forward = float(sum(c.inputs.shape[0] * c.inputs.shape[1] * c.output.shape[-1] for c in all_calls))
         plain = 3.0 * forward + FIXED_STEP_MACS
-        extra = FIXED_STEP_MACS / 2 + FIXED_CALL_MACS * (len(all_calls) + 2)
+        extra = FIXED_MEASURE_MACS + FIXED_CALL_MACS * (len(all_calls) + 2)
         for d in data.values():
             R, fan_in = d.inputs.shape
             fan_out = d.delta.shape[-1]
@@ -478,7 +480,7 @@ class GramEngine:
     def _representation(self, task_losses, roots, seeds, rules, Z, grad_scale, all_reduce) -> None:
         """``Z[i, j] = α D_i · D_j`` with ``D_i = ∂L_i/∂h`` at the shared representation ``h``."""
         self.last_path = "representation"
-        self.last_costs = (FIXED_STEP_MACS, FIXED_STEP_MACS / 2)
+        self.last_costs = (FIXED_STEP_MACS, FIXED_MEASURE_MACS)
         if not roots:
             return
         D = torch.autograd.grad(task_losses, roots, grad_outputs=seeds, retain_graph=True,

@@ -746,6 +746,9 @@ class BatchedMLPTrainer:
         cfg = self.config
         if cfg.optimizer != "sgd":
             raise NotImplementedError(f"BatchedMLPTrainer implements SGD only, got optimizer={cfg.optimizer!r}")
+        if getattr(cfg, "gradient_surgery", None) is not None:
+            raise NotImplementedError("BatchedMLPTrainer does not implement gradient surgery (PCGrad); use "
+                                      "LightningGroupTrainer / train_group for it")
         if cfg.dropout > 0:
             raise NotImplementedError("BatchedMLPTrainer does not implement dropout (its random masks "
                                       "cannot be reproduced batch for batch)")

@@ -95,6 +95,7 @@ class MultiTaskMLP(L.LightningModule):
         lr_decay_every: int | None = None,
         lr_decay_factor: float = 0.5,
         init: str = "torch",
+        gradient_surgery: str | None = None,
     ) -> None:
         super().__init__()
         names = [str(t) for t in task_names]
@@ -110,6 +111,8 @@ class MultiTaskMLP(L.LightningModule):
             raise ValueError(f"init must be 'torch' or 'glorot', got {init!r}")
         if optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+        if gradient_surgery not in (None, "pcgrad"):
+            raise ValueError(f"gradient_surgery must be None or 'pcgrad', got {gradient_surgery!r}")
         self.save_hyperparameters()
         self.task_names = names
         self.task_kinds = kinds
@@ -133,6 +136,8 @@ class MultiTaskMLP(L.LightningModule):
         self.test_metrics = nn.ModuleList([MeanMetric() for _ in names])
         #: per-task test losses of the last ``trainer.test`` (task -> float)
         self.test_losses: dict[str, float] = {}
+        self.gradient_surgery = gradient_surgery
+        self._surgery_grad: Tensor | None = None
 
     # ----------------------------------------------------------------- model
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -164,8 +169,46 @@ class MultiTaskMLP(L.LightningModule):
         return {t: self._loss(t, outputs[t], y) for t, y in batch["y"].items()}
 
     # -------------------------------------------------------------- training
+    # ------------------------------------------------------- gradient surgery
+    def prepare_surgery(self, losses: dict[str, Tensor]) -> None:
+        """With ``gradient_surgery="pcgrad"``: the PCGrad update of the encoder, kept for :meth:`apply_surgery`.
+
+        Per-task gradients of the shared parameters are taken from the live
+        graph (one backward call per task); the step's own backward then runs
+        as usual and :meth:`apply_surgery` replaces the encoder's summed
+        gradient by the PCGrad combination. Heads keep their plain gradients.
+        """
+        if self.gradient_surgery is None:
+            return
+        from lightning_etap.models.surgery import pcgrad
+
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        rows = []
+        for loss in losses.values():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                   for g, p in zip(grads, params)]))
+        self._surgery_grad = pcgrad(torch.stack(rows))
+
+    def apply_surgery(self) -> None:
+        """Put the prepared PCGrad update into the encoder's ``.grad`` (after the step's backward)."""
+        if self._surgery_grad is None:
+            return
+        flat, self._surgery_grad = self._surgery_grad, None
+        offset = 0
+        for p in self.encoder.parameters():
+            if not p.requires_grad:
+                continue
+            size = p.numel()
+            p.grad = flat[offset:offset + size].view_as(p).clone()
+            offset += size
+
+    def on_after_backward(self) -> None:
+        self.apply_surgery()
+
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         losses = self.task_losses(batch)
+        self.prepare_surgery(losses)
         total = torch.stack(list(losses.values())).sum()
         if self._trainer is not None:
             self.log("train_loss", total.detach(), on_step=False, on_epoch=True,
