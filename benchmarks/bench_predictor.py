@@ -51,20 +51,17 @@ def _timed(fn, repeats: int = 1):
     return result, float(np.median(walls)), float(np.median(cpus))
 
 
-def bench_fit_predict(compare_naive: bool = True, out: str | None = None) -> dict:
-    """Measure fit (n=10, |G_train|=50, full CV) and predict (all 2**20-1 groups of n=20); print and return."""
+def bench_fit(compare_naive: bool = True) -> dict:
+    """Measure ``ETAPPredictor.fit`` (n=10, |G_train|=50, full CV, median of 3); print and return the figures."""
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import SplineTransformer
 
     import lightning_etap.predictors.etap as etap_module
-    from lightning_etap.groups import all_groups
     from lightning_etap.predictors import RELEASED_ALPHA_GRID, ETAPPredictor
 
-    results: dict = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
-
-    # ------------------------------------------------------------------- fit
+    results: dict = {}
     affinity, train, gains = _problem(10, 50, 0)
     model, wall, cpu = _timed(lambda: ETAPPredictor(affinity).fit(train, gains), repeats=3)
     n_grid = len(model.cv_results_["params"])
@@ -112,7 +109,15 @@ def bench_fit_predict(compare_naive: bool = True, out: str | None = None) -> dic
               f"{naive_cpu:.2f} s CPU -> ~{naive_total:.1f} s CPU for the grid; ours (stage 1 only) "
               f"{ours_stage1:.2f} s CPU: {naive_total / ours_stage1:.0f}x")
 
-    # --------------------------------------------------------------- predict
+    return results["fit"]
+
+
+def bench_predict() -> dict:
+    """Measure ``ETAPPredictor.predict`` on all 2**20 - 1 groups of n=20 (time and memory); print and return."""
+    from lightning_etap.groups import all_groups
+    from lightning_etap.predictors import ETAPPredictor
+
+    results: dict = {}
     affinity, train, gains = _problem(20, 50, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # few groups per task for n=20: fewer residual folds
@@ -139,6 +144,14 @@ def bench_fit_predict(compare_naive: bool = True, out: str | None = None) -> dic
           f"predict_total {wall_total:.2f} s wall")
     print(f"     peak traced memory {peak / 2**20:.0f} MiB (output alone {output_mb:.0f} MiB, "
           f"masks {groups.nbytes / 2**20:.0f} MiB); process peak RSS {rss:.0f} MiB")
+    return results["predict"]
+
+
+def bench_fit_predict(compare_naive: bool = True, out: str | None = None) -> dict:
+    """Both measurements; optionally written as JSON to ``out``."""
+    results: dict = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+    results["fit"] = bench_fit(compare_naive)
+    results["predict"] = bench_predict()
     if out:
         with open(out, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -1,4 +1,4 @@
-"""Benchmarks: predicting group gains and selecting groups (selection part).
+"""Benchmarks: predicting group gains and selecting groups (the figures of issue 5).
 
 Run from the repository root::
 
@@ -6,10 +6,30 @@ Run from the repository root::
     python benchmarks/predict_select.py --quick    # smaller instances, about a minute
     python benchmarks/predict_select.py --sections n10,n20 --stress
 
-Every section prints one table row per solve: instance, budget B, variant
+Sections and their targets (with ``--quick`` the n20 and school instances are
+smaller and their targets are not checked):
+
+* ``fit``: ``ETAPPredictor.fit`` with the full cross-validation grid, n = 10,
+  |G_train| = 50 (median of 3): <= 2 s.
+* ``predict``: ``ETAPPredictor.predict`` on all 2**20 - 1 groups of n = 20:
+  <= 10 s and <= 4 GiB (peak memory traced during the call, and the process's
+  peak RSS so far; the sections run in this order, so the RSS covers only
+  fit and predict).
+* ``n10``: exact selection over all 1,023 groups of n = 10, B = 2, 3, 4, every
+  exact method: <= 1 s each, proven optimal.
+* ``n20``: all 2**20 - 1 groups of n = 20, B = 2, 3, 4: <= 60 s each, proven optimal.
+* ``school``: n = 139, 100,000 candidate groups: <= 60 s each (time limit
+  55 s: the limit counts from the call, and the last search node may overrun
+  it a little), optimality gap reported.
+
+The fit and predict measurements are ``benchmarks/bench_predictor.py``'s.
+Every selection prints one table row per solve: instance, budget B, variant
 (overlap / disjoint), method, wall seconds, objective, and "optimal" or the
-proven relative gap. Times are wall-clock on whatever machine runs the script
-(shared CPUs make them indicative only).
+proven relative gap. At the end a table lists every target with the
+measured figure, and everything is written to
+``benchmarks/results/predict_select.json`` (``--out`` to change). Times are
+wall-clock on whatever machine runs the script (shared CPUs make them
+indicative only).
 
 Synthetic gains (``synthetic_gains``): tasks fall into a few clusters;
 task s helps task t by a pairwise affinity drawn around +0.06 inside a
@@ -36,9 +56,13 @@ time limit ends the search and the gap is reported.
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -92,43 +116,57 @@ def random_groups(n: int, m: int, min_size: int, max_size: int, rng: np.random.G
 COLUMNS = ("instance", "B", "variant", "method", "seconds", "objective", "bound", "status", "kept")
 
 
-def _row(instance: str, budget, disjoint: bool, method: str, sel) -> dict:
+def _row(instance: str, budget, disjoint: bool, method: str, sel, section: str = "") -> dict:
     status = "optimal" if sel.optimal else f"gap {sel.gap:.2%}"
     return {
+        "section": section,
         "instance": instance,
+        "n_tasks": int(sel.masks.shape[1]),
         "B": budget,
         "variant": "disjoint" if disjoint else "overlap",
         "method": method if method == sel.method else f"{method}->{sel.method}",
-        "seconds": f"{sel.seconds:.2f}",
-        "objective": f"{sel.objective:.5f}",
-        "bound": f"{sel.bound:.5f}",
+        "seconds": float(sel.seconds),
+        "objective": float(sel.objective),
+        "bound": float(sel.bound),
+        "optimal": bool(sel.optimal),
+        "gap": float(sel.gap),
         "status": status,
         "kept": f"{sel.n_active}/{sel.n_candidates}",
+        "n_candidates": int(sel.n_candidates),
     }
 
 
-def print_table(rows: Sequence[dict], file=sys.stdout) -> None:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    print("  ".join(c.ljust(widths[c]) for c in COLUMNS), file=file)
-    print("  ".join("-" * widths[c] for c in COLUMNS), file=file)
+_FORMATS = {"seconds": "{:.2f}", "objective": "{:.5f}", "bound": "{:.5f}"}
+
+
+def _cell(row: dict, column: str) -> str:
+    return _FORMATS.get(column, "{}").format(row[column])
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS, file=sys.stdout) -> None:
+    if not rows:
+        return
+    widths = {c: max(len(c), *(len(_cell(r, c)) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns), file=file)
+    print("  ".join("-" * widths[c] for c in columns), file=file)
     for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS), file=file)
+        print("  ".join(_cell(r, c).ljust(widths[c]) for c in columns), file=file)
     file.flush()
 
 
-def _run(rows, instance, masks, gains, budgets, variants, methods, time_limit=None, verbose=True):
+def _run(rows, instance, masks, gains, budgets, variants, methods, time_limit=None, verbose=True, section=""):
     for budget in budgets:
         for disjoint in variants:
             for method in methods:
                 sel = select_groups(
                     masks, gains, budget, method=method, disjoint=disjoint, time_limit=time_limit
                 )
-                rows.append(_row(instance, budget, disjoint, method, sel))
+                rows.append(_row(instance, budget, disjoint, method, sel, section))
                 if verbose:
                     r = rows[-1]
                     print(
-                        f"  {instance} B={budget} {r['variant']} {method}: {r['seconds']} s, "
-                        f"{r['objective']}, {r['status']}",
+                        f"  {instance} B={budget} {r['variant']} {method}: {r['seconds']:.2f} s, "
+                        f"{r['objective']:.5f}, {r['status']}",
                         flush=True,
                     )
 
@@ -141,8 +179,8 @@ def bench_selection_n10(quick: bool = False) -> list[dict]:
     masks = all_groups(10)
     gains = synthetic_gains(masks, seed=0)
     rows: list[dict] = []
-    _run(rows, "n=10 all groups", masks, gains, [2], [False, True], ["brute"])
-    _run(rows, "n=10 all groups", masks, gains, [2, 3, 4], [False, True], ["bnb", "milp", "auto"])
+    _run(rows, "n=10 all groups", masks, gains, [2], [False, True], ["brute"], section="n10")
+    _run(rows, "n=10 all groups", masks, gains, [2, 3, 4], [False, True], ["bnb", "milp", "auto"], section="n10")
     return rows
 
 
@@ -156,11 +194,12 @@ def bench_selection_n20(quick: bool = False, stress: bool = False) -> list[dict]
     name = f"n={n} all {len(masks):,} groups"
     rows: list[dict] = []
     gains = synthetic_gains(masks, seed=0)
-    _run(rows, name, masks, gains, [2, 3, 4], [False, True], ["auto"], time_limit=120)
+    _run(rows, name, masks, gains, [2, 3, 4], [False, True], ["auto"], time_limit=120, section="n20")
     if stress:
         del gains
         gains = noise_gains(masks, seed=1)
-        _run(rows, name + " iid noise", masks, gains, [2, 3, 4], [False, True], ["auto"], time_limit=120)
+        _run(rows, name + " iid noise", masks, gains, [2, 3, 4], [False, True], ["auto"], time_limit=120,
+             section="n20-stress")
     return rows
 
 
@@ -174,8 +213,8 @@ def bench_selection_school(quick: bool = False) -> list[dict]:
     solved with B = 20 and 30.
     """
     n = 139
-    m = 20_000 if quick else 100_000
-    limit = 10.0 if quick else 60.0
+    m = 20_000 if quick else SCHOOL_CANDIDATES
+    limit = 10.0 if quick else SCHOOL_TIME_LIMIT
     rng = np.random.default_rng(0)
     rows: list[dict] = []
     n_big = m // 10
@@ -188,9 +227,10 @@ def bench_selection_school(quick: bool = False) -> list[dict]:
     )
     gains = synthetic_gains(mixed, seed=0, n_clusters=12)
     budgets = [5] if quick else [3, 5, 10]
-    _run(rows, f"School-like n=139 m={m:,} mixed", mixed, gains, budgets, [False], ["auto"], time_limit=limit)
+    name = f"School-like n=139 m={m:,} mixed"
+    _run(rows, name, mixed, gains, budgets, [False], ["auto"], time_limit=limit, section="school")
     if not quick:
-        _run(rows, f"School-like n=139 m={m:,} mixed", mixed, gains, [10], [True], ["auto"], time_limit=limit)
+        _run(rows, name, mixed, gains, [10], [True], ["auto"], time_limit=limit, section="school")
     small = random_groups(n, m, 2, 10, rng)
     gains = synthetic_gains(small, seed=1, n_clusters=12)
     budgets = [30] if quick else [20, 30]
@@ -203,15 +243,73 @@ def bench_selection_school(quick: bool = False) -> list[dict]:
         [False],
         ["auto"],
         time_limit=limit,
+        section="school",
     )
     return rows
 
 
+SCHOOL_CANDIDATES = 100_000
+SCHOOL_TIME_LIMIT = 55.0
+
+
+def bench_fit(quick: bool = False) -> dict:
+    """ETAP fit with the full CV grid, n = 10, |G_train| = 50 (target <= 2 s); see bench_predictor.py."""
+    from bench_predictor import bench_fit as measure
+
+    return measure(compare_naive=not quick)
+
+
+def bench_predict(quick: bool = False) -> dict:
+    """ETAP predict of all 2**20 - 1 groups of n = 20 (target <= 10 s, <= 4 GiB); see bench_predictor.py."""
+    from bench_predictor import bench_predict as measure
+
+    return measure()
+
+
 SECTIONS = {
+    "fit": bench_fit,
+    "predict": bench_predict,
     "n10": bench_selection_n10,
     "n20": bench_selection_n20,
     "school": bench_selection_school,
 }
+
+
+def _check(figure: str, measured: str, target: str, met) -> dict:
+    return {"figure": figure, "measured": measured, "target": target,
+            "met": "n/a (quick run)" if met is None else ("yes" if met else "NO")}
+
+
+def targets(results: dict, quick: bool) -> list[dict]:
+    """One line per figure of issue 5: what was measured, the target, and whether it was met."""
+    out = []
+    full = None if quick else True  # fit, predict and n10 have the full size in quick runs too
+    if "fit" in results:
+        f = results["fit"]
+        out.append(_check("ETAP fit, full CV, n=10, |G_train|=50", f"{f['wall_s']:.2f} s wall ({f['cpu_s']:.2f} s CPU)",
+                          "<= 2 s", f["wall_s"] <= 2.0))
+    if "predict" in results:
+        p = results["predict"]
+        out.append(_check("ETAP predict, all 2^20-1 groups of n=20", f"{p['wall_s']:.2f} s wall ({p['cpu_s']:.2f} s CPU)",
+                          "<= 10 s", p["wall_s"] <= 10.0))
+        peak = max(p["peak_traced_mb"], p["process_peak_rss_mb"]) / 1024
+        out.append(_check("ETAP predict memory", f"{p['peak_traced_mb'] / 1024:.2f} GiB traced peak, "
+                          f"{p['process_peak_rss_mb'] / 1024:.2f} GiB process peak RSS", "<= 4 GiB",
+                          peak <= 4.0))
+    rows = results.get("selection", [])
+    for r in rows:
+        label = f"{r['instance']} B={r['B']} {r['variant']} {r['method']}"
+        if r["section"] == "n10":
+            out.append(_check(f"select {label}", f"{r['seconds']:.3f} s, {r['status']}", "<= 1 s, optimal",
+                              r["seconds"] <= 1.0 and r["optimal"]))
+        elif r["section"] == "n20":
+            ok = full and r["n_tasks"] == 20 and r["seconds"] <= 60.0 and r["optimal"]
+            out.append(_check(f"select {label}", f"{r['seconds']:.2f} s, {r['status']}", "<= 60 s, optimal", ok))
+        elif r["section"] == "school":
+            ok = full and r["n_candidates"] >= SCHOOL_CANDIDATES and r["seconds"] <= 60.0
+            out.append(_check(f"select {label}", f"{r['seconds']:.2f} s, {r['status']}", "<= 60 s, gap reported",
+                              ok))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,21 +321,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--stress", action="store_true", help="also run i.i.d.-noise gains in the n20 section"
     )
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent / "results" / "predict_select.json"),
+        help="JSON file for the results ('' to skip writing)",
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_predictor, when imported as a module
+    results: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpus": _cpu_count(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "quick": bool(args.quick),
+    }
     rows: list[dict] = []
     t0 = time.perf_counter()
-    for name in chosen:
-        print(f"== selection: {name}", flush=True)
+    for name in [s for s in SECTIONS if s in chosen]:  # fit and predict first: the RSS then covers only them
+        print(f"== {name}", flush=True)
+        if name in ("fit", "predict"):
+            results[name] = SECTIONS[name](quick=args.quick)
+            continue
         kwargs = {"stress": args.stress} if name == "n20" else {}
         rows += SECTIONS[name](quick=args.quick, **kwargs)
+    results["selection"] = rows
+    results["total_seconds"] = time.perf_counter() - t0
+    results["targets"] = targets(results, args.quick)
     print()
     print_table(rows)
-    print(f"\ntotal {time.perf_counter() - t0:.1f} s")
+    print()
+    print_table(results["targets"], columns=("figure", "measured", "target", "met"))
+    print(f"\ntotal {results['total_seconds']:.1f} s")
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=_json_default))
+        print(f"results written to {path}")
     return 0
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
 if __name__ == "__main__":

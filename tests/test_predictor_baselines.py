@@ -21,6 +21,7 @@ from sklearn.linear_model import Ridge
 from sklearn.neural_network import MLPRegressor
 
 import lightning_etap.predictors.ayman2023 as ayman_module
+import lightning_etap.predictors.gradtae as gradtae_module
 import lightning_etap.predictors.hoa as hoa_module
 import lightning_etap.predictors.mtgnet as mtgnet_module
 import lightning_etap.predictors.surrogate as surrogate_module
@@ -28,9 +29,11 @@ import lightning_etap.predictors.tag as tag_module
 from lightning_etap.groups import all_groups, groups_to_masks
 from lightning_etap.predictors import (
     Ayman2023Predictor,
+    GradTAEPredictor,
     HOAPredictor,
     LinearSurrogate,
     MTGNetPredictor,
+    ProjectedGradients,
     TAGPredictor,
 )
 
@@ -88,12 +91,23 @@ def _pair_and_group_training(n=5, seed=1):
     return np.vstack([pairs, big]), np.vstack([pair_gains, big_gains])
 
 
+def _projected_gradients(n=5, seed=4):
+    """Synthetic GRAD-TAE features: 3 binary and 2 regression tasks, 16 training and 6 held-out rows each."""
+    rng = np.random.default_rng(seed)
+    task = np.repeat(np.arange(n), 22)
+    held_out = np.tile(np.arange(22) >= 16, n)
+    target = np.where(task < 3, rng.integers(0, 2, task.size), rng.normal(size=task.size))
+    return ProjectedGradients(rng.normal(size=(task.size, 6)), rng.normal(size=task.size), target, task, held_out,
+                              tuple("vwxyz"[:n]), ("binary",) * 3 + ("regression",) * (n - 3))
+
+
 FACTORIES = {
     "tag": lambda: TAGPredictor(np.random.default_rng(3).normal(size=(5, 5))),
     "hoa": HOAPredictor,
     "surrogate": LinearSurrogate,
     "mtgnet": lambda: MTGNetPredictor(**TINY_MTG),
     "ayman": lambda: Ayman2023Predictor(max_iter=50, task_features={"dataset_size": [10.0, 20, 30, 40, 50]}),
+    "gradtae": lambda: GradTAEPredictor(_projected_gradients()),
 }
 
 
@@ -198,7 +212,9 @@ def test_predict_input_errors(fitted_models, name):
         model.predict(np.ones(5, dtype=bool))
 
 
-@pytest.mark.parametrize("module", [tag_module, hoa_module, surrogate_module, mtgnet_module, ayman_module])
+@pytest.mark.parametrize(
+    "module", [tag_module, hoa_module, surrogate_module, mtgnet_module, ayman_module, gradtae_module]
+)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0

@@ -6,13 +6,16 @@
 * Baselines with the same interface: :class:`TAGPredictor` (TAG group
   scores), :class:`HOAPredictor` (Standley et al.'s pairwise approximation),
   :class:`LinearSurrogate` (Li et al. 2023), :class:`MTGNetPredictor`
-  (Song et al. 2022) and :class:`Ayman2023Predictor` (feature-based MLP).
+  (Song et al. 2022), :class:`Ayman2023Predictor` (feature-based MLP) and
+  :class:`GradTAEPredictor` (Li et al. 2024: one all-task model linearised
+  over :func:`projected_gradients`; needs no training groups).
 * :func:`evaluate_predictions`, :func:`paired_wilcoxon`: R², Pearson,
   Spearman and sign F1 per task and per group; paired tests over seeds.
 """
 
 from .ayman2023 import Ayman2023Predictor
 from .etap import RELEASED_ALPHA_GRID, RESIDUAL_ALPHA_GRID, ETAPPredictor, group_affinity
+from .gradtae import GradTAEPredictor, ProjectedGradients, projected_gradients, projection_matrix
 from .hoa import HOAPredictor
 from .metrics import WilcoxonResult, evaluate_predictions, paired_wilcoxon
 from .mtgnet import MTGNetPredictor
@@ -22,9 +25,11 @@ from .tag import TAGPredictor
 __all__ = [
     "Ayman2023Predictor",
     "ETAPPredictor",
+    "GradTAEPredictor",
     "HOAPredictor",
     "LinearSurrogate",
     "MTGNetPredictor",
+    "ProjectedGradients",
     "RELEASED_ALPHA_GRID",
     "RESIDUAL_ALPHA_GRID",
     "TAGPredictor",
@@ -32,4 +37,6 @@ __all__ = [
     "evaluate_predictions",
     "group_affinity",
     "paired_wilcoxon",
+    "projected_gradients",
+    "projection_matrix",
 ]

@@ -2,7 +2,9 @@
 
 Arrays become nested lists; NaN becomes ``null``. Python's ``json`` writes
 floats with ``repr``, which round-trips every float64 exactly, so a reloaded
-predictor reproduces the saved one's predictions bit for bit.
+predictor reproduces the saved one's predictions bit for bit. Predictors with
+large array state use the ``.npz`` variant: the same JSON header beside the
+arrays in numpy's binary format, read back with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["array_from_json", "read_document", "to_json", "write_document"]
+__all__ = [
+    "array_from_json",
+    "read_document",
+    "read_npz_document",
+    "to_json",
+    "write_document",
+    "write_npz_document",
+]
 
 FORMAT_VERSION = 1
 
@@ -83,3 +92,49 @@ def read_document(path: str | Path, kind: str) -> dict:
             f"this library reads version {FORMAT_VERSION}"
         )
     return doc
+
+
+def write_npz_document(
+    path: str | Path, kind: str, params: dict, fitted: dict, arrays: dict, library_version: str, **header: Any
+) -> Path:
+    """Write a JSON header (as :func:`write_document`, plus ``header``) and named arrays to one ``.npz`` file.
+
+    For predictors whose fitted state is large arrays. The file is written at
+    ``path`` as given (numpy adds no suffix to an open file) and holds no
+    pickled objects; :func:`read_npz_document` reads it back.
+    """
+    doc = {
+        "format": kind,
+        "format_version": FORMAT_VERSION,
+        "library_version": library_version,
+        "params": to_json(params),
+        "fitted": to_json(fitted),
+        **to_json(header),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez(f, __header__=np.array(json.dumps(doc, allow_nan=False)), **arrays)
+    return path
+
+
+def read_npz_document(path: str | Path, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a file written by :func:`write_npz_document` (``allow_pickle=False``); check kind and version.
+
+    Returns ``(header, arrays)``.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            doc = json.loads(str(data["__header__"]))
+            arrays = {key: data[key] for key in data.files if key != "__header__"}
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path} is not a saved {kind} ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != kind:
+        raise ValueError(f"{path} does not hold a saved {kind}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written with format version {doc.get('format_version')}; "
+            f"this library reads version {FORMAT_VERSION}"
+        )
+    return doc, arrays
