@@ -95,7 +95,7 @@ def full(ds, cfg, args) -> dict:
     groups = all_groups(ds.task_names)
     store = Path(args.store)
     store.parent.mkdir(parents=True, exist_ok=True)
-    trainer = BatchedMLPTrainer(ds, cfg, threads=args.threads, log_every=100)
+    trainer = BatchedMLPTrainer(ds, cfg, threads=args.threads, progress=True)
     backend = trainer.resolved_backend()
     per_seed = {}
     previous = {}

@@ -226,6 +226,29 @@ def test_stacking_options_do_not_change_results(toy):
         assert [(o.epochs, o.best_epoch) for o in other] == [(o.epochs, o.best_epoch) for o in base]
 
 
+def test_progress_bar_counts_every_model_epoch(toy, capsys):
+    trainer = BatchedMLPTrainer(toy, TOY, progress=True)
+    base = BatchedMLPTrainer(toy, TOY).train(TOY_JOBS)
+    seen = []
+    import tqdm.auto
+
+    real = tqdm.auto.tqdm
+
+    class Spy(real):
+        def close(self):
+            seen.append((self.n, self.total))
+            super().close()
+
+    tqdm.auto.tqdm = Spy
+    try:
+        got = trainer.train(TOY_JOBS)
+    finally:
+        tqdm.auto.tqdm = real
+    assert [o.test_losses for o in got] == [o.test_losses for o in base]  # the bar changes nothing
+    assert seen[0] == (len(TOY_JOBS) * TOY.max_epochs,) * 2  # early stops count their skipped epochs
+    assert "models at once" in capsys.readouterr().err
+
+
 def test_plan_groups_equal_epoch_lengths(toy):
     trainer = BatchedMLPTrainer(toy, TOY, max_models=2)
     jobs = [(("t0", "t1"), 0), (("t1",), 0), (("t0",), 1), (("t0", "t2"), 2), (("t1", "t2"), 0)]

@@ -700,6 +700,8 @@ class BatchedMLPTrainer:
             ``"auto"``: C if it compiles, else torch with a warning. Both give
             the same numbers up to summation order.
         log_every: log progress every this many epochs (``logging.INFO``; 0: never).
+        progress: show a progress bar on stderr (epochs of every stack: done / total,
+            rate, ETA); a stack whose models all stop early skips its remaining epochs.
 
     Raises:
         NotImplementedError: a shared-input dataset, dropout, or an optimiser
@@ -725,6 +727,7 @@ class BatchedMLPTrainer:
         compact_every: int = 8,
         backend: str = "auto",
         log_every: int = 0,
+        progress: bool = False,
     ) -> None:
         from lightning_etap.data.base import MultiTaskDataset
         from lightning_etap.groundtruth.trainers import DatasetSpec
@@ -765,6 +768,8 @@ class BatchedMLPTrainer:
         self.compact_every = int(compact_every)
         self.backend = backend
         self.log_every = int(log_every)
+        self.progress = bool(progress)
+        self._bar: Any = None
         self._tables: _Tables | None = None
         self._kernel: Any = None
         self._init: Any = None
@@ -879,6 +884,13 @@ class BatchedMLPTrainer:
         if self.threads is not None:
             torch.set_num_threads(int(self.threads))
         out: list[GroupOutcome | None] = [None] * len(jobs)
+        if self.progress:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=len(jobs) * int(cfg.max_epochs), unit="model-epoch", unit_scale=True,
+                             desc=f"training {len(jobs)} models at once", file=sys.stderr, dynamic_ncols=True)
         try:
             for stack_idx in self.plan(jobs):
                 start = time.perf_counter()
@@ -899,6 +911,9 @@ class BatchedMLPTrainer:
                     )
         finally:
             torch.set_num_threads(previous)
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         return out  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- one stack
@@ -929,8 +944,11 @@ class BatchedMLPTrainer:
                         self._chunk_grads(st, m0, m1, rows, grads)
                 self._sgd(st, grads, lr)
             val = self._evaluate(st, st.params, "val")  # [M] summed val loss (float32)
+            running = int((~st.stopped).sum())
             st.epochs += (~st.stopped).long()
             newly = self._early_stopping(st, val, epoch)
+            if self._bar is not None:  # this epoch of the running models, and what the stopped ones skip
+                self._bar.update(running + int(newly.sum()) * (int(cfg.max_epochs) - epoch - 1))
             dead += int(newly.sum())
             if self.log_every and (epoch + 1) % self.log_every == 0:
                 log.info("stack n=%d epoch %d: %d/%d models running", n, epoch + 1,
