@@ -147,7 +147,7 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
 
     modes_here = [m for m in MODES if m not in SKIP.get(config, ())]
     # warm-up on a tiny model: imports, Lightning's first-fit costs, the vmap machinery
-    for m in modes_here if measure == "time" else [mode]:
+    for m in modes_here if measure in ("time", "agreement") else [mode]:
         run(3, callback(m), cfg.replace(hidden=(4,), batch_size=8), tasks[:2])
 
     out = {"config": config, "tasks": len(tasks), "layout": ds.layout, "hidden": list(cfg.hidden),
