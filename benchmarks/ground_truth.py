@@ -109,20 +109,26 @@ def full(ds, cfg, args) -> dict:
         cpu = time.process_time()
         gains = collect_gains(trainer, groups, seeds=[seed], store=store, chunk_size=len(groups), progress=False)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if wall < 5 and str(seed) in previous:  # already in the store: keep the timing of the run that trained it
+        outcomes = trainer_outcomes(store, seed)
+        epochs = [o.epochs for o in outcomes]
+        resumed = wall < 5  # already in the store: report the run that trained it
+        if resumed and str(seed) in previous and previous[str(seed)].get("minutes"):
             per_seed[str(seed)] = previous[str(seed)]
             print(f"seed {seed}: already in {store} (trained in {previous[str(seed)]['minutes']:.1f} min)")
             continue
-        epochs = [o.epochs for o in trainer_outcomes(store, seed)]
+        if resumed:  # no earlier figures: the store's per-job seconds (each job's share of the batched run's wall)
+            wall, cpu = float(sum(o.seconds for o in outcomes)), None
         per_seed[str(seed)] = {
-            "minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+            "minutes": round(wall / 60, 2), "cpu_minutes": None if cpu is None else round(cpu / 60, 2),
+            "timed": "from the store (an earlier run trained it)" if resumed else "this run",
             "jobs": len(groups), "jobs_per_min": round(len(groups) / wall * 60, 1),
             "mean_epochs": round(float(np.mean(epochs)), 1),
             "jobs_stopped_early": int(sum(e < cfg.max_epochs for e in epochs)),
             "all_task_total_test_loss": round(float(np.nansum(gains.test_losses[-1])), 4),
             "load_average_end": os.getloadavg(),
         }
-        print(f"seed {seed}: {len(groups)} jobs in {wall / 60:.1f} min wall ({cpu / 60:.1f} min cpu), "
+        print(f"seed {seed}: {len(groups)} jobs in {wall / 60:.1f} min wall"
+              f"{' (an earlier run, from the store)' if resumed else f' ({cpu / 60:.1f} min cpu)'}, "
               f"{len(groups) / wall * 60:.0f} jobs/min, mean epochs {per_seed[str(seed)]['mean_epochs']}, "
               f"{per_seed[str(seed)]['jobs_stopped_early']} stopped early")
     with GainStore(store) as opened:

@@ -162,6 +162,29 @@ def test_dense_shared_inputs_match_autograd(opt_name, trick):
     torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
 
 
+def test_dense_path_after_the_first_step_matches_autograd():
+    # the first step finds the rows shared and later steps skip the representation gradients: same numbers
+    torch.manual_seed(3)
+    model = Shared(d=20, hidden=(16, 12), n=4)
+    g = torch.Generator().manual_seed(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    params = shared_params(model)
+    engine = GramEngine(model, params, root=model.encoder)
+    for _ in range(3):
+        x, ys = torch.randn(9, 20, generator=g), [torch.randn(9, 1, generator=g) for _t in range(4)]
+        rules = task_update_rules(opt, params, "optimizer")
+        engine.start_step()
+        losses = model.losses(x, ys)
+        Z = engine.products(losses, rules)
+        assert engine.last_path == "dense"
+        assert engine._rows_shared
+        torch.testing.assert_close(Z, step_products(model.losses(x, ys), params, rules), rtol=2e-5, atol=1e-9)
+        opt.zero_grad()
+        losses.sum().backward()
+        opt.step()
+    engine.close()
+
+
 def test_sequence_inputs_small_chunks_and_batchnorm_fall_back_to_dense():
     torch.manual_seed(3)
     model = Shared(d=6, hidden=(10, 8), n=3, seq=True)  # Linear on (B, T, d)

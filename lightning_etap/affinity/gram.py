@@ -270,6 +270,9 @@ class GramEngine:
         mixing = self.root is not None and any(isinstance(m, _ROW_MIXING) for m in self.root.modules())
         self._root_mixes_rows = mixing
         self.tap = ActivationTap(self.layers, self.root)
+        # set once a step's rows turned out shared between tasks (a fixed property of the model and data layout):
+        # later steps go straight to the dense path, one batched backward instead of two
+        self._rows_shared = False
         #: the path the last step took ("separable", "dense", "representation", "none"), for diagnostics
         self.last_path = ""
         #: (plain step, measurement) multiply-add estimates of the last measured step (see :meth:`_costs`)
@@ -373,11 +376,12 @@ class GramEngine:
         outputs = [c.output for c in calls]
         owners: list[Tensor] | None = None
         D: Sequence[Tensor | None] | None = None
-        if roots:
+        if roots and self.separable == "auto" and not self._rows_shared:
             D = torch.autograd.grad(task_losses, roots, grad_outputs=seeds, retain_graph=True,
                                     allow_unused=True, is_grads_batched=True)
-            if self.separable == "auto" and not self._mixing_now():
+            if not self._mixing_now():
                 owners = _row_owners(record, D)
+                self._rows_shared = owners is None
         if owners is not None:
             self.last_path = "separable"
             total = [None if d is None else d.sum(0) for d in D]
