@@ -1,0 +1,720 @@
+"""Which groups to pay to train: search strategies on the exhaustive Chemical table (issue 8).
+
+Run from the repository root::
+
+    python benchmarks/active_search.py            # 20 seeds, 5/10/20/40 trainings, B = 2, 3, 4
+    python benchmarks/active_search.py --quick    # 3 seeds, 5 and 10 trainings (a smoke test)
+
+Every strategy of :mod:`lightning_etap.search` runs against an
+:class:`~lightning_etap.search.OracleTrainer` that looks the test losses up
+in the exhaustive table (``benchmarks/results/chemical_exhaustive.csv``,
+averaged over its seeds; while only the SQLite store of the running
+collection exists, its finished seeds are used), through the real
+``collect_gains`` / ``GainStore`` machinery, one fresh store per run. For
+every strategy, seed (the strategy's ``random_state``), budget B and number
+of trainings the TRUE total test loss of the returned grouping (each task's
+lowest test loss among the returned groups, looked up in the table) is
+compared with the true optimum (the exact best selection of at most B
+groups over the whole table).
+
+Strategies (``--strategies``):
+
+* ``random_selection``: random G_train (the all-task group + uniform draws)
+  + ETAP + exact selection over all groups (the ETAP paper's protocol).
+* ``active_etap``: :func:`~lightning_etap.search.active_etap_search`.
+* ``quick_reject``: the 2023 randomized partition search with quick reject,
+  partitions of at most B groups, ETAP as its predictor, refitted after
+  every ``--qr-refit`` trainings; one run per number of trainings (its
+  probability schedule depends on the budget of trainings).
+* ``quick_reject_any``: the same with partitions of any size (reported
+  against the optimum with as many groups as it returns).
+* ``mtgnet``: MTG-Net's active loop with the MTG-Net predictor, refitted
+  every ``--mtgnet-refit`` trainings (its fit is slow).
+* ``greedy_etap``: MTG-Net's loop with ETAP point predictions refitted after
+  every training: the active ETAP rule without the bootstrap (an ablation).
+* ``random_search``: random groups, the best grouping made of them.
+
+The anytime strategies (all but ``quick_reject``) run once per seed and B
+to the largest number of trainings and report the grouping they would have
+returned at each smaller one (``checkpoints``). A "training" is one
+multi-task group training; the all-task group counts, the STL models
+(needed by every strategy) do not.
+
+The ETAP affinity matrix comes from ``--affinity`` (a saved
+:class:`~lightning_etap.affinity.AffinityResult` directory); when the
+directory does not exist it is measured with the
+:class:`~lightning_etap.affinity.AffinityCallback` on one all-task fit of
+the Chemical recipe capped at ``--affinity-epochs`` epochs, and saved there.
+
+Writes ``benchmarks/results/active_search.json`` (every run), the page
+``docs/results/active.md`` and the figure ``docs/results/active.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs" / "results"
+
+LABELS = {
+    "active_etap": "active ETAP (ours)",
+    "random_selection": "random G_train + ETAP + exact selection",
+    "quick_reject": "2023 search, quick reject (ETAP), partitions of <= B groups",
+    "mtgnet": "MTG-Net's loop (MTG-Net predictor)",
+    "greedy_etap": "MTG-Net's loop with ETAP point predictions (ablation)",
+    "random_search": "pure random search",
+    "quick_reject_any": "2023 search, quick reject (ETAP), partitions of any size",
+}
+ORDER = ["active_etap", "random_selection", "quick_reject", "mtgnet", "greedy_etap", "random_search"]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_ground_truth(csv: Path, store: Path, seeds: list[int] | None = None):
+    """The exhaustive table: the committed CSV, else the finished seeds of the collection's store.
+
+    ``seeds``: read exactly these seeds of the store (the workers get the main process's choice, so a
+    seed finishing while the benchmark runs cannot make them disagree).
+    """
+    from lightning_etap.groundtruth import GainStore, GroupGains
+
+    if csv.exists():
+        table = GroupGains.from_csv(csv)
+        seeds = sorted({int(v) for v in np.unique(table.seeds)})
+        return table, f"`{csv.relative_to(ROOT) if csv.is_relative_to(ROOT) else csv}` (seeds {seeds})"
+    if not store.exists():
+        raise SystemExit(f"no ground truth: neither {csv} nor {store} exists (run benchmarks/ground_truth.py --full)")
+    seeds_wanted = seeds
+    with GainStore(store) as opened:
+        names = opened.task_names
+        jobs = opened.done_jobs()
+        seeds = sorted({s for _, s in jobs})
+        total = 2 ** len(names) - 1
+        complete = [s for s in seeds if sum(1 for _, t in jobs if t == s) == total]
+        if seeds_wanted is not None:
+            complete = list(seeds_wanted)
+        if not complete:
+            raise SystemExit(f"{store} holds no complete seed yet")
+        table = opened.gains(seeds=complete, include_singletons=True)
+    return table, f"`{store.relative_to(ROOT)}` (seeds {complete}: the finished ones)"
+
+
+def load_affinity(path: Path, epochs: int, seed: int, data_root: str | None):
+    """A saved AffinityResult, or one measured now on a capped all-task fit (and saved to ``path``)."""
+    from lightning_etap.affinity import AffinityResult
+
+    if (path / "affinity.json").exists():
+        return AffinityResult.load(path), False
+    from lightning_etap.affinity import AffinityCallback
+    from lightning_etap.data import load_dataset
+    from lightning_etap.training import get_preset, train_group
+
+    ds = load_dataset("chemical", data_root)
+    cfg = get_preset("chemical")
+    if epochs > 0:
+        cfg = cfg.replace(max_epochs=epochs)
+    print(f"measuring the affinity: all-task Chemical fit, {cfg.max_epochs} epochs max, seed {seed}", flush=True)
+    start = time.perf_counter()
+    callback = AffinityCallback(shared="encoder", every_n_steps=1, heatmap=False, log_every_n_steps=0)
+    fit = train_group(ds, None, cfg, seed=seed, callbacks=[callback])
+    result = callback.result
+    result.settings["benchmark_fit"] = {"max_epochs": cfg.max_epochs, "epochs": fit.epochs, "seed": seed,
+                                        "seconds": round(time.perf_counter() - start, 1)}
+    result.save(path)
+    return result, True
+
+
+def optimum(table, budget: int, disjoint: bool = False):
+    """The exact best selection of at most ``budget`` groups over the table: (total loss, groups)."""
+    from lightning_etap.selection import select_groups
+
+    mean = table.mean_over_seeds()
+    stl = mean.stl_losses[-1]
+    multi = mean.masks.sum(axis=1) >= 2
+    values = np.where(mean.masks[multi], stl - mean.test_losses[multi], np.nan)
+    sel = select_groups(mean.masks[multi], values, budget, disjoint=disjoint, task_names=table.task_names)
+    return float(stl.sum() - sel.objective), [list(g) for g in sel.groups]
+
+
+# --------------------------------------------------------------------------- one run
+
+_STATE: dict = {}
+
+
+def _init_worker(csv: str, store: str, affinity: str, seeds: list[int] | None = None) -> None:
+    warnings.simplefilter("ignore")
+    import torch
+
+    torch.set_num_threads(1)
+    from lightning_etap.affinity import AffinityResult
+    from lightning_etap.search import OracleTrainer
+
+    table, _ = load_ground_truth(Path(csv), Path(store), seeds)
+    _STATE["table"] = table
+    _STATE["oracle"] = OracleTrainer(table)
+    _STATE["affinity"] = AffinityResult.load(affinity)
+    import lightning_etap.training  # noqa: F401  (imported by the collection path; once, outside the timings)
+
+
+def _batch_schedule(spent: int) -> int:
+    """Active ETAP in the benchmark: one group per step up to 10 trainings, 2 up to 20, 4 beyond."""
+    return 1 if spent < 10 else 2 if spent < 20 else 4
+
+
+_FITS: dict = {}
+
+
+def _memo_etap_class():
+    """``ETAPPredictor`` with its fits memoised by their inputs (within one job of one worker).
+
+    The fit is deterministic (``random_state=0``), so a repeated fit, e.g. on the initial groups that
+    every budget of one seed shares, is looked up instead of recomputed: the same numbers, less CPU.
+    """
+    from lightning_etap.predictors import ETAPPredictor
+
+    class MemoETAP(ETAPPredictor):
+        def fit(self, X, y):
+            X, y = np.asarray(X), np.asarray(y, dtype=float)
+            params = sorted((k, repr(v)) for k, v in self.get_params().items() if k != "affinity")
+            key = (repr(params), X.shape, X.tobytes(), y.tobytes())
+            hit = _FITS.get(key)
+            if hit is None:
+                super().fit(X, y)
+                _FITS[key] = dict(self.__dict__)
+            else:
+                self.__dict__.update(hit)
+            return self
+
+    return MemoETAP
+
+
+def run_job(job: dict) -> list[dict]:
+    """Every budget (and, for the 2023 search, every number of trainings) of one strategy and seed."""
+    from lightning_etap.predictors import MTGNetPredictor
+    from lightning_etap.search import (
+        active_etap_search,
+        mtgnet_search,
+        quick_reject_search,
+        random_search,
+        random_selection,
+        total_test_loss,
+    )
+
+    table, oracle, affinity = _STATE["table"], _STATE["oracle"], _STATE["affinity"]
+    names = list(oracle.task_names)
+    _FITS.clear()
+    etap = _memo_etap_class()(affinity.matrix, task_names=names)
+    name, seed, trainings = job["strategy"], job["seed"], job["trainings"]
+    key = _job_key(job)
+    out = []
+    for budget in job["budgets"]:
+        runs = [[k] for k in trainings] if name.startswith("quick_reject") else [trainings]
+        for ks in runs:
+            start, cpu = time.perf_counter(), time.process_time()
+            with tempfile.TemporaryDirectory(prefix="active-search-") as tmp:
+                common = {"store": os.path.join(tmp, "gains.sqlite"), "random_state": seed}
+                if name.startswith("quick_reject"):
+                    result = quick_reject_search(oracle, ks[0], predictor=etap, refit_every=job["qr_refit"],
+                                                 budget=budget, **common)
+                    steps = [(ks[0], result.groups, result.estimated_loss, result.measured)]
+                else:
+                    common.update(budget=budget, checkpoints=ks)
+                    top = max(ks)
+                    if name == "random_search":
+                        result = random_search(oracle, top, **common)
+                    elif name == "random_selection":
+                        result = random_selection(oracle, top, predictor=etap, **common)
+                    elif name == "active_etap":
+                        result = active_etap_search(oracle, top, predictor=etap, ensemble=job["ensemble"],
+                                                    batch_size=_batch_schedule, **common)
+                    elif name == "mtgnet":
+                        result = mtgnet_search(oracle, top, predictor=MTGNetPredictor(task_names=names),
+                                               refit_every=job["mtgnet_refit"], **common)
+                    elif name == "greedy_etap":
+                        result = mtgnet_search(oracle, top, predictor=etap, refit_every=1, **common)
+                    else:
+                        raise ValueError(f"unknown strategy {name!r}")
+                    steps = [(s.n_trainings, s.groups, s.estimated_loss, s.measured) for s in result.history]
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            out += [{"job": key, "strategy": name, "seed": seed, "budget": budget, "trainings": k,
+                     "groups": [list(g) for g in groups], "n_groups": len(groups),
+                     "true_loss": total_test_loss(groups, table), "estimated_loss": float(est),
+                     "measured": bool(measured), "seconds": seconds, "cpu_seconds": cpu} for k, groups, est, measured in steps]
+    _FITS.clear()
+    return out
+
+
+def _job_key(job: dict) -> str:
+    return json.dumps({k: job[k] for k in sorted(job)}, sort_keys=True)
+
+
+def _job_key_of_row(row: dict) -> str:
+    return row["job"]
+
+
+# --------------------------------------------------------------------------- report
+
+
+class _Lazy(dict):
+    """A dict computing a missing key with ``make`` (the optima are exact selections: not free)."""
+
+    def __init__(self, make, known=None):
+        super().__init__({int(k): v for k, v in (known or {}).items()})
+        self.make = make
+        self.top = None
+
+    def __missing__(self, key):
+        self[key] = value = self.make(key)
+        return value
+
+
+def summarise(records: list[dict], optima: dict, any_optima: dict, partition_optima: dict) -> dict:
+    out: dict = {}
+    for r in records:
+        if r["strategy"] == "quick_reject_any":
+            best = any_optima[r["n_groups"]]
+            part = partition_optima[partition_optima.top]  # the best partition of any size
+        else:
+            best = optima[r["budget"]]
+            part = partition_optima[r["budget"]]
+        r["gap"] = (r["true_loss"] - best) / best
+        r["partition_gap"] = (r["true_loss"] - part) / part
+        key = (r["strategy"], r["budget"], r["trainings"])
+        out.setdefault(key, []).append(r)
+    summary = {}
+    for (name, budget, k), rows in out.items():
+        gaps = np.array([r["gap"] for r in rows])
+        summary[f"{name}|{budget}|{k}"] = {
+            "strategy": name, "budget": budget, "trainings": k, "runs": len(rows),
+            "mean_gap": float(gaps.mean()), "sem_gap": float(gaps.std(ddof=1) / math.sqrt(len(gaps))) if len(gaps) > 1
+            else float("nan"),
+            "median_gap": float(np.median(gaps)), "within_1pct": float((gaps <= 0.01).mean()),
+            "mean_partition_gap": float(np.mean([r["partition_gap"] for r in rows])),
+            "mean_true_loss": float(np.mean([r["true_loss"] for r in rows])),
+            "mean_groups": float(np.mean([r["n_groups"] for r in rows])),
+            "share_measured": float(np.mean([r["measured"] for r in rows])),
+            "seeds": sorted(r["seed"] for r in rows),
+        }
+    return summary
+
+
+def targets(summary: dict, records: list[dict], budgets, trainings) -> list[dict]:
+    rows = []
+    for budget in budgets:
+        ten = [k for k in trainings if k <= 10]
+        best = min((summary[f"active_etap|{budget}|{k}"]["mean_gap"], k) for k in ten
+                   if f"active_etap|{budget}|{k}" in summary) if ten else (math.nan, None)
+        rows.append({"target": f"B={budget}: active ETAP within 1% of the optimum with <= 10 trainings "
+                               "(mean gap over seeds)",
+                     "measured": f"{100 * best[0]:.2f}% at {best[1]} trainings", "met": bool(best[0] <= 0.01)})
+        for k in (5, 10):
+            if k not in trainings or f"active_etap|{budget}|{k}" not in summary:
+                continue
+            ours = summary[f"active_etap|{budget}|{k}"]
+            others = [v for key, v in summary.items() if v["budget"] == budget and v["trainings"] == k
+                      and v["strategy"] not in ("active_etap", "quick_reject_any")]
+            if not others:
+                continue
+            rival = min(others, key=lambda v: v["mean_gap"])
+            wins = _paired_wins(records, budget, k, rival["strategy"])
+            rows.append({"target": f"B={budget}, {k} trainings: active ETAP better than every other strategy",
+                         "measured": f"{100 * ours['mean_gap']:.2f}% vs best other {LABELS[rival['strategy']]} "
+                                     f"{100 * rival['mean_gap']:.2f}% (lower/tied/higher in {wins})",
+                         "met": bool(ours["mean_gap"] < rival["mean_gap"])})
+    return rows
+
+
+def _paired_wins(records, budget, k, rival) -> str:
+    by = {}
+    for r in records:
+        if r["budget"] == budget and r["trainings"] == k and r["strategy"] in ("active_etap", rival):
+            by.setdefault(r["seed"], {})[r["strategy"]] = r["true_loss"]
+    pairs = [(v["active_etap"], v[rival]) for v in by.values() if len(v) == 2]
+    lower = sum(a < b - 1e-12 for a, b in pairs)
+    higher = sum(a > b + 1e-12 for a, b in pairs)
+    return f"{lower}/{len(pairs) - lower - higher}/{higher} of {len(pairs)} seeds"
+
+
+def plot(summary: dict, budgets, trainings, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 4.2), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, budget in zip(axes, budgets):
+        for name in ORDER:
+            pts = [(k, summary[f"{name}|{budget}|{k}"]) for k in trainings if f"{name}|{budget}|{k}" in summary]
+            if not pts:
+                continue
+            x = [k for k, _ in pts]
+            y = [100 * v["mean_gap"] for _, v in pts]
+            err = [100 * v["sem_gap"] for _, v in pts]
+            style = {"lw": 2.6, "color": "black"} if name == "active_etap" else {"lw": 1.4}
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, label=LABELS[name], **style)
+        ax.axhline(1.0, color="grey", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(trainings), [str(k) for k in trainings])
+        ax.set_title(f"B = {budget} groups")
+        ax.set_xlabel("multi-task trainings spent")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("true total test loss above the optimum (%)")
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Chemical: which groups to pay to train (mean over seeds, ± s.e.m.)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt_gap(v: dict) -> str:
+    return f"{100 * v['mean_gap']:.2f}% ({100 * v['within_1pct']:.0f}%)"
+
+
+def write_page(path: Path, report: dict) -> None:
+    s = report["summary"]
+    budgets, trainings = report["budgets"], report["trainings"]
+    lines = [
+        "# Which groups to pay to train: search strategies on Chemical",
+        "",
+        "Written by `benchmarks/active_search.py` "
+        f"({report['date']}, {report['seeds']} seeds, {report['wall_minutes']:.1f} min on {report['machine']}). "
+        "Every strategy of `lightning_etap.search` ran against an `OracleTrainer` that looks the test losses "
+        f"up in the exhaustive Chemical table ({report['table']}; losses averaged over its seeds), through the "
+        "real `collect_gains` / `GainStore` machinery with a fresh store per run. The figure is the **true** "
+        "total test loss (sum over the 10 tasks, each task's lowest test loss among the returned groups) "
+        "above the true optimum, the exact best selection of at most B groups over all 1,013 multi-task "
+        "groups and the 10 STL models:",
+        "",
+        "| B | optimum (total test loss) | its groups | best partition (disjoint) | all-task group | all STL |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in budgets:
+        o = report["optima"][str(b)]
+        lines.append(f"| {b} | {o['loss']:.4f} | {'; '.join('{' + ', '.join(g) + '}' for g in o['groups'])} | "
+                     f"{o['disjoint_loss']:.4f} | {report['all_task_loss']:.4f} | {report['stl_loss']:.4f} |")
+    lines += [
+        "",
+        "**Counting.** A *training* is one multi-task group training. The all-task group counts (every "
+        "strategy trains it first: the ETAP authors' released code always puts it in G_train); the 10 STL "
+        "models are needed by every strategy (they define the gains) and are not counted. A group the "
+        "store already holds is never trained again.",
+        "",
+        "![gap to the optimum against trainings spent](active.png)",
+        "",
+        "Mean gap to the optimum over seeds (in brackets: share of seeds within 1% of it); lower is better.",
+        "",
+    ]
+    for b in budgets:
+        lines += [f"### B = {b}", "", "| strategy | " + " | ".join(f"{k} trainings" for k in trainings) + " |",
+                  "| --- |" + " --- |" * len(trainings)]
+        for name in ORDER:
+            cells = [_fmt_gap(s[f"{name}|{b}|{k}"]) if f"{name}|{b}|{k}" in s else "–" for k in trainings]
+            if any(c != "–" for c in cells):
+                label = f"**{LABELS[name]}**" if name == "active_etap" else LABELS[name]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    qr = [b for b in budgets if any(f"quick_reject|{b}|{k}" in s for k in trainings)]
+    if qr:
+        lines += ["The 2023 search returns a partition (disjoint groups), and on Chemical the best partition of at "
+                  "most B groups is far from the optimum with overlapping groups (first table). Its mean gap to "
+                  "that best *partition* instead:", "",
+                  "| B | " + " | ".join(f"{k} trainings" for k in trainings) + " |",
+                  "| --- |" + " --- |" * len(trainings)]
+        for b in qr:
+            cells = [f"{100 * s[f'quick_reject|{b}|{k}']['mean_partition_gap']:.2f}%"
+                     if f"quick_reject|{b}|{k}" in s else "–" for k in trainings]
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    any_rows = [v for v in s.values() if v["strategy"] == "quick_reject_any"]
+    if any_rows:
+        lines += ["The 2023 search free to return a partition of any size, against the optimum (overlapping "
+                  "groups allowed) with as many groups as it returned:", "",
+                  "| trainings | gap (within 1%) | mean number of groups |", "| --- | --- | --- |"]
+        for v in sorted(any_rows, key=lambda v: v["trainings"]):
+            lines.append(f"| {v['trainings']} | {_fmt_gap(v)} | {v['mean_groups']:.1f} |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    for t in report["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    lines += ["", "## How each strategy ran", ""]
+    lines += [f"- {line}" for line in report["notes"]]
+    lines += ["", "## Reading the results", "", report.get("discussion", "(see the JSON)"), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", type=Path, default=RESULTS / "chemical_exhaustive.csv")
+    ap.add_argument("--store", type=Path, default=RESULTS / "chemical_exhaustive.sqlite",
+                    help="the collection's store, read (finished seeds only) while the CSV does not exist")
+    ap.add_argument("--affinity", type=Path, default=RESULTS / "chemical_affinity",
+                    help="a saved AffinityResult directory (measured and saved there when absent)")
+    ap.add_argument("--affinity-epochs", type=int, default=100,
+                    help="epoch cap of the all-task fit that measures a missing affinity (0: the full recipe)")
+    ap.add_argument("--affinity-seed", type=int, default=0)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--trainings", type=int, nargs="+", default=[5, 10, 20, 40])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--strategies", nargs="+", choices=list(LABELS),
+                    default=[name for name in ORDER if name != "greedy_etap"] + ["quick_reject_any"],
+                    help="default: all but the greedy_etap ablation")
+    ap.add_argument("--ensemble", type=int, default=8, help="bootstrap copies of active ETAP")
+    ap.add_argument("--mtgnet-refit", type=int, default=5)
+    ap.add_argument("--qr-refit", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="3 seeds, 5 and 10 trainings")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop starting runs after this many minutes and report the seeds finished by then")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the runs recorded in the .partial.jsonl beside --json (same table)")
+    ap.add_argument("--json", type=Path, default=RESULTS / "active_search.json")
+    ap.add_argument("--page", type=Path, default=DOCS / "active.md")
+    ap.add_argument("--plot", type=Path, default=DOCS / "active.png")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.trainings = 3, [5, 10]
+    trainings = sorted(set(args.trainings))
+    wall = time.perf_counter()
+
+    table, table_text = load_ground_truth(args.table, args.store)
+    affinity, measured_now = load_affinity(args.affinity, args.affinity_epochs, args.affinity_seed, args.data_root)
+    from lightning_etap.search import total_test_loss
+
+    names = table.task_names
+    optima, report_optima = {}, {}
+    for b in args.budgets:
+        loss, groups = optimum(table, b)
+        disjoint, dgroups = optimum(table, b, disjoint=True)
+        optima[b] = loss
+        report_optima[str(b)] = {"loss": loss, "groups": groups, "disjoint_loss": disjoint}
+        print(f"B={b}: optimum {loss:.4f} {groups}; best partition {disjoint:.4f} {dgroups}", flush=True)
+    any_optima = _Lazy(lambda b: optimum(table, b)[0])  # for the partitions of any size: their own size
+    partition_optima = _Lazy(lambda b: optimum(table, b, disjoint=True)[0], {b: v["disjoint_loss"]
+                                                                            for b, v in report_optima.items()})
+    partition_optima.top = len(names)
+
+    jobs = []
+    for name in args.strategies:
+        for seed in range(args.seeds):
+            jobs.append({"strategy": name, "seed": seed, "trainings": trainings,
+                         "budgets": [None] if name == "quick_reject_any" else list(args.budgets),
+                         "ensemble": args.ensemble, "mtgnet_refit": args.mtgnet_refit, "qr_refit": args.qr_refit})
+    cost = {"active_etap": 30, "greedy_etap": 12, "mtgnet": 8, "quick_reject": 3, "quick_reject_any": 3,
+            "random_selection": 1, "random_search": 0}
+    # seed-major (every strategy of seed 0, then of seed 1, ...), longest first within a seed: when the
+    # time limit stops the run, the seeds already finished are complete for every strategy
+    jobs.sort(key=lambda j: (j["seed"], -cost.get(j["strategy"], 1)))
+    partial = args.json.with_suffix(".partial.jsonl")
+    table_key = table_text
+    records: list[dict] = []
+    done_keys: set[str] = set()
+    if args.resume and partial.exists():
+        for line in partial.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["table"] == table_key:
+                done_keys.add(entry["key"])
+                records += entry["rows"]
+    todo = [j for j in jobs if _job_key(j) not in done_keys]
+    print(f"{len(jobs)} runs ({len(jobs) - len(todo)} found in {partial.name}) on {args.workers} worker(s)",
+          flush=True)
+    init = (str(args.table), str(args.store), str(args.affinity), sorted({int(v) for v in np.unique(table.seeds)}))
+    deadline = None if args.max_minutes is None else wall + 60 * args.max_minutes
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with partial.open("a" if args.resume else "w") as log:
+
+        def keep(job, rows):
+            records.extend(rows)
+            log.write(json.dumps({"table": table_key, "key": _job_key(job), "rows": rows}, default=float) + "\n")
+            log.flush()
+
+        done = 0
+        if args.workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import FIRST_COMPLETED, wait
+
+            with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=init) as pool:
+                pending, queue = {}, list(todo)
+                while queue or pending:
+                    while queue and len(pending) < 2 * args.workers and (deadline is None
+                                                                         or time.perf_counter() < deadline):
+                        job = queue.pop(0)
+                        pending[pool.submit(run_job, job)] = job
+                    if not pending:
+                        break
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        keep(pending.pop(future), future.result())
+                        done += 1
+                        if done % 20 == 0:
+                            print(f"  {done}/{len(todo)} runs, {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
+        else:
+            _init_worker(*init)
+            for job in todo:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+                keep(job, run_job(job))
+                done += 1
+                if done % 20 == 0:
+                    print(f"  {done}/{len(todo)} runs, {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
+    # only seeds for which every run finished (a time limit may have stopped the run early)
+    expected = {seed: {_job_key(j) for j in jobs if j["seed"] == seed} for seed in range(args.seeds)}
+    present = {_job_key_of_row(r) for r in records}
+    complete = [seed for seed in range(args.seeds) if expected[seed] <= present]
+    if len(complete) < args.seeds:
+        print(f"time limit: {len(complete)} of {args.seeds} seeds complete ({complete}); reporting those", flush=True)
+    records = [r for r in records if r["seed"] in complete]
+    n_seeds = len(complete)
+    if not n_seeds:
+        raise SystemExit("no seed finished within the time limit")
+
+    summary = summarise(records, optima, any_optima, partition_optima)
+    seconds, cpu_seconds = {}, {}
+    for r in records:
+        run = (r["seed"], r["budget"], (r["trainings"],) if r["strategy"].startswith("quick_reject") else ())
+        seconds.setdefault(r["strategy"], {})[run] = r["seconds"]
+        cpu_seconds.setdefault(r["strategy"], {})[run] = r.get("cpu_seconds", float("nan"))
+    run_seconds = {k: round(float(np.mean(list(v.values()))), 2) for k, v in seconds.items()}
+    run_cpu = {k: round(float(np.mean(list(v.values()))), 2) for k, v in cpu_seconds.items()}
+    print("\nmean gap to the optimum (share within 1%)")
+    for b in args.budgets:
+        print(f"B = {b}")
+        for name in args.strategies:
+            cells = [f"{k}: {_fmt_gap(summary[f'{name}|{b}|{k}'])}" for k in trainings
+                     if f"{name}|{b}|{k}" in summary]
+            if cells:
+                print(f"  {name:18s} " + "  ".join(cells))
+    goals = targets(summary, records, args.budgets, trainings)
+    for t in goals:
+        print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
+
+    fit = affinity.settings.get("benchmark_fit", {})
+    notes = [
+        f"Affinity: `{args.affinity.relative_to(ROOT) if args.affinity.is_relative_to(ROOT) else args.affinity}`"
+        + (f", measured {'in this run' if measured_now else 'by this script'} with the AffinityCallback "
+           f"(every step) on one all-task Chemical fit capped at {fit.get('max_epochs')} epochs "
+           f"({fit.get('epochs')} run), seed {fit.get('seed')}" if fit else ", a saved AffinityResult")
+        + f"; {affinity.measured_steps} steps measured.",
+        "ETAP is `ETAPPredictor(affinity.matrix)` with its defaults (released-code grids, 10-fold / 5-fold "
+        "cross-validation by group) in every strategy that uses it; predictions of measured groups are "
+        "replaced by their measured values before any selection or comparison.",
+        "random G_train + ETAP: the same draw as pure random search with the same seed (the all-task "
+        "group, then uniform draws without replacement); ETAP refitted on the first k groups for each k; "
+        "the answer is the exact selection over all groups and may contain groups not trained yet (as in "
+        "the paper, they are trained afterwards). Pure random search returns the best selection among the "
+        "measured groups.",
+        f"Active ETAP: {args.ensemble} bootstrap copies per step, the all-task group + the group of largest "
+        "mean affinity + one random group first, then the groups of largest expected improvement; one group "
+        "per step up to 10 trainings, 2 per step up to 20 and 4 beyond (batches keep the runtime down; the "
+        "figures at 5 and 10 trainings are strictly one group at a time). It returns the best grouping of "
+        "measured groups. Why this rule: what a user pays for is a grouping whose models exist, so the value "
+        "of training a group is how much it improves the best measured grouping; the expectation of that "
+        "improvement over bootstrap refits of ETAP (the rule of Bayesian optimisation, the bootstrap standing "
+        "in for a posterior) rewards uncertain groups as well as groups predicted best, and never spends a "
+        "training on a group no refit expects to pay. The largest-affinity group is trained early because "
+        "ETAP's spline extrapolates as a constant beyond the affinities it was fitted on. The rule and its "
+        "settings (ensemble 8, 3 initial groups, the batch schedule) were written while developing against "
+        "this same table (its first seeds), and there is no second exhaustive table to check them on; "
+        "nothing is set per budget or per number of trainings, and no setting was searched on these figures.",
+        f"MTG-Net's loop: `MTGNetPredictor()` defaults, refitted every {args.mtgnet_refit} trainings (between "
+        "refits the last fit's predictions, with every new measurement plugged in); the second group is "
+        "random (the predictor needs two groups). It returns the best grouping of measured groups. The "
+        "ablation `greedy_etap` runs the same loop with ETAP refitted after every training.",
+        f"2023 search: ETAP as its predictor (the 2023 paper's own predictor needs the gains of all 45 "
+        f"pairs, more than any budget here), refitted after every {args.qr_refit} trainings; all-task group "
+        "+ 2 random groups first; start from the all-task partition; a move sends one random task to another "
+        "group or (while fewer than B groups) a new one; quick-reject probabilities 0.99 / (0.1, 0.05, 0.005 "
+        "over the thirds of the budget); a trained proposal becomes the current partition; it returns the "
+        "best measured partition. Its partitions are compared with the same (overlapping) optimum as "
+        "everything else; the best partition's own gap is in the first table.",
+        f"Seeds {complete[0]}-{complete[-1]} are each strategy's `random_state`"
+        + (f" ({n_seeds} of the {args.seeds} requested: the time limit stopped the run)" if n_seeds < args.seeds
+           else "") + "; the oracle and the table are the same for all.",
+        "Mean seconds per run (one strategy, seed and budget; for the 2023 search also one number of "
+        "trainings), CPU / wall on a machine shared with other jobs: "
+        + ", ".join(f"{k} {run_cpu[k]:.1f} / {v:.1f}" for k, v in sorted(run_seconds.items())) + ".",
+    ]
+    report = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker process(es)",
+        "python": sys.version.split()[0],
+        "table": table_text,
+        "seeds": n_seeds,
+        "seeds_requested": args.seeds,
+        "budgets": args.budgets,
+        "trainings": trainings,
+        "strategies": args.strategies,
+        "optima": report_optima,
+        "all_task_loss": total_test_loss([names], table),
+        "stl_loss": float(table.mean_over_seeds().stl_losses[-1].sum()),
+        "summary": summary,
+        "targets": goals,
+        "notes": notes,
+        "run_seconds": run_seconds,
+        "run_cpu_seconds": run_cpu,
+        "wall_minutes": (time.perf_counter() - wall) / 60,
+        "records": records,
+    }
+    report["discussion"] = discussion(summary, args.budgets, trainings, goals)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    plot(summary, args.budgets, trainings, args.plot)
+    write_page(args.page, report)
+    print(f"wrote {args.json}, {args.page}, {args.plot} in {report['wall_minutes']:.1f} min")
+    return 0
+
+
+def discussion(summary: dict, budgets, trainings, goals: list[dict]) -> str:
+    """The page's last section, generated from the figures (so a rerun cannot contradict it)."""
+    parts = []
+    met = sum(t["met"] for t in goals)
+    parts.append(f"{met} of the {len(goals)} targets are met." + (" The others are missed; the numbers are "
+                                                                 "in the table above." if met < len(goals) else ""))
+    for b in budgets:
+        cells = []
+        for k in trainings:
+            rows = [v for v in summary.values() if v["budget"] == b and v["trainings"] == k
+                    and v["strategy"] != "quick_reject_any"]
+            if not rows:
+                continue
+            ranked = sorted(rows, key=lambda v: v["mean_gap"])
+            ours = next((i for i, v in enumerate(ranked) if v["strategy"] == "active_etap"), None)
+            best = ranked[0]
+            cells.append(f"{k}: best {LABELS[best['strategy']]} ({100 * best['mean_gap']:.2f}%)"
+                         + ("" if ours is None else f", active ETAP rank {ours + 1} of {len(ranked)} "
+                            f"({100 * ranked[ours]['mean_gap']:.2f}%)"))
+        parts.append(f"B = {b}, by trainings: " + "; ".join(cells) + ".")
+    first = [k for k in trainings if f"active_etap|{budgets[0]}|{k}" in summary]
+    reach = []
+    for b in budgets:
+        hit = [k for k in first if summary.get(f"active_etap|{b}|{k}", {}).get("mean_gap", 1.0) <= 0.01]
+        reach.append(f"B = {b}: {hit[0]} trainings" if hit else f"B = {b}: not within {max(first)} trainings")
+    parts.append("Active ETAP's mean gap first falls within 1% of the optimum at " + "; ".join(reach) + ".")
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""What every search strategy shares: the result, the measured groups, selection on top of them (private).
+
+A strategy talks to the ground truth only through :class:`_Session`, which
+trains through :func:`~lightning_etap.groundtruth.collect_gains` into a
+:class:`~lightning_etap.groundtruth.GainStore`. The session remembers the
+groups *this search* asked for, in order; a group the store already holds is
+not trained again (``collect_gains`` skips it), and because a strategy's
+decisions depend only on its seed and on the measurements of the groups it
+asked for, a search rerun on the store of a crashed one makes the same
+decisions, finds them all measured, and goes on from where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lightning_etap.groundtruth.collect import collect_gains
+from lightning_etap.groundtruth.gains import GroupGains
+from lightning_etap.groundtruth.store import GainStore
+from lightning_etap.groups import all_groups, groups_to_masks
+from lightning_etap.selection import select_groups
+
+__all__ = ["OBJECTIVES", "SearchResult", "SearchStep", "total_test_loss"]
+
+#: What a grouping is judged by: ``"loss"`` (default) the summed test loss
+#: over the tasks (each task's loss from the chosen group that serves it best,
+#: the paper's Table 4 metric); ``"gain"`` the summed relative gain (the
+#: released code's selection objective).
+OBJECTIVES: tuple[str, ...] = ("loss", "gain")
+
+#: Largest number of tasks for which the candidates default to every group.
+_MAX_EXHAUSTIVE = 16
+
+Grouping = tuple[tuple[str, ...], ...]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """The grouping a search would have returned after ``n_trainings`` trainings.
+
+    Attributes:
+        n_trainings: multi-task trainings spent so far.
+        groups: the grouping (tuples of task names; one-task groups are STL models).
+        estimated_loss: the strategy's estimate of its total test loss (measured
+            losses for measured groups, predictions for the others).
+        measured: whether every group of it has been measured (then
+            ``estimated_loss`` is the measured total).
+    """
+
+    n_trainings: int
+    groups: Grouping
+    estimated_loss: float
+    measured: bool
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """What a search strategy returns.
+
+    Attributes:
+        strategy: the strategy's name (a key of :data:`~lightning_etap.search.STRATEGIES`).
+        task_names: the tasks.
+        groups: the returned grouping: tuples of task names; every task is in
+            at least one group (exactly one for a partition); a one-task group
+            is that task's single-task (STL) model.
+        masks: ``(k, n)`` bool, the same groups as membership masks.
+        budget: the largest number of groups allowed (STL models count), or
+            ``None`` (a partition of any size).
+        estimated_loss: the strategy's estimate of the grouping's total test
+            loss (sum over tasks of the lowest loss among the groups holding
+            the task); measured wherever the group was measured.
+        measured: whether every group of the grouping has been measured.
+        n_trainings: multi-task group trainings the search spent (the STL
+            models, needed by every strategy, are not counted). Groups found
+            already measured in the store count too: they are part of the
+            search, they just cost nothing the second time.
+        trained: the multi-task groups the search measured, in order.
+        trained_now: of those, how many this call actually trained (the
+            others came from the store, e.g. after a crash).
+        history: the grouping the search would have returned at each of the
+            requested ``checkpoints`` (:class:`SearchStep`).
+        seconds: wall time of the call.
+        details: strategy-specific records (documented by each strategy).
+    """
+
+    strategy: str
+    task_names: tuple[str, ...]
+    groups: Grouping
+    masks: np.ndarray
+    budget: int | None
+    estimated_loss: float
+    measured: bool
+    n_trainings: int
+    trained: Grouping
+    trained_now: int
+    history: tuple[SearchStep, ...]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        kind = "measured" if self.measured else "estimated"
+        listing = "; ".join("{" + ", ".join(g) + "}" for g in self.groups)
+        return (f"{self.strategy}: {len(self.groups)} groups after {self.n_trainings} trainings "
+                f"({self.trained_now} trained now), {kind} total test loss {self.estimated_loss:.5g}: {listing}")
+
+
+def total_test_loss(groups: Iterable[Sequence[str]], table: GroupGains) -> float:
+    """True total test loss of a grouping, looked up in a measured table.
+
+    For each task the lowest test loss among the given groups containing it
+    (a one-task group is the STL model), summed over the tasks; losses are
+    averaged over the table's seeds.
+
+    Args:
+        groups: the grouping (sequences of task names); must cover every task.
+        table: a :class:`~lightning_etap.groundtruth.GroupGains` holding every
+            multi-task group of the grouping and the STL losses.
+
+    Raises:
+        ValueError: a task no group covers, or a group the table does not hold.
+
+    Example:
+        >>> import numpy as np
+        >>> from lightning_etap.groundtruth import GroupGains
+        >>> table = GroupGains(("a", "b", "c"), np.array([[True, True, False]]), np.array([[0.4, 0.6, np.nan]]),
+        ...                    np.full((1, 3), np.nan), np.array([0]), {0: np.array([0.5, 0.5, 0.5])})
+        >>> round(total_test_loss([("a", "b"), ("b",), ("c",)], table), 6)  # 0.4 + min(0.6, 0.5) + 0.5
+        1.4
+    """
+    return _LossTable.of(table).total(groups)
+
+
+class _LossTable:
+    """Seed-averaged losses of a table, by group bit code (cached per table object)."""
+
+    _cache: dict[int, tuple[Any, _LossTable]] = {}
+
+    def __init__(self, table: GroupGains) -> None:
+        mean = table.mean_over_seeds()
+        self.task_names = tuple(table.task_names)
+        self.index = {t: i for i, t in enumerate(self.task_names)}
+        self.stl = np.asarray(mean.stl_losses.get(-1, np.full(len(self.task_names), np.nan)), dtype=float)
+        weights = np.left_shift(np.int64(1), np.arange(len(self.task_names), dtype=np.int64))
+        codes = mean.masks.astype(np.int64) @ weights
+        self.losses = {int(c): mean.test_losses[r] for r, c in enumerate(codes)}
+
+    @classmethod
+    def of(cls, table: GroupGains) -> _LossTable:
+        hit = cls._cache.get(id(table))
+        if hit is not None and hit[0] is table:
+            return hit[1]
+        made = cls(table)
+        if len(cls._cache) > 16:
+            cls._cache.clear()
+        cls._cache[id(table)] = (table, made)
+        return made
+
+    def total(self, groups: Iterable[Sequence[str]]) -> float:
+        n = len(self.task_names)
+        best = np.full(n, np.inf)
+        for group in groups:
+            members = [self.index[str(t)] for t in group]
+            if len(members) == 1:
+                row = np.full(n, np.inf)
+                row[members[0]] = self.stl[members[0]]
+            else:
+                code = sum(1 << i for i in members)
+                if code not in self.losses:
+                    raise ValueError(f"the table holds no measurement of group {list(group)}")
+                row = np.where(np.isnan(self.losses[code]), np.inf, self.losses[code])
+            best = np.minimum(best, row)
+        if not np.isfinite(best).all():
+            missing = [self.task_names[i] for i in np.flatnonzero(~np.isfinite(best))]
+            raise ValueError(f"tasks {missing} are in no group of the grouping (or have no measured loss)")
+        return float(best.sum())
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_probability(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_predictor(predictor, name: str = "predictor"):
+    if not (hasattr(predictor, "fit") and hasattr(predictor, "predict") and hasattr(predictor, "get_params")):
+        raise ValueError(f"{name} must be an unfitted scikit-learn-style gain predictor (e.g. "
+                         f"ETAPPredictor(affinity)), got {predictor!r}")
+    return predictor
+
+
+def fit_quietly(predictor, masks: np.ndarray, gains: np.ndarray):
+    """A fresh clone of ``predictor`` fitted on the given groups (its small-sample warnings silenced)."""
+    from sklearn.base import clone
+
+    model = clone(predictor)
+    with warnings.catch_warnings():
+        # With a handful of groups the predictors warn that they use fewer folds; during a search
+        # that is expected at every early step, so it is not repeated to the user.
+        warnings.simplefilter("ignore", UserWarning)
+        return model.fit(masks, gains)
+
+
+# --------------------------------------------------------------------------- the session
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A grouping over candidate indices: ``groups`` are tuples of task indices."""
+
+    groups: tuple[tuple[int, ...], ...]
+    estimated_loss: float
+    measured: bool
+
+
+class Session:
+    """The measured groups of one search and the selection machinery over them.
+
+    Candidates are the multi-task groups the search may train (by default
+    every group of two or more tasks); the all-task group is always one of
+    them. Per-task values for selection follow ``objective``: ``"loss"``:
+    the STL loss minus the group's loss (so the selection's objective is the
+    STL total minus the grouping's total loss); ``"gain"``: relative gains.
+    """
+
+    def __init__(
+        self,
+        strategy: str,
+        trainer,
+        *,
+        n_trainings: int,
+        budget: int | None,
+        store,
+        seeds: Iterable[int],
+        executor,
+        objective: str,
+        candidates,
+        task_names: Sequence[str] | None,
+        checkpoints: Iterable[int] | None,
+        allow_any_budget: bool = False,
+    ) -> None:
+        self.t0 = time.perf_counter()
+        self.strategy = strategy
+        self.trainer = trainer
+        self.n_trainings = check_count(n_trainings, "n_trainings")
+        if budget is None and not allow_any_budget:
+            raise ValueError("budget (the largest number of groups, STL models included) is required")
+        self.budget = None if budget is None else check_count(budget, "budget")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective = objective
+        names = task_names if task_names is not None else getattr(trainer, "task_names", None)
+        if names is None and isinstance(store, GainStore):
+            names = store.task_names
+        if names is None:
+            raise ValueError("the task order is unknown: pass task_names=[...] or use a trainer with task_names")
+        self.names = tuple(str(t) for t in names)
+        n = len(self.names)
+        if n < 2:
+            raise ValueError(f"a search needs at least 2 tasks, got {n}")
+        self.n = n
+        self.seeds = list(dict.fromkeys(int(s) for s in seeds))
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one training seed")
+        self.executor = executor
+        self.cands = self._candidates(candidates)
+        self.weights = np.left_shift(np.int64(1), np.arange(n, dtype=np.int64))
+        codes = self.cands.astype(np.int64) @ self.weights
+        self.index = {int(c): i for i, c in enumerate(codes)}
+        self.full = self.index[int((1 << n) - 1)]
+        self.checkpoints = sorted({check_count(c, "checkpoints") for c in (checkpoints or ())})
+        self.history: list[SearchStep] = []
+
+        if isinstance(store, GainStore):
+            store.claim(trainer.fingerprint(), task_names=list(self.names))
+            self.store = store
+        else:
+            self.store = GainStore(store, trainer.fingerprint(), task_names=list(self.names))
+        self.order: list[int] = []
+        self.known: dict[int, np.ndarray] = {}
+        self.trained_now = 0
+        singles = [(t,) for t in self.names]
+        stl = collect_gains(trainer, singles, self.seeds, self.store, executor, progress=False,
+                            task_names=list(self.names))
+        self.stl = np.mean([stl.stl_losses[s] for s in self.seeds], axis=0)
+        if not (np.isfinite(self.stl).all() and (self.stl > 0).all()):
+            raise ValueError(f"the single-task losses must be finite and positive, got {self.stl}")
+
+    # ------------------------------------------------------------------ candidates
+    def _candidates(self, candidates) -> np.ndarray:
+        n = len(self.names)
+        if candidates is None:
+            if n > _MAX_EXHAUSTIVE:
+                raise ValueError(f"with {n} tasks there are too many groups to consider them all: pass "
+                                 "candidates=... (the groups the search may train)")
+            return all_groups(n, min_size=2)
+        if isinstance(candidates, np.ndarray) and candidates.dtype == bool:
+            if candidates.ndim != 2 or candidates.shape[1] != n:
+                raise ValueError(f"candidate masks must have shape (m, {n}), got {candidates.shape}")
+            masks = candidates
+        else:
+            masks = groups_to_masks(candidates, self.names)
+        masks = masks[masks.sum(axis=1) >= 2]
+        masks = np.concatenate([masks, np.ones((1, n), dtype=bool)])
+        _, first = np.unique(masks, axis=0, return_index=True)
+        return masks[np.sort(first)]
+
+    def group(self, i: int) -> tuple[str, ...]:
+        return tuple(self.names[t] for t in np.flatnonzero(self.cands[i]))
+
+    def code_index(self, members: Sequence[int]) -> int | None:
+        return self.index.get(sum(1 << int(t) for t in members))
+
+    # ------------------------------------------------------------------ measuring
+    @property
+    def spent(self) -> int:
+        return len(self.order)
+
+    @property
+    def remaining(self) -> int:
+        return self.n_trainings - len(self.order)
+
+    @property
+    def unmeasured(self) -> np.ndarray:
+        out = np.ones(len(self.cands), dtype=bool)
+        out[self.order] = False
+        return out
+
+    def measure(self, indices: Iterable[int]) -> list[int]:
+        """Train (or find in the store) these candidates; returns the ones new to this search."""
+        new = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in self.known]
+        new = new[: max(self.remaining, 0)]
+        if not new:
+            return []
+        groups = [self.group(i) for i in new]
+        jobs = [(g, s) for g in groups for s in self.seeds]
+        done = self.store.done_among(jobs)
+        gains = collect_gains(self.trainer, groups, self.seeds, self.store, self.executor, progress=False,
+                              task_names=list(self.names))
+        self.trained_now += len({g for g, s in jobs if (g, s) not in done})
+        mean = gains.mean_over_seeds() if len(self.seeds) > 1 else gains
+        codes = mean.masks.astype(np.int64) @ self.weights
+        rows = {int(c): mean.test_losses[r] for r, c in enumerate(codes)}
+        for i, g in zip(new, groups):
+            losses = rows[int(sum(1 << self.names.index(t) for t in g))]
+            self.known[i] = np.asarray(losses, dtype=float)
+            self.order.append(i)
+        return new
+
+    def measured_order(self, upto: int | None = None) -> list[int]:
+        """The measured candidates in measuring order (the first ``upto`` of them)."""
+        return list(self.order if upto is None else self.order[:upto])
+
+    def known_arrays(self, upto: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(indices, masks, gains)`` of the measured groups in measuring order (relative gains)."""
+        order = self.measured_order(upto)
+        idx = np.array(order, dtype=np.int64)
+        masks = self.cands[idx]
+        losses = np.array([self.known[i] for i in order]).reshape(len(idx), self.n)
+        gains = np.where(masks, (self.stl - losses) / self.stl, np.nan)
+        return idx, masks, gains
+
+    def fit(self, predictor, rows: Sequence[int] | None = None, upto: int | None = None):
+        """``predictor`` cloned and fitted on the measured groups.
+
+        ``upto``: only the first ``upto`` measured; ``rows``: positions into
+        that list (repeats allowed, e.g. a bootstrap sample).
+        """
+        _, masks, gains = self.known_arrays(upto)
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            masks, gains = masks[rows], gains[rows]
+        return fit_quietly(predictor, masks, gains)
+
+    # ------------------------------------------------------------------ values
+    def values(self, predicted_gains: np.ndarray | None, upto: int | None = None) -> np.ndarray:
+        """``(m, n)`` selection values of every candidate: measured where measured, else predicted (NaN: unknown)."""
+        if predicted_gains is None:
+            out = np.full(self.cands.shape, np.nan)
+        else:
+            pred = np.where(self.cands, predicted_gains, np.nan)
+            out = pred * self.stl if self.objective == "loss" else pred
+        idx, _, gains = self.known_arrays(upto)
+        if len(idx):
+            out[idx] = gains * self.stl if self.objective == "loss" else gains
+        return out
+
+    def losses(self, predicted_gains: np.ndarray | None, upto: int | None = None) -> np.ndarray:
+        """``(m, n)`` estimated test losses: measured where measured, else ``stl * (1 - predicted gain)``."""
+        if predicted_gains is None:
+            out = np.full(self.cands.shape, np.nan)
+        else:
+            out = np.where(self.cands, self.stl * (1.0 - predicted_gains), np.nan)
+        for i in self.measured_order(upto):
+            out[i] = self.known[i]
+        return out
+
+    # ------------------------------------------------------------------ groupings
+    def estimate(self, groups: Sequence[Sequence[int]], losses: np.ndarray) -> float:
+        """Total of ``losses`` over a grouping: each task's lowest loss among its groups."""
+        best = np.full(self.n, np.inf)
+        for members in groups:
+            if len(members) == 1:
+                best[members[0]] = min(best[members[0]], self.stl[members[0]])
+                continue
+            row = losses[self.code_index(members)]
+            best = np.minimum(best, np.where(np.isnan(row), np.inf, row))
+        return float(best.sum())
+
+    def answer(self, groups: Sequence[Sequence[int]], losses: np.ndarray, upto: int | None = None) -> Answer:
+        groups = tuple(sorted((tuple(int(t) for t in g) for g in groups), key=lambda g: (-len(g), g)))
+        known = set(self.measured_order(upto))
+        measured = all(len(g) == 1 or self.code_index(g) in known for g in groups)
+        return Answer(groups, self.estimate(groups, losses), measured)
+
+    def select(self, values: np.ndarray, rows: np.ndarray | None = None, *, disjoint: bool = False,
+               budget: int | None = None) -> tuple[tuple[tuple[int, ...], ...], float] | None:
+        """Exact selection over candidate ``rows`` (default: every candidate with known values).
+
+        Returns ``(groups, objective)`` with groups as tuples of task indices,
+        or ``None`` when no selection within the budget covers every task.
+        """
+        budget = self.budget if budget is None else budget
+        if rows is None:
+            rows = np.flatnonzero(~np.isnan(np.where(self.cands, values, 0.0)).any(axis=1))
+        rows = np.asarray(rows, dtype=np.int64)
+        if budget is None:
+            budget = self.n
+        if not len(rows):
+            if budget < self.n:
+                return None
+            return tuple((t,) for t in range(self.n)), 0.0
+        try:
+            sel = select_groups(self.cands[rows], values[rows], budget, disjoint=disjoint)
+        except ValueError:
+            return None
+        groups = tuple(tuple(int(t) for t in np.flatnonzero(row)) for row in sel.masks)
+        return groups, float(sel.objective)
+
+    def incumbent(self, upto: int | None = None, *, disjoint: bool = False) -> tuple[Answer, float] | None:
+        """The best grouping of measured groups (and STL models) only, and its objective."""
+        idx = np.array(self.measured_order(upto), dtype=np.int64)
+        found = self.select(self.values(None, upto), idx, disjoint=disjoint)
+        if found is None:
+            return None
+        return self.answer(found[0], self.losses(None, upto), upto), found[1]
+
+    def predicted_answer(self, predicted_gains: np.ndarray, upto: int | None = None) -> Answer | None:
+        """The exact selection over every candidate: measured values where measured, else predictions."""
+        values = self.values(predicted_gains, upto)
+        found = self.select(values, np.arange(len(self.cands)))
+        if found is None:
+            return None
+        return self.answer(found[0], self.losses(predicted_gains, upto), upto)
+
+    # ------------------------------------------------------------------ results
+    def record(self, answer: Answer | None, n_trainings: int | None = None) -> None:
+        """Keep ``answer`` as the grouping after ``n_trainings`` (default: so far) trainings."""
+        if answer is None:
+            return
+        spent = self.spent if n_trainings is None else int(n_trainings)
+        step = SearchStep(spent, self.named(answer.groups), answer.estimated_loss, answer.measured)
+        self.history = [s for s in self.history if s.n_trainings != spent] + [step]
+
+    def named(self, groups: Sequence[Sequence[int]]) -> Grouping:
+        return tuple(tuple(self.names[t] for t in g) for g in groups)
+
+    def result(self, answer: Answer | None, details: dict[str, Any] | None = None) -> SearchResult:
+        if answer is None:
+            raise ValueError(f"{self.strategy}: no grouping within budget {self.budget} covers every task "
+                             "with the groups measured; raise n_trainings or the budget")
+        masks = np.zeros((len(answer.groups), self.n), dtype=bool)
+        for r, g in enumerate(answer.groups):
+            masks[r, list(g)] = True
+        history = tuple(sorted(self.history, key=lambda s: s.n_trainings))
+        return SearchResult(
+            strategy=self.strategy,
+            task_names=self.names,
+            groups=self.named(answer.groups),
+            masks=masks,
+            budget=self.budget,
+            estimated_loss=float(answer.estimated_loss),
+            measured=bool(answer.measured),
+            n_trainings=self.spent,
+            trained=tuple(self.group(i) for i in self.order),
+            trained_now=self.trained_now,
+            history=history,
+            seconds=time.perf_counter() - self.t0,
+            details=dict(details or {}),
+        )
+
+
+def random_order(session: Session, rng: np.random.Generator) -> list[int]:
+    """The all-task group, then every other candidate in a random order (seeded)."""
+    others = np.array([i for i in range(len(session.cands)) if i != session.full], dtype=np.int64)
+    return [session.full, *rng.permutation(others).tolist()]

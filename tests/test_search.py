@@ -1,0 +1,425 @@
+"""Search strategies (lightning_etap.search): planted optimum, quick-reject schedule, resume after a crash."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from lightning_etap.groundtruth import CollectionError, GainStore, GroupGains
+from lightning_etap.groups import all_groups
+from lightning_etap.predictors import ETAPPredictor
+from lightning_etap.search import (
+    QUICK_REJECT_SCHEDULE,
+    OracleTrainer,
+    active_etap_search,
+    mtgnet_search,
+    quick_reject_probability,
+    quick_reject_search,
+    random_search,
+    random_selection,
+    swap_improvements,
+    total_test_loss,
+)
+
+TASKS = ("a", "b", "c", "d", "e", "f")
+CLUSTER = np.array([0, 0, 0, 1, 1, 1])
+STL = np.array([1.0, 0.8, 1.2, 0.9, 1.1, 1.0])
+
+
+def planted_table(seeds=(0,), jitter: float = 0.0) -> GroupGains:
+    """Two planted clusters {a, b, c} and {d, e, f}.
+
+    A member's gain is 0.1 * (same-cluster minus other-cluster share of the
+    other members) + 0.01 per member beyond two, so every task gains most
+    (0.11) in its own cluster's triple: the optimum for any budget >= 2 is
+    the two triples. ``jitter`` adds seed-dependent noise (for the two-seed table).
+    """
+    masks = all_groups(len(TASKS), min_size=2)
+    rows, losses, gains, seed_col = [], [], [], []
+    stl = {}
+    for s in seeds:
+        rng = np.random.default_rng(100 + s)
+        stl[s] = STL * (1 + jitter * rng.normal(size=len(TASKS)))
+        for row in masks:
+            members = np.flatnonzero(row)
+            g = np.full(len(TASKS), np.nan)
+            for t in members:
+                others = members[members != t]
+                same = int((CLUSTER[others] == CLUSTER[t]).sum())
+                g[t] = 0.1 * (2 * same - len(others)) / len(others) + 0.01 * (len(members) - 2)
+            g[members] += jitter * rng.normal(size=len(members))
+            rows.append(row)
+            gains.append(g)
+            losses.append(stl[s] * (1 - g))
+            seed_col.append(s)
+    return GroupGains(TASKS, np.array(rows), np.array(losses), np.array(gains), np.array(seed_col), stl)
+
+
+AFFINITY = np.where(CLUSTER[:, None] == CLUSTER[None, :], 1.0, -1.0)
+OPTIMUM = (("a", "b", "c"), ("d", "e", "f"))
+
+
+def brute_force_best(table: GroupGains, budget: int, groups=None) -> tuple[float, set]:
+    """The lowest total test loss over every choice of at most ``budget`` groups (STL models included)."""
+    options = [tuple(g) for g in (groups if groups is not None else table.groups)] + [(t,) for t in TASKS]
+    best, arg = np.inf, None
+    for k in range(1, budget + 1):
+        for choice in itertools.combinations(options, k):
+            if set().union(*map(set, choice)) != set(TASKS):
+                continue
+            loss = total_test_loss(choice, table)
+            if loss < best - 1e-12:
+                best, arg = loss, set(choice)
+    return best, arg
+
+
+@pytest.fixture(scope="module")
+def table() -> GroupGains:
+    return planted_table()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "search.sqlite"
+
+
+def etap() -> ETAPPredictor:
+    return ETAPPredictor(AFFINITY, task_names=list(TASKS))
+
+
+def test_planted_optimum_is_the_two_clusters(table):
+    loss, groups = brute_force_best(table, 2)
+    assert groups == set(OPTIMUM)
+    assert loss == pytest.approx(float((STL * 0.89).sum()))
+    assert brute_force_best(table, 3)[0] == pytest.approx(loss)  # a third group cannot help
+
+
+# --------------------------------------------------------------------------- the oracle
+
+
+def test_oracle_answers_from_the_table_and_counts_trainings(table):
+    oracle = OracleTrainer(table)
+    out = oracle.train([(("a", "b", "c"), 0), (("d",), 5)])
+    assert out[0].test_losses == pytest.approx({t: STL[i] * 0.89 for i, t in enumerate("abc")})
+    assert out[1].test_losses == {"d": pytest.approx(0.9)}
+    assert (oracle.n_calls, oracle.n_jobs, oracle.n_trained) == (1, 2, 1)
+    with pytest.raises(KeyError, match="no measurement"):
+        OracleTrainer(GroupGains(TASKS, table.masks[:1], table.test_losses[:1], table.gains[:1],
+                                 table.seeds[:1], table.stl_losses)).train([(("a", "c"), 0)])
+
+
+def test_oracle_reduces_seeds_by_mean_or_by_seed():
+    two = planted_table(seeds=(0, 1), jitter=0.05)
+    mean, per_seed = OracleTrainer(two), OracleTrainer(two, reduce="seed")
+    group = ("a", "d", "e")
+    row = [r for r, g in enumerate(two.groups) if g == group]
+    expected = two.test_losses[row].mean(axis=0)
+    assert mean.train([(group, 7)])[0].test_losses["d"] == pytest.approx(expected[3])
+    assert per_seed.train([(group, 1)])[0].test_losses["d"] == pytest.approx(two.test_losses[row[1], 3])
+    with pytest.raises(KeyError):
+        per_seed.train([(group, 7)])
+    assert mean.fingerprint() != per_seed.fingerprint() != OracleTrainer(planted_table()).fingerprint()
+    assert mean.fingerprint() == OracleTrainer(two).fingerprint()
+    with pytest.raises(ValueError, match="reduce"):
+        OracleTrainer(two, reduce="median")
+
+
+def test_total_test_loss_takes_each_tasks_best_group(table):
+    # a, b, c from {a,b,c}; d from STL; e, f from {d, e, f} would be better, but only {a,b,c,e,f} is given
+    groups = [("a", "b", "c"), ("d",), ("a", "b", "c", "e", "f")]
+    losses = {g: table.test_losses[table.groups.index(g)] for g in (("a", "b", "c"), ("a", "b", "c", "e", "f"))}
+    expected = (losses[("a", "b", "c")][:3].sum() + STL[3]
+                + losses[("a", "b", "c", "e", "f")][4:].sum())
+    assert total_test_loss(groups, table) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="in no group"):
+        total_test_loss([("a", "b")], table)
+
+
+# --------------------------------------------------------------------------- each strategy finds the optimum
+
+
+def test_random_search_returns_the_best_measured_grouping(table, store):
+    result = random_search(OracleTrainer(table), 12, budget=2, store=store, random_state=3, checkpoints=[4, 12])
+    assert result.trained[0] == TASKS and len(set(result.trained)) == 12 and result.measured
+    best, _ = brute_force_best(table, 2, result.trained)
+    assert total_test_loss(result.groups, table) == pytest.approx(best)
+    assert result.estimated_loss == pytest.approx(best)
+    # the answer after 4 trainings is that of a search with n_trainings=4
+    short = random_search(OracleTrainer(table), 4, budget=2, store=store.with_name("short.sqlite"), random_state=3)
+    assert result.history[0].n_trainings == 4 and result.history[0].groups == short.groups
+    everything = random_search(OracleTrainer(table), 57, budget=2, store=store.with_name("all.sqlite"))
+    assert set(everything.groups) == set(OPTIMUM)
+
+
+def test_random_selection_finds_the_optimum_with_etap(table, store):
+    result = random_selection(OracleTrainer(table), 10, predictor=etap(), budget=2, store=store)
+    assert set(result.groups) == set(OPTIMUM)
+    assert total_test_loss(result.groups, table) == pytest.approx(brute_force_best(table, 2)[0])
+    assert result.details["model"].n_train_groups_ == 10
+
+
+def test_active_etap_measures_the_optimum_within_ten_trainings(table, store):
+    result = active_etap_search(OracleTrainer(table), 10, predictor=etap(), budget=2, store=store, ensemble=4,
+                                checkpoints=[3, 10])
+    assert set(result.groups) == set(OPTIMUM) and result.measured
+    assert result.estimated_loss == pytest.approx(brute_force_best(table, 2)[0])
+    assert set(OPTIMUM) <= set(result.trained)
+    assert [s.n_trainings for s in result.history] == [3, 10]
+    assert len(result.details["rule"]) == 7 and len(result.details["expected_improvement"]) == 7
+
+
+def test_mtgnet_loop_finds_the_optimum(table, store):
+    result = mtgnet_search(OracleTrainer(table), 15, predictor=etap(), budget=2, store=store, refit_every=2)
+    assert set(result.groups) == set(OPTIMUM) and result.measured
+    assert result.details["fits"] >= 6
+
+
+def test_mtgnet_loop_runs_with_its_own_predictor(table, store):
+    from lightning_etap.predictors import MTGNetPredictor
+
+    result = mtgnet_search(OracleTrainer(table), 6, predictor=MTGNetPredictor(hidden_dim=8, max_epochs=20),
+                           budget=2, store=store, refit_every=3)
+    assert result.n_trainings == 6 and result.measured and result.details["fits"] == 2
+    assert np.isnan(result.details["predicted_improvement"][0])  # the second group is drawn at random
+    best, _ = brute_force_best(table, 2, result.trained)
+    assert result.estimated_loss == pytest.approx(best)
+
+
+def test_quick_reject_search_finds_the_optimal_partition(table, store):
+    result = quick_reject_search(OracleTrainer(table), 20, predictor=etap(), budget=2, store=store)
+    assert set(result.groups) == set(OPTIMUM)
+    groups = [set(g) for g in result.groups]
+    assert sum(map(len, groups)) == len(TASKS) and set().union(*groups) == set(TASKS)  # a partition
+    assert result.estimated_loss == pytest.approx(total_test_loss(result.groups, table))
+
+
+# --------------------------------------------------------------------------- quick-reject probabilities
+
+
+def test_quick_reject_probability_follows_the_schedule():
+    assert QUICK_REJECT_SCHEDULE == ((0.0, 0.1), (1 / 3, 0.05), (2 / 3, 0.005))
+    assert quick_reject_probability(0.0, False) == 0.1
+    assert quick_reject_probability(0.33, False) == 0.1
+    assert quick_reject_probability(1 / 3, False) == 0.05
+    assert quick_reject_probability(0.66, False) == 0.05
+    assert quick_reject_probability(2 / 3, False) == 0.005
+    assert quick_reject_probability(1.0, False) == 0.005
+    assert quick_reject_probability(0.5, True) == 0.99
+    with pytest.raises(ValueError):
+        quick_reject_probability(0.5, False, worse_schedule=[(0.5, 0.1)])
+
+
+class ConstantGain(RegressorMixin, BaseEstimator):
+    """Predicts the same relative gain for every member of every group."""
+
+    def __init__(self, gain: float = 0.0):
+        self.gain = gain
+
+    def fit(self, masks, gains):
+        self.n_tasks_ = np.asarray(masks).shape[1]
+        return self
+
+    def predict(self, masks):
+        masks = np.asarray(masks, dtype=bool)
+        return np.where(masks, np.where(masks.sum(axis=1, keepdims=True) > 1, self.gain, 0.0), np.nan)
+
+
+def _phase_counts(log, n_trainings):
+    """(trained, proposed) per third of the training budget."""
+    phase = np.searchsorted([1 / 3, 2 / 3], log["spent"] / n_trainings, side="right")
+    return phase, [(int(log["trained"][phase == k].sum()), int((phase == k).sum())) for k in range(3)]
+
+
+def _random_table(n: int = 8, seed: int = 0) -> GroupGains:
+    names = tuple(f"t{i}" for i in range(n))
+    masks = all_groups(n, min_size=2)
+    gains = np.where(masks, np.random.default_rng(seed).uniform(-0.2, 0.2, masks.shape), np.nan)
+    stl = np.ones(n)
+    return GroupGains(names, masks, stl * (1 - gains), gains, np.zeros(len(masks), int), {0: stl})
+
+
+def test_quick_reject_search_trains_predicted_worse_proposals_by_the_schedule(store):
+    # 10 tasks (1013 groups, so that most proposals need a training); the predictor scores every
+    # proposal far worse than anything measured
+    n_trainings = 120
+    result = quick_reject_search(OracleTrainer(_random_table(10)), n_trainings, predictor=ConstantGain(-10.0),
+                                 budget=None, store=store, random_state=1)
+    log = result.details["log"]
+    assert result.n_trainings == n_trainings and not log["predicted_better"].any()
+    phase, counts = _phase_counts(log, n_trainings)
+    schedule = np.array([0.1, 0.05, 0.005])
+    assert (log["probability"] == schedule[phase]).all()  # the probability each proposal was given
+    for k, ((trained, proposed), p) in enumerate(zip(counts, schedule)):
+        assert trained >= 25, counts  # about a third of the budget in each phase (a proposal may train two)
+        # the rate actually trained: trained ~ Binomial(proposed, p), within 4 standard deviations ...
+        rate, sd = trained / proposed, np.sqrt(p * (1 - p) / proposed)
+        assert abs(rate - p) <= 4 * sd, (k, trained, proposed, p)
+        # ... and closer to its own probability than to either neighbour of the schedule (log scale)
+        assert np.argmin(np.abs(np.log(rate) - np.log(schedule))) == k, (k, rate)
+
+
+def test_quick_reject_search_trains_predicted_better_proposals_with_probability_099(store):
+    result = quick_reject_search(OracleTrainer(_random_table()), 120, predictor=ConstantGain(10.0), budget=None,
+                                 store=store, random_state=2)
+    log = result.details["log"]
+    assert log["predicted_better"].all() and (log["probability"] == 0.99).all()
+    declined = int((~log["trained"]).sum())
+    proposed = len(log["trained"])
+    # declined ~ Binomial(proposed, 0.01): at most 4 standard deviations above its mean
+    assert declined <= 0.01 * proposed + 4 * np.sqrt(proposed * 0.01 * 0.99) + 1, (declined, proposed)
+
+
+def test_quick_reject_accept_rules(store):
+    # a predictor that calls every proposal better: nearly every proposal is trained, most are worse
+    table = _random_table(seed=3)
+    kwargs = {"predictor": ConstantGain(10.0), "budget": None, "random_state": 4}
+    climb = quick_reject_search(OracleTrainer(table), 40, store=store, accept="better", **kwargs)
+    path = climb.details["path"]
+    assert (np.diff(path) > 0).all() and climb.details["moves"] == len(path) - 1
+    assert climb.details["best_value"] == pytest.approx(path[-1])
+    walk = quick_reject_search(OracleTrainer(table), 40, store=store.with_name("walk.sqlite"), **kwargs)
+    assert (np.diff(walk.details["path"]) < 0).any()  # the walk also moves to worse partitions
+    assert walk.details["best_value"] == pytest.approx(walk.details["path"].max())
+    for result in (climb, walk):  # the returned partition is the best one visited, measured
+        assert result.measured and sum(map(len, result.groups)) == len(table.task_names)
+        stl_total = float(table.stl_losses[0].sum())
+        assert total_test_loss(result.groups, table) == pytest.approx(stl_total - result.details["best_value"])
+
+
+# --------------------------------------------------------------------------- resume after a crash
+
+
+class CrashingOracle(OracleTrainer):
+    """An oracle that fails (or is interrupted) once it has answered ``after`` multi-task jobs."""
+
+    def __init__(self, table, after: int, exc: type[BaseException] = RuntimeError):
+        super().__init__(table)
+        self.after, self.exc = after, exc
+
+    def train(self, jobs):
+        if any(len(g) > 1 for g, _ in jobs) and self.n_trained >= self.after:
+            raise self.exc("the machine went down")
+        return super().train(jobs)
+
+
+STRATEGIES = {
+    "random_search": lambda oracle, n, store: random_search(oracle, n, budget=2, store=store, random_state=5),
+    "random_selection": lambda oracle, n, store: random_selection(oracle, n, predictor=etap(), budget=2,
+                                                                  store=store, random_state=5),
+    "active_etap_search": lambda oracle, n, store: active_etap_search(
+        oracle, n, predictor=etap(), budget=3, ensemble=3, store=store, random_state=5),
+    "mtgnet_search": lambda oracle, n, store: mtgnet_search(oracle, n, predictor=etap(), budget=2, store=store,
+                                                            random_state=5, refit_every=2),
+    "quick_reject_search": lambda oracle, n, store: quick_reject_search(
+        oracle, n, predictor=etap(), budget=3, store=store, random_state=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_resume_after_a_crash_repeats_no_training(name, table, tmp_path):
+    run = STRATEGIES[name]
+    n, k = 9, 5
+    reference = run(OracleTrainer(table), n, tmp_path / "reference.sqlite")
+    crashing = CrashingOracle(table, after=k)
+    path = tmp_path / "crashed.sqlite"
+    with pytest.raises(CollectionError):
+        run(crashing, n, path)
+    assert crashing.n_trained == k
+    with GainStore(path) as opened:
+        assert sum(len(g) > 1 for g, _ in opened.done_jobs()) == k  # nothing lost
+    fresh = OracleTrainer(table)
+    resumed = run(fresh, n, path)
+    assert fresh.n_trained == n - k == resumed.trained_now  # nothing trained twice
+    assert resumed.trained == reference.trained and resumed.groups == reference.groups
+    assert resumed.estimated_loss == pytest.approx(reference.estimated_loss)
+    again = OracleTrainer(table)
+    assert run(again, n, path).trained_now == 0 and again.n_trained == 0  # a finished search costs nothing
+
+
+def test_resume_after_an_interrupt(table, tmp_path):
+    path = tmp_path / "interrupted.sqlite"
+    with pytest.raises(KeyboardInterrupt):
+        STRATEGIES["active_etap_search"](CrashingOracle(table, after=4, exc=KeyboardInterrupt), 8, path)
+    fresh = OracleTrainer(table)
+    resumed = STRATEGIES["active_etap_search"](fresh, 8, path)
+    reference = STRATEGIES["active_etap_search"](OracleTrainer(table), 8, tmp_path / "reference.sqlite")
+    assert fresh.n_trained == 4 and resumed.trained == reference.trained
+
+
+def test_groups_in_the_store_are_reused_across_strategies(table, store):
+    first = random_search(OracleTrainer(table), 8, budget=2, store=store, random_state=2)
+    oracle = OracleTrainer(table)
+    second = random_selection(oracle, 10, predictor=etap(), budget=2, store=store, random_state=2)
+    assert second.trained[:8] == first.trained  # the same draw
+    assert oracle.n_trained == second.trained_now == 2
+
+
+# --------------------------------------------------------------------------- pieces and checks
+
+
+def test_swap_improvements_match_brute_force():
+    rng = np.random.default_rng(4)
+    n, budget = 5, 3
+    grouping_masks = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=bool)
+    grouping = np.where(grouping_masks, rng.normal(size=(3, n)), -np.inf)
+    cands_masks = all_groups(n, min_size=2)
+    cands = np.where(cands_masks, rng.normal(size=cands_masks.shape), -np.inf)
+
+    def objective(rows):
+        best = np.max(rows, axis=0)
+        return best.sum() if np.isfinite(best).all() else -np.inf
+
+    base = objective(grouping)
+    got = swap_improvements(grouping, cands, budget)
+    for i, row in enumerate(cands):
+        options = [objective(np.vstack([np.delete(grouping, j, axis=0), row])) for j in range(3)]
+        assert got[i] == pytest.approx(max(options) - base) if np.isfinite(max(options)) else got[i] == -np.inf
+    roomy = swap_improvements(grouping, cands, budget=4)  # room for a fourth group: adding is allowed too
+    assert (roomy >= got).all() and (roomy >= 0).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda t, s: random_search(OracleTrainer(t), 0, budget=2, store=s), "n_trainings"),
+    (lambda t, s: active_etap_search(OracleTrainer(t), 5, predictor=etap(), budget=None, store=s), "budget"),
+    (lambda t, s: active_etap_search(OracleTrainer(t), 5, predictor=etap(), budget=2, n_initial=1, store=s),
+     "n_initial"),
+    (lambda t, s: active_etap_search(OracleTrainer(t), 5, predictor=etap(), budget=2, answer="x", store=s),
+     "answer"),
+    (lambda t, s: random_selection(OracleTrainer(t), 5, predictor="etap", budget=2, store=s), "predictor"),
+    (lambda t, s: quick_reject_search(OracleTrainer(t), 5, predictor=etap(), worse_schedule=[(0.0, 2.0)],
+                                      store=s), "probability"),
+    (lambda t, s: random_search(OracleTrainer(t), 5, budget=2, objective="accuracy", store=s), "objective"),
+    (lambda t, s: quick_reject_search(OracleTrainer(t), 5, predictor=etap(), accept="always", store=s), "accept"),
+])
+def test_invalid_arguments_raise(call, match, table, store):
+    with pytest.raises(ValueError, match=match):
+        call(table, store)
+
+
+def test_gain_objective_and_restricted_candidates(table, store):
+    cands = [("a", "b"), ("a", "b", "c"), ("d", "e", "f"), ("c", "d")]
+    result = random_search(OracleTrainer(table), 10, budget=2, store=store, candidates=cands, objective="gain")
+    assert set(result.trained) == {*cands, TASKS}  # the all-task group is always a candidate
+    assert set(result.groups) == set(OPTIMUM)
+
+
+def test_registry_and_result_text(table, store):
+    from lightning_etap.search import STRATEGIES as registry
+
+    assert sorted(registry) == sorted(STRATEGIES)
+    result = random_search(OracleTrainer(table), 3, budget=2, store=store)
+    assert str(result).startswith("random_search: ") and "3 trainings" in str(result)
+    assert result.masks.shape == (len(result.groups), len(TASKS))
+
+
+def test_docstring_examples_run():
+    import lightning_etap.search as search
+    from lightning_etap.search import _common, mtgnet_loop, oracle, quick_reject
+
+    for module in (search, _common, oracle, mtgnet_loop, quick_reject):
+        outcome = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert outcome.failed == 0, module.__name__
