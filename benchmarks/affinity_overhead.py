@@ -16,8 +16,10 @@ the released code's score, ``update="gradient"``, normalised by the loss):
 
 Configurations: Chemical (per-task inputs, 10 tasks, the paper's recipe),
 ETTm1 (shared windows, 7 tasks), digits (shared inputs, 10 tasks) and a wide
-shared-input encoder (3 x 1024, synthetic data, batch 256) with 10 and 30
-tasks. A dataset that fails to load is skipped with a message.
+shared-input encoder (3 x 1024, batch 256) with 10 and 30 tasks on synthetic
+related tasks (binary labels of directions that turn from one vector through a
+second to its opposite, plus a part of their own: pairs range from closely
+related to opposed). A dataset that fails to load is skipped with a message.
 
 Time: the training loop (``on_train_start`` to ``on_train_end``, validation
 off), all modes interleaved in one worker process for ``--rounds`` rounds
@@ -37,7 +39,11 @@ matrix with ``exact``'s (training is identical in every mode, so they score
 the same trajectory). For the wide encoder the timing fits are short, so the
 agreement comes from one ten times longer fit carrying every mode's callback
 at once but TAG's (the sparse schedules measure a few dozen of its steps);
-TAG's agreement there is from the timing fits.
+TAG's agreement there is from the timing fits. The default's cost on the wide
+encoder is also timed over that longer fit (plain against default only, one
+round): the 60-step timing fits are too short for a schedule that measures
+every k-th step with k in the tens or hundreds (``long_default_*`` in the
+results). ``--long-only`` adds just those fits to an earlier run's file.
 
     python benchmarks/affinity_overhead.py --quick        # digits + wide n=10, a few minutes
     python benchmarks/affinity_overhead.py                # everything (about an hour on 2 busy cores)
@@ -96,7 +102,12 @@ def _build(config: str, data_root: str | None, seed: int):
     g = torch.Generator().manual_seed(seed)
     d, rows = 128, 4096
     x = torch.randn(rows, d, generator=g)
-    w = torch.randn(d, n, generator=g) / d**0.5
+    # related tasks, as multi-task learning assumes: task k's direction turns from u towards -u through v as k
+    # grows (angle pi k / n) plus a part of its own, so pairs range from closely related to opposed. With
+    # independent random tasks every off-diagonal affinity is about the same and ranking them ranks noise.
+    u, v = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    angle = torch.arange(n) * torch.pi / n
+    w = (torch.outer(u, angle.cos()) + torch.outer(v, angle.sin()) + 0.4 * torch.randn(d, n, generator=g)) / d**0.5
     y = ((x @ w + 0.5 * torch.randn(rows, n, generator=g)) > 0).float()
     names = [f"t{k}" for k in range(n)]
     splits = {t: TaskSplits((x[:3072], y[:3072, k:k + 1]), (x[3072:3584], y[3072:3584, k:k + 1]),
@@ -147,7 +158,7 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
 
     modes_here = [m for m in MODES if m not in SKIP.get(config, ())]
     # warm-up on a tiny model: imports, Lightning's first-fit costs, the vmap machinery
-    for m in modes_here if measure in ("time", "agreement") else [mode]:
+    for m in modes_here if measure in ("time", "agreement", "long") else [mode]:
         run(3, callback(m), cfg.replace(hidden=(4,), batch_size=8), tasks[:2])
 
     out = {"config": config, "tasks": len(tasks), "layout": ds.layout, "hidden": list(cfg.hidden),
@@ -159,6 +170,18 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
         shared_numel = sum(p.numel() for p in model.encoder.parameters())
         out.update(mode=mode, peak_rss_delta_mb=(_status_kb("VmHWM") - rss0) / 1024, shared_params=shared_numel,
                    jacobian_mb=len(tasks) * shared_numel * 4 / 2**20)
+        return out
+    if measure == "long":  # plain and the default over the long fit: the schedule amortised as in real training
+        modes = {m: {"wall": [], "cpu": []} for m in ("plain", "default")}
+        for m, rec in modes.items():
+            clock, cbs = Clock(), callback(m)
+            run(steps, [clock, *cbs], cfg, tasks)
+            rec["wall"].append(clock.wall)
+            rec["cpu"].append(clock.cpu)
+            if cbs:
+                rec["measured_steps"] = cbs[0].result.measured_steps
+                rec["every_n_steps_chosen"] = cbs[0].result.settings["every_n_steps_chosen"]
+        out.update(steps=steps, modes=modes)
         return out
     if measure == "agreement":  # one longer fit, every scored mode as its own callback on the same trajectory
         cbs = {m: callback(m)[0] for m in modes_here if MODES[m] is not None and m not in ("exact_autograd", "tag")}
@@ -206,6 +229,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "affinity_overhead.json"))
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds of all modes per small configuration, best kept (wide: 1)")
+    ap.add_argument("--long-only", action="store_true",
+                    help="only the long plain-vs-default fits of the wide configurations, merged into --out")
     ap.add_argument("--_worker", nargs=3, metavar=("CONFIG", "MEASURE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     steps = args.steps or (30 if args.quick else 300)
@@ -216,7 +241,8 @@ def main() -> None:
     if args._worker:
         config, measure, mode = args._worker
         wide = config.startswith("wide")
-        n = {"memory": MEMORY_STEPS, "agreement": agree_steps.get(config, steps)}.get(
+        n = {"memory": MEMORY_STEPS, "agreement": agree_steps.get(config, steps),
+             "long": agree_steps.get(config, steps)}.get(
             measure, wide_steps if wide else steps)
         rounds = 1 if wide else args.rounds
         print(json.dumps(worker(config, measure, n, args.data_root, args.seed, args.threads, rounds, mode)))
@@ -236,6 +262,27 @@ def main() -> None:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     configs = args.configs or (QUICK_CONFIGS if args.quick else CONFIGS)
+    if args.long_only:  # add the amortised default to an earlier full run's figures
+        out = Path(args.out)
+        saved = json.loads(out.read_text())
+        for config in (c for c in configs if c in agree_steps):
+            long = call(config, "long")
+            if long is None or config not in saved["configs"]:
+                continue
+            lm = long["modes"]
+            s = saved["configs"][config]
+            s["long_steps"] = long["steps"]
+            s["long_default_ratio_to_plain_cpu"] = round(lm["default"]["cpu"][0] / lm["plain"]["cpu"][0], 2)
+            s["long_default_ratio_to_plain_wall"] = round(lm["default"]["wall"][0] / lm["plain"]["wall"][0], 2)
+            s["long_default_measured_steps"] = lm["default"]["measured_steps"]
+            s["long_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            saved["raw"].setdefault(config, {})["long"] = long
+            print(f"{config}: default over a {long['steps']}-step fit {s['long_default_ratio_to_plain_cpu']:.2f}x "
+                  f"plain ({s['long_default_measured_steps']} steps measured, every "
+                  f"{lm['default']['every_n_steps_chosen']})", flush=True)
+        out.write_text(json.dumps(saved, indent=2))
+        print(f"wrote {out}")
+        return
     rows: dict[str, dict] = {}
     for config in configs:
         timing = call(config, "time")
@@ -245,6 +292,9 @@ def main() -> None:
             agreement = call(config, "agreement")
             timing["agreement"] = agreement["modes"]
             timing["agreement_steps"] = agreement["steps"]
+            long = call(config, "long")
+            if long is not None:
+                timing["long"] = long
         memory = {}
         for mode in timing["modes"]:
             got = call(config, "memory", mode)
@@ -289,6 +339,13 @@ def main() -> None:
             "measured_steps": {m: agree.get(m, t[m])["measured_steps"] for m in scored},
             "default_every_n_steps_chosen": t["default"]["every_n_steps_chosen"],
         }
+        long = r["time"].get("long")
+        if long is not None:  # the default over a fit as long as the agreement fit
+            lm = long["modes"]
+            s["long_steps"] = long["steps"]
+            s["long_default_ratio_to_plain_cpu"] = round(lm["default"]["cpu"][0] / lm["plain"]["cpu"][0], 2)
+            s["long_default_ratio_to_plain_wall"] = round(lm["default"]["wall"][0] / lm["plain"]["wall"][0], 2)
+            s["long_default_measured_steps"] = lm["default"]["measured_steps"]
         summary[config] = s
         print(f"\n{config}: n={s['tasks']} ({s['layout']} inputs), encoder {s['hidden']}, batch {s['batch_size']}, "
               f"{s['steps']} steps timed (agreement over {s['agreement_steps']}), plain {cpu['plain']:.2f} s cpu; "
@@ -298,6 +355,9 @@ def main() -> None:
             rho = s["spearman_vs_exact"].get(m, 1.0)
             print(f"  {m:>15s} {s['ratio_to_plain_cpu'][m]:8.2f} {rho:6.3f} {s['measured_steps'][m]:6d} "
                   f"{extra[m]:7.1f}")
+        if "long_steps" in s:
+            print(f"  default over a {s['long_steps']}-step fit: {s['long_default_ratio_to_plain_cpu']:.2f}x plain "
+                  f"({s['long_default_measured_steps']} steps measured)")
         print(f"  default chose every {s['default_every_n_steps_chosen']} steps; exact / TAG time "
               f"{s['exact_over_tag_cpu']:.2f}; exact extra memory / one Jacobian {s['exact_extra_over_jacobian']:.2f}")
     print("\ntargets: default <= 1.2x plain with rho >= 0.95; exact <= 0.6x TAG; "
@@ -306,6 +366,20 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import torch
+
+    # configurations not run this time keep their figures from the previous file (each says when it was run)
+    previous = {}
+    if out.exists():
+        try:
+            previous = json.loads(out.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for s in summary.values():
+        s["measured_at"] = stamp
+        s["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    kept = {c: v for c, v in previous.get("configs", {}).items() if c not in summary}
+    kept_raw = {c: v for c, v in previous.get("raw", {}).items() if c not in rows}
 
     out.write_text(json.dumps({
         "benchmark": "affinity_overhead",
@@ -316,10 +390,11 @@ def main() -> None:
         "time": ("training loop, on_train_start to on_train_end, validation off; CPU time (process_time) and wall "
                  f"time, best of {args.rounds} interleaved rounds of all modes in one process (1 for the wide "
                  "encoder); ratios use CPU time, steadier than wall time on a shared machine"),
-        "configs": summary,
-        "raw": {c: {"time": {m: {k: v for k, v in rec.items() if k != "matrix"}
+        "configs": {**kept, **summary},
+        "raw": {**kept_raw, **{c: {"time": {m: {k: v for k, v in rec.items() if k != "matrix"}
                              for m, rec in r["time"]["modes"].items()},
-                    "memory": r["memory"]} for c, r in rows.items()},
+                    "memory": r["memory"], **({"long": r["time"]["long"]} if "long" in r["time"] else {})}
+                for c, r in rows.items()}},
     }, indent=2))
     print(f"\nwrote {out}")
 
