@@ -127,7 +127,10 @@ def quick_reject_search(
        trainings the predictor filters). Under a budget of groups the
        one-move neighbourhood of the all-task group holds only partitions
        with a singleton, usually worse, so the hill climb often stays at the
-       all-task group. A proposal found fully measured costs nothing and
+       all-task group. (The sources this library worked from do not say
+       which of the two the 2023 code does; the default follows the
+       description "return the best measured partition".) A proposal
+       found fully measured costs nothing and
        moves the search only if it is better. The best measured partition
        seen is kept. The predictor is refitted after every ``refit_every``
        new trainings.
