@@ -171,17 +171,24 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
         out.update(mode=mode, peak_rss_delta_mb=(_status_kb("VmHWM") - rss0) / 1024, shared_params=shared_numel,
                    jacobian_mb=len(tasks) * shared_numel * 4 / 2**20)
         return out
+    def timed(names, n_rounds: int, keep_matrix: bool) -> dict[str, dict]:
+        """Fits of the named modes, interleaved for ``n_rounds`` rounds: wall and CPU time per fit."""
+        timings: dict[str, dict] = {m: {"wall": [], "cpu": []} for m in names}
+        for _ in range(n_rounds):
+            for m, rec in timings.items():
+                clock, cbs = Clock(), callback(m)
+                run(steps, [clock, *cbs], cfg, tasks)
+                rec["wall"].append(clock.wall)
+                rec["cpu"].append(clock.cpu)
+                if cbs:
+                    rec["measured_steps"] = cbs[0].result.measured_steps
+                    rec["every_n_steps_chosen"] = cbs[0].result.settings["every_n_steps_chosen"]
+                    if keep_matrix:
+                        rec["matrix"] = cbs[0].result.matrix.tolist()
+        return timings
+
     if measure == "long":  # plain and the default over the long fit: the schedule amortised as in real training
-        modes = {m: {"wall": [], "cpu": []} for m in ("plain", "default")}
-        for m, rec in modes.items():
-            clock, cbs = Clock(), callback(m)
-            run(steps, [clock, *cbs], cfg, tasks)
-            rec["wall"].append(clock.wall)
-            rec["cpu"].append(clock.cpu)
-            if cbs:
-                rec["measured_steps"] = cbs[0].result.measured_steps
-                rec["every_n_steps_chosen"] = cbs[0].result.settings["every_n_steps_chosen"]
-        out.update(steps=steps, modes=modes)
+        out.update(steps=steps, modes=timed(("plain", "default"), 1, keep_matrix=False))
         return out
     if measure == "agreement":  # one longer fit, every scored mode as its own callback on the same trajectory
         cbs = {m: callback(m)[0] for m in modes_here if MODES[m] is not None and m not in ("exact_autograd", "tag")}
@@ -190,22 +197,22 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
                                            "every_n_steps_chosen": cb.result.settings["every_n_steps_chosen"],
                                            "matrix": cb.result.matrix.tolist()} for m, cb in cbs.items()})
         return out
-    modes: dict[str, dict] = {m: {"wall": [], "cpu": []} for m in modes_here}
-    for _ in range(rounds):
-        for m, rec in modes.items():
-            clock, cbs = Clock(), callback(m)
-            run(steps, [clock, *cbs], cfg, tasks)
-            rec["wall"].append(clock.wall)
-            rec["cpu"].append(clock.cpu)
-            if cbs:
-                rec["measured_steps"] = cbs[0].result.measured_steps
-                rec["every_n_steps_chosen"] = cbs[0].result.settings["every_n_steps_chosen"]
-                rec["matrix"] = cbs[0].result.matrix.tolist()
-    out.update(steps=steps, rounds=rounds, modes=modes)
+    out.update(steps=steps, rounds=rounds, modes=timed(modes_here, rounds, keep_matrix=True))
     return out
 
 
 # --------------------------------------------------------------------------- driver
+def long_figures(long: dict) -> dict:
+    """The default's cost over the long fit (a worker's ``measure="long"`` output), as summary entries."""
+    lm = long["modes"]
+    return {
+        "long_steps": long["steps"],
+        "long_default_ratio_to_plain_cpu": round(lm["default"]["cpu"][0] / lm["plain"]["cpu"][0], 2),
+        "long_default_ratio_to_plain_wall": round(lm["default"]["wall"][0] / lm["plain"]["wall"][0], 2),
+        "long_default_measured_steps": lm["default"]["measured_steps"],
+    }
+
+
 def spearman_offdiag(a, b) -> float:
     import numpy as np
     from scipy.stats import spearmanr
@@ -269,17 +276,13 @@ def main() -> None:
             long = call(config, "long")
             if long is None or config not in saved["configs"]:
                 continue
-            lm = long["modes"]
             s = saved["configs"][config]
-            s["long_steps"] = long["steps"]
-            s["long_default_ratio_to_plain_cpu"] = round(lm["default"]["cpu"][0] / lm["plain"]["cpu"][0], 2)
-            s["long_default_ratio_to_plain_wall"] = round(lm["default"]["wall"][0] / lm["plain"]["wall"][0], 2)
-            s["long_default_measured_steps"] = lm["default"]["measured_steps"]
+            s.update(long_figures(long))
             s["long_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             saved["raw"].setdefault(config, {})["long"] = long
             print(f"{config}: default over a {long['steps']}-step fit {s['long_default_ratio_to_plain_cpu']:.2f}x "
                   f"plain ({s['long_default_measured_steps']} steps measured, every "
-                  f"{lm['default']['every_n_steps_chosen']})", flush=True)
+                  f"{long['modes']['default']['every_n_steps_chosen']})", flush=True)
         out.write_text(json.dumps(saved, indent=2))
         print(f"wrote {out}")
         return
@@ -341,11 +344,7 @@ def main() -> None:
         }
         long = r["time"].get("long")
         if long is not None:  # the default over a fit as long as the agreement fit
-            lm = long["modes"]
-            s["long_steps"] = long["steps"]
-            s["long_default_ratio_to_plain_cpu"] = round(lm["default"]["cpu"][0] / lm["plain"]["cpu"][0], 2)
-            s["long_default_ratio_to_plain_wall"] = round(lm["default"]["wall"][0] / lm["plain"]["wall"][0], 2)
-            s["long_default_measured_steps"] = lm["default"]["measured_steps"]
+            s.update(long_figures(long))
         summary[config] = s
         print(f"\n{config}: n={s['tasks']} ({s['layout']} inputs), encoder {s['hidden']}, batch {s['batch_size']}, "
               f"{s['steps']} steps timed (agreement over {s['agreement_steps']}), plain {cpu['plain']:.2f} s cpu; "
