@@ -282,3 +282,45 @@ def test_root_discovery_and_errors():
         GramEngine(model, params, scope="nope")
     with pytest.raises(ValueError, match="representation"):
         GramEngine(model, params + [model.heads[0].weight], scope="representation")
+
+
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_small_dense_model_delegates_to_one_autograd_backward_with_the_same_numbers(opt_name):
+    # many rows, narrow layers: the explicit path wins in every layer and the shared parameters are one
+    # autograd block, so from the second step on the engine takes one vectorised backward to the parameters
+    torch.manual_seed(5)
+    model = Shared(d=12, hidden=(8, 6), n=3)
+    g = torch.Generator().manual_seed(6)
+    opt = OPTIMIZERS[opt_name](model)
+    params = shared_params(model)
+    engine = GramEngine(model, params, root=model.encoder)
+    paths = []
+    for _ in range(3):
+        x, ys = torch.randn(64, 12, generator=g), [torch.randn(64, 1, generator=g) for _t in range(3)]
+        rules = task_update_rules(opt, params, "optimizer")
+        engine.start_step()
+        losses = model.losses(x, ys)
+        Z = engine.products(losses, rules)
+        paths.append(engine.last_path)
+        torch.testing.assert_close(Z, step_products(model.losses(x, ys), params, rules), rtol=2e-5, atol=1e-9)
+        opt.zero_grad()
+        losses.sum().backward()
+        opt.step()
+    engine.close()
+    assert paths == ["dense", "autograd", "autograd"]
+
+
+def test_wide_dense_layers_keep_the_activation_path():
+    # few rows and wide layers take the example-Gram shortcut: no delegation
+    torch.manual_seed(1)
+    model = Shared(d=40, hidden=(64, 48), n=5)
+    g = torch.Generator().manual_seed(2)
+    opt = OPTIMIZERS["momentum"](model)
+    params = shared_params(model)
+    engine = GramEngine(model, params, root=model.encoder)
+    for _ in range(2):
+        x, ys = torch.randn(6, 40, generator=g), [torch.randn(6, 1, generator=g) for _t in range(5)]
+        engine.start_step()
+        engine.products(model.losses(x, ys), task_update_rules(opt, params, "optimizer"))
+        assert engine.last_path == "dense"
+    engine.close()

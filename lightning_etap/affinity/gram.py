@@ -14,8 +14,8 @@ What this module does at a measured step:
    call of every shared ``nn.Linear``: its input ``A`` and its output ``z``
    (still in the graph), and the outputs of the *shared root* (the shared
    submodule, e.g. ``encoder``).
-2. ``D_i = ∂L_i/∂h`` at the root outputs ``h`` for all tasks at once (one
-   vectorised backward through the heads only: cheap).
+2. ``D_i = ∂L_i/∂h`` at the root outputs ``h``: one backward per task through
+   its own head only (cheap; see :func:`root_gradients`).
 3. **Separable** batches (per-task inputs, Chemical-style: every example
    row of ``h`` feeds one task only, and nothing in the encoder mixes rows):
    one backward of ``Σ_i D_i`` from ``h`` to every ``z`` gives every row's
@@ -27,6 +27,12 @@ What this module does at a measured step:
    alive) or, for dense batches with few rows and wide layers, through the
    example Gram matrix ``A Aᵀ`` without ever forming ``G``
    (``G_i·G_j = ⟨Δ_i, (A Aᵀ) Δ_j⟩``), whichever costs fewer multiply-adds.
+5. Small dense models (rows shared, every layer took the explicit path and all
+   shared parameters fit one autograd block, :data:`~lightning_etap.affinity.scores.MIN_BLOCK_NUMEL`
+   values): from the next step on, one vectorised backward straight to the
+   parameters replaces steps 1-4. The multiply-adds are the same and there
+   are fewer calls, whose fixed costs dominate such models (ETTm1's 24k
+   shared parameters: 1.72x plain training instead of 1.91x).
 
 Shared parameters outside plain ``nn.Linear`` layers (convolutions, norms,
 embeddings, ...) fall back to exact autograd per-task gradients
@@ -55,7 +61,7 @@ from lightning_etap.affinity.scores import (
     parameter_blocks,
 )
 
-__all__ = ["ActivationTap", "FastLinearLayer", "GramEngine", "linear_layers", "shared_root"]
+__all__ = ["ActivationTap", "FastLinearLayer", "GramEngine", "linear_layers", "root_gradients", "shared_root"]
 
 #: at most this many bytes of explicit per-task gradient chunks alive at once
 MAX_CHUNK_BYTES = 32 * 2**20
@@ -271,8 +277,14 @@ class GramEngine:
         self._root_mixes_rows = mixing
         self.tap = ActivationTap(self.layers, self.root)
         # set once a step's rows turned out shared between tasks (a fixed property of the model and data layout):
-        # later steps go straight to the dense path, one batched backward instead of two
+        # later steps skip the check and go straight to the dense path
         self._rows_shared = False
+        # set once a dense step took the explicit-gradient path in every layer while every shared parameter fits
+        # one autograd block: later steps take one vectorised backward straight to the parameters, the same
+        # multiply-adds in fewer calls (the per-call costs dominate such small models)
+        self._single_block = scope == "shared" and len(parameter_blocks(self.params, module)) == 1
+        self._all_blocks = [list(range(len(self.params)))]
+        self._delegate = False
         #: the path the last step took ("separable", "dense", "representation", "none"), for diagnostics
         self.last_path = ""
         #: (plain step, measurement) multiply-add estimates of the last measured step (see :meth:`_costs`)
@@ -283,7 +295,7 @@ class GramEngine:
 
     def start_step(self) -> None:
         self.tap.clear()
-        self.tap.active = True
+        self.tap.active = not self._delegate
 
     def stop_step(self) -> None:
         self.tap.active = False
@@ -324,6 +336,10 @@ class GramEngine:
         if self.scope == "representation":
             self._representation(task_losses, roots, seeds, rules, Z, grad_scale, all_reduce)
             return Z
+        if self._delegate:
+            self.last_path = "autograd"
+            self._autograd_products(task_losses, rules, Z, grad_scale, all_reduce, n, every=True)
+            return Z
         calls = record.linear
         if self.scope == "last_layer" and calls:
             last = calls[-1].layer
@@ -332,8 +348,10 @@ class GramEngine:
         linear = all(isinstance(r, LinearUpdate) for r in rules)
         # without a recorded linear layer the cost is unknown here (the callback then assumes n backward passes)
         self.last_costs = self._costs(record.linear, data, n, linear and all_reduce is None) if record.linear else None
-        for k, layer_data in data.items():
-            self._layer_products(self.layers[k], layer_data, rules, Z, all_reduce, n)
+        tricks = [self._layer_products(self.layers[k], layer_data, rules, Z, all_reduce, n)
+                  for k, layer_data in data.items()]
+        if self._single_block and self.last_path == "dense" and self._rows_shared and data and not any(tricks):
+            self._delegate = True
         if self.rest:
             self._autograd_products(task_losses, rules, Z, grad_scale, all_reduce, n)
         return Z
@@ -376,10 +394,9 @@ class GramEngine:
         outputs = [c.output for c in calls]
         owners: list[Tensor] | None = None
         D: Sequence[Tensor | None] | None = None
-        if roots and self.separable == "auto" and not self._rows_shared:
-            D = torch.autograd.grad(task_losses, roots, grad_outputs=seeds, retain_graph=True,
-                                    allow_unused=True, is_grads_batched=True)
-            if not self._mixing_now():
+        if roots:
+            D = root_gradients(task_losses, roots, seeds)
+            if self.separable == "auto" and not self._rows_shared and not self._mixing_now():
                 owners = _row_owners(record, D)
                 self._rows_shared = owners is None
         if owners is not None:
@@ -410,7 +427,8 @@ class GramEngine:
 
     # ------------------------------------------------------------------ products of one layer
     def _layer_products(self, layer: FastLinearLayer, data: _LayerData, rules: Sequence[UpdateRule], Z: Tensor,
-                        all_reduce, n: int) -> None:
+                        all_reduce, n: int) -> bool:
+        """Add one layer's products to ``Z``; whether the example-Gram shortcut was taken."""
         rw = rules[layer.weight]
         rb = rules[layer.bias] if layer.bias is not None else None
         A, delta, owner = data.inputs, data.delta, data.owner
@@ -433,7 +451,7 @@ class GramEngine:
                  and R * R * in_dim + n * R * R * out_dim + n * n * R * out_dim < n * R * in_dim * out_dim)
         if trick:
             self._gram_trick(rw, A, delta, Z, layer.module.weight)
-            return
+            return True
         # explicit chunks of G (n, rows of W, in)
         per_row = n * in_dim * 4 * (2 if not linear else 1)
         step = max(1, min(out_dim, self.max_chunk_bytes // max(1, per_row)))
@@ -459,6 +477,7 @@ class GramEngine:
             if all_reduce is not None:
                 G = all_reduce(G)
             _accumulate(Z, rw, G.reshape(n, -1), G, layer.module.weight, (o0, o1))
+        return False
 
     def _gram_trick(self, rule: LinearUpdate, A: Tensor, delta: Tensor, Z: Tensor, weight: Tensor) -> None:
         """``α Σ ⟨Δ_i, K Δ_j⟩ + ⟨Δ_i, A Cᵀ⟩`` with ``K = A Aᵀ``: the weight products without forming ``G``."""
@@ -472,10 +491,13 @@ class GramEngine:
             Z += torch.einsum("iro,ro->i", delta, AC).double().unsqueeze(0).expand(n, n)
 
     # ------------------------------------------------------------------ other paths
-    def _autograd_products(self, task_losses, rules, Z, grad_scale, all_reduce, n) -> None:
-        params = [self.params[k] for k in self.rest]
-        local_rules = [rules[k] for k in self.rest]
-        for k, grads in self._gradients(task_losses, params, self._rest_blocks, scale=grad_scale):
+    def _autograd_products(self, task_losses, rules, Z, grad_scale, all_reduce, n, every: bool = False) -> None:
+        """Products of explicit autograd per-task gradients: of the parameters outside the fast layers, or ``every`` one."""
+        keep = range(len(self.params)) if every else self.rest
+        params = [self.params[k] for k in keep]
+        local_rules = [rules[k] for k in keep]
+        blocks = self._all_blocks if every else self._rest_blocks
+        for k, grads in self._gradients(task_losses, params, blocks, scale=grad_scale):
             flat = grads.reshape(n, -1).float()
             if all_reduce is not None:
                 flat = all_reduce(flat)
@@ -487,8 +509,7 @@ class GramEngine:
         self.last_costs = (FIXED_STEP_MACS, FIXED_MEASURE_MACS)
         if not roots:
             return
-        D = torch.autograd.grad(task_losses, roots, grad_outputs=seeds, retain_graph=True,
-                                allow_unused=True, is_grads_batched=True)
+        D = root_gradients(task_losses, roots, seeds)
         n = task_losses.shape[0]
         alpha = rules[0].alpha if isinstance(rules[0], LinearUpdate) else 1.0
         for d in D:
@@ -501,6 +522,35 @@ class GramEngine:
 
 
 # --------------------------------------------------------------------------- helpers
+def root_gradients(task_losses: Tensor, roots: Sequence[Tensor], seeds: Tensor) -> list[Tensor | None]:
+    """``D[k][i] = seeds[i, i] · ∂L_i/∂roots[k]``, shape ``(n, *roots[k].shape)`` (``None``: no task reaches it).
+
+    One backward call per task, each through that task's own head and loss
+    only. A vectorised call over the ``n`` one-hot seeds would instead push
+    ``n`` gradients through *every* head (vmap cannot see that ``n - 1`` of
+    them are zero) and sum ``n x n`` representation-sized tensors: with 30
+    tasks on a 1024-wide representation that alone cost about five plain
+    training steps (and some losses, e.g. ``mse_loss``, have no batching rule).
+    """
+    n = task_losses.shape[0]
+    per_root: list[list[Tensor | None]] = [[None] * n for _ in roots]
+    for i in range(n):
+        if not task_losses[i].requires_grad:
+            continue
+        grads = torch.autograd.grad(task_losses[i], roots, grad_outputs=seeds[i, i], retain_graph=True,
+                                    allow_unused=True)
+        for k, g in enumerate(grads):
+            per_root[k][i] = g
+    out: list[Tensor | None] = []
+    for root, rows in zip(roots, per_root, strict=True):
+        if all(g is None for g in rows):
+            out.append(None)
+            continue
+        zero = torch.zeros_like(root)
+        out.append(torch.stack([zero if g is None else g for g in rows]))
+    return out
+
+
 def _reindexed_blocks(params: Sequence[Tensor], keep: Sequence[int], module: nn.Module) -> list[list[int]]:
     sub = [params[k] for k in keep]
     return parameter_blocks(sub, module) if sub else []
