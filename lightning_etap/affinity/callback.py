@@ -367,7 +367,7 @@ class AffinityCallback(Callback):
         self._captured = _Captured(losses, args, kwargs, rng)
 
     # ------------------------------------------------------------------ per step
-    def _ordered_losses(self, losses: Mapping[str, Tensor]) -> tuple[list[str], Tensor]:
+    def _ordered_losses(self, losses: Mapping[str, Tensor]) -> tuple[list[str], Tensor, list[Tensor]]:
         returned = [str(t) for t in losses]
         if self._task_names is None:
             if len(returned) < 2:
@@ -392,7 +392,7 @@ class AffinityCallback(Callback):
             if not isinstance(v, Tensor) or v.numel() != 1:
                 raise ValueError(f"AffinityCallback: task_losses[{t!r}] must be a scalar tensor; {_CONTRACT}")
             values.append(v.reshape(()))
-        return names, torch.stack(values)
+        return names, torch.stack(values), values
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -478,7 +478,7 @@ class AffinityCallback(Callback):
         self._measure(trainer, cap)
 
     def _measure(self, trainer: L.Trainer, cap: _Captured) -> None:
-        names, losses = self._ordered_losses(cap.task_losses)
+        names, losses, parts = self._ordered_losses(cap.task_losses)
         values = losses.detach()
         detached = [t for t in names if not cap.task_losses[t].requires_grad]
         if detached:
@@ -495,7 +495,7 @@ class AffinityCallback(Callback):
         if self.method == "etap":
             rules = task_update_rules(opt, self._params, self.update, per_unit_lr=self.divide_by_lr)
             if self._engine is not None:
-                products = self._engine.products(losses, rules, grad_scale=scale, all_reduce=reduce)
+                products = self._engine.products(losses, rules, grad_scale=scale, all_reduce=reduce, parts=parts)
             else:
                 products = step_products(losses, self._params, rules, self._blocks, self._gradients,
                                          grad_scale=scale, all_reduce=reduce)

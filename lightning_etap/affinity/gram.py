@@ -289,6 +289,7 @@ class GramEngine:
         self.last_path = ""
         #: (plain step, measurement) multiply-add estimates of the last measured step (see :meth:`_costs`)
         self.last_costs: tuple[float, float] | None = None
+        self._parts: list[Tensor] = []
 
     def close(self) -> None:
         self.tap.remove()
@@ -309,11 +310,16 @@ class GramEngine:
         *,
         grad_scale: float = 1.0,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
+        parts: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """``Z`` (float64 ``(n, n)``) of the step whose forward was recorded.
 
         Args:
             task_losses: ``(n,)`` per-task losses, in the graph.
+            parts: the ``n`` scalar losses ``task_losses`` was stacked from, if
+                at hand: a backward call from one of them reaches only that
+                task's head, where one from ``task_losses[i]`` passes zero
+                gradients through every other head too.
             rules: one update rule per shared parameter
                 (:func:`~lightning_etap.affinity.scores.task_update_rules`);
                 ``scope="representation"`` uses only their learning-rate
@@ -332,6 +338,7 @@ class GramEngine:
             self.last_path = "none"
             return Z
         seeds = torch.eye(n, dtype=task_losses.dtype, device=device) * grad_scale
+        self._parts = list(parts) if parts is not None else [task_losses[i] for i in range(n)]
         roots = [t for call in record.roots for t in call]
         if self.scope == "representation":
             self._representation(task_losses, roots, seeds, rules, Z, grad_scale, all_reduce)
@@ -395,7 +402,7 @@ class GramEngine:
         owners: list[Tensor] | None = None
         D: Sequence[Tensor | None] | None = None
         if roots:
-            D = root_gradients(task_losses, roots, seeds)
+            D = root_gradients(self._parts, roots, seeds)
             if self.separable == "auto" and not self._rows_shared and not self._mixing_now():
                 owners = _row_owners(record, D)
                 self._rows_shared = owners is None
@@ -509,7 +516,7 @@ class GramEngine:
         self.last_costs = (FIXED_STEP_MACS, FIXED_MEASURE_MACS)
         if not roots:
             return
-        D = root_gradients(task_losses, roots, seeds)
+        D = root_gradients(self._parts, roots, seeds)
         n = task_losses.shape[0]
         alpha = rules[0].alpha if isinstance(rules[0], LinearUpdate) else 1.0
         for d in D:
@@ -522,17 +529,19 @@ class GramEngine:
 
 
 # --------------------------------------------------------------------------- helpers
-def root_gradients(task_losses: Tensor, roots: Sequence[Tensor], seeds: Tensor) -> list[Tensor | None]:
+def root_gradients(task_losses: Sequence[Tensor], roots: Sequence[Tensor], seeds: Tensor) -> list[Tensor | None]:
     """``D[k][i] = seeds[i, i] · ∂L_i/∂roots[k]``, shape ``(n, *roots[k].shape)`` (``None``: no task reaches it).
 
-    One backward call per task, each through that task's own head and loss
+    ``task_losses``: the ``n`` scalar losses (separate tensors, not slices of
+    a stacked one, or every call passes zeros through every head). One
+    backward call per task, each through that task's own head and loss
     only. A vectorised call over the ``n`` one-hot seeds would instead push
     ``n`` gradients through *every* head (vmap cannot see that ``n - 1`` of
     them are zero) and sum ``n x n`` representation-sized tensors: with 30
     tasks on a 1024-wide representation that alone cost about five plain
     training steps (and some losses, e.g. ``mse_loss``, have no batching rule).
     """
-    n = task_losses.shape[0]
+    n = len(task_losses)
     per_root: list[list[Tensor | None]] = [[None] * n for _ in roots]
     for i in range(n):
         if not task_losses[i].requires_grad:
