@@ -95,6 +95,7 @@ def main() -> None:
         "every_step": AffinityCallback("encoder", every_n_steps=1, update="optimizer", log_every_n_steps=2),
         "autograd": AffinityCallback("encoder", every_n_steps=2, engine="autograd"),
         "tag": AffinityCallback("encoder", every_n_steps=1, method="tag"),
+        "control_variate": AffinityCallback("encoder", every_n_steps=3, control_variate=True),
     }
     if args.no_callbacks:
         callbacks = {}

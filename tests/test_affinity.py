@@ -581,12 +581,15 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_matrix(tmp_path):
         return model
 
     full = AffinityCallback("encoder", every_n_steps=1, update="optimizer", keep_step_scores=True)
+    full_cv = AffinityCallback("encoder", every_n_steps=2, control_variate=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    model_full = run([full, ckpt], 3)
+    model_full = run([full, full_cv, ckpt], 3)
     resumed = AffinityCallback("encoder", every_n_steps=1, update="optimizer", keep_step_scores=True)
-    model_resumed = run([resumed], 3, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    resumed_cv = AffinityCallback("encoder", every_n_steps=2, control_variate=True)
+    model_resumed = run([resumed, resumed_cv], 3, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(model_full.parameters(), model_resumed.parameters(), strict=True))
     assert resumed.result == full.result
+    assert resumed_cv.result == full_cv.result and full_cv.result.settings["proxy_steps"] > 0
     assert np.array_equal(resumed.result.matrix, full.result.matrix) and full.result.epochs.tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="other settings"):
         AffinityCallback("encoder", update="gradient").load_state_dict(full.state_dict())
@@ -669,7 +672,7 @@ def test_auto_schedule_is_decided_from_shapes_at_the_first_step_and_resumes(tmp_
     assert res.settings["every_n_steps"] == "auto" and k == expected_k > 1
     assert res.measured_steps == len(range(0, 12, k)) and runs[1] == res  # same steps, same numbers
     state = cb.state_dict()
-    assert state["schedule"] == {"anchor": 0, "chosen": k}
+    assert state["schedule"] == {"anchor": 0, "chosen": k, "control_variate": False}  # proxy too dear here
     again = AffinityCallback("encoder", overhead=0.1)
     again.load_state_dict(state)
     assert again._chosen == k and again._anchor == 0
@@ -728,3 +731,126 @@ def test_curves_and_heatmap_reach_the_trainers_logger(tmp_path):
         table = list(_csv.reader(fh))
     assert table[0] == ["source", *TASKS]
     np.testing.assert_allclose(float(table[1][2]), cb.result.matrix[0, 1], rtol=1e-12)
+
+
+# ---------------------------------------------------------------------- the control variate
+def _hand_cv(exact, proxy, measured, epochs, reduction):
+    """The control-variate matrix by hand: regression estimates at the unmeasured steps, then the reduction."""
+    X, P = np.asarray(exact), np.asarray(proxy)
+    m = np.asarray(measured)
+    xs, ps = X[m], P[m]
+    xbar, pbar = xs.mean(0), ps.mean(0)
+    var = ((ps - pbar) ** 2).sum(0)
+    beta = np.where(var > 0, ((xs - xbar) * (ps - pbar)).sum(0) / np.where(var > 0, var, 1), 0.0)
+    if m.sum() < AffinityAccumulator.MIN_PAIRS:
+        beta = np.zeros_like(beta)
+    filled = np.where(m[:, None, None], X, xbar + beta * (P - pbar))
+    epochs = np.asarray(epochs)
+    if reduction == "mean":
+        return filled.mean(0)
+    return sum(filled[epochs == e].mean(0) for e in np.unique(epochs))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "epoch_mean_sum"])
+@pytest.mark.parametrize("every", [2, 5, 30])
+def test_control_variate_accumulator_matches_the_regression_by_hand(reduction, every):
+    rng = np.random.default_rng(0)
+    T, n = 30, 3
+    P = rng.normal(size=(T, n, n))
+    X = 2.0 * P + rng.normal(size=(n, n)) + 0.1 * rng.normal(size=(T, n, n))  # the proxy follows the exact score
+    epochs = np.repeat(np.arange(3), 10)
+    measured = np.arange(T) % every == 0
+    acc = AffinityAccumulator(n)
+    ok = torch.ones(n, dtype=torch.bool)
+    for t in range(T):
+        if measured[t]:
+            acc.add(epochs[t], torch.as_tensor(X[t]), ok, step=t, proxy=torch.as_tensor(P[t]))
+        else:
+            acc.add_proxy(epochs[t], torch.as_tensor(P[t]), ok)
+    np.testing.assert_allclose(acc.matrix(reduction).numpy(), _hand_cv(X, P, measured, epochs, reduction),
+                               rtol=1e-10, atol=1e-12)
+    assert acc.proxy_steps == int((~measured).sum())
+    again = AffinityAccumulator.from_state_dict(acc.state_dict())
+    assert torch.equal(again.matrix(reduction), acc.matrix(reduction))
+    if every == 2:  # the estimate is far closer to the every-step average than the sample it starts from
+        plain = X[measured].mean(0) if reduction == "mean" else sum(
+            X[measured & (epochs == e)].mean(0) for e in range(3))
+        truth = X.mean(0) if reduction == "mean" else sum(X[epochs == e].mean(0) for e in range(3))
+        assert np.abs(acc.matrix(reduction).numpy() - truth).max() < 0.5 * np.abs(plain - truth).max()
+
+
+def test_control_variate_leaves_unmeasured_columns_unknown_and_needs_three_pairs():
+    acc = AffinityAccumulator(2)
+    both, first = torch.tensor([True, True]), torch.tensor([True, False])
+    acc.add(0, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), first, proxy=torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    acc.add_proxy(0, torch.tensor([[5.0, 5.0], [5.0, 5.0]]), both)
+    m = acc.matrix("mean")
+    assert torch.isnan(m[:, 1]).all()  # column 1 was never measured exactly: no estimate either
+    assert torch.equal(m[:, 0], torch.tensor([1.0, 3.0], dtype=torch.float64))  # one pair: beta = 0, the mean
+
+
+class RecordProxy:
+    """Wraps ``GramEngine.proxy_products`` to keep every step's proxy products."""
+
+    def __init__(self, monkeypatch):
+        from lightning_etap.affinity.gram import GramEngine
+
+        self.calls = []
+        original = GramEngine.proxy_products
+
+        def wrapped(engine, parts, rules, **kw):
+            out = original(engine, parts, rules, **kw)
+            self.calls.append((out.clone(), torch.stack([p.detach() for p in parts]).double()))
+            return out
+
+        monkeypatch.setattr(GramEngine, "proxy_products", wrapped)
+
+
+def test_control_variate_callback_combines_exact_steps_and_proxy_steps(monkeypatch):
+    """A fit with control_variate=True every 3rd step == the regression by hand from the exact every-step
+    scores (a second callback on the same fit) and the proxy recorded at every step; the proxy itself is
+    the product of the per-task gradients of a bias on the shared representation, checked by autograd."""
+    rec = RecordProxy(monkeypatch)
+    torch.manual_seed(0)
+    cv = AffinityCallback("encoder", every_n_steps=3, control_variate=True, reduction="mean")
+    every = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True, reduction="mean")
+    fit(TinyMTL(), tiny_loader(n=96), [cv, every], max_epochs=2)  # 24 steps
+    steps = every.result.step_matrices
+    assert len(rec.calls) == len(steps) == 24
+    proxy = np.stack([(P / L.unsqueeze(0)).numpy() for P, L in rec.calls])
+    measured = np.arange(24) % 3 == 0
+    res = cv.result
+    assert res.measured_steps == 8 and res.settings["proxy_steps"] == 16 and res.settings["control_variate_chosen"]
+    np.testing.assert_allclose(res.matrix, _hand_cv(steps, proxy, measured, np.zeros(24), "mean"),
+                               rtol=1e-6, atol=1e-9)
+
+    # the proxy of one step by hand: b_i = sum over rows of dL_i/dh
+    model = TinyMTL()
+    x, y = next(iter(tiny_loader()))
+    h = model.encoder(x)
+    losses = [F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, head in enumerate(model.heads)]
+    b = torch.stack([torch.autograd.grad(loss, h, retain_graph=True)[0].sum(0) for loss in losses])
+    from lightning_etap.affinity.gram import GramEngine
+    from lightning_etap.affinity.scores import task_update_rules
+
+    params = list(model.encoder.parameters())
+    engine = GramEngine(model, params, root=model.encoder)
+    engine.start_step(proxy=True)
+    h2 = model.encoder(x)
+    parts = [F.mse_loss(head(h2).squeeze(-1), y[:, k]) for k, head in enumerate(model.heads)]
+    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient", per_unit_lr=True)
+    torch.testing.assert_close(engine.proxy_products(parts, rules), (b @ b.T).double(), rtol=1e-5, atol=1e-8)
+    engine.close()
+
+
+def test_control_variate_auto_turns_on_only_where_the_proxy_is_cheap():
+    tiny = AffinityCallback("encoder")  # tiny model: a per-task backward call costs more than the budget allows
+    fit(TinyMTL(), tiny_loader(n=96), [tiny], max_epochs=1)
+    assert tiny.result.settings["control_variate_chosen"] is False and tiny.result.settings["proxy_steps"] == 0
+    off = AffinityCallback("encoder", every_n_steps=4)  # an explicit schedule keeps the plain sample
+    fit(TinyMTL(), tiny_loader(n=96), [off], max_epochs=1)
+    assert "control_variate_chosen" not in off.result.settings
+    with pytest.raises(ValueError, match="control_variate"):
+        AffinityCallback("encoder", method="tag", control_variate=True)
+    with pytest.raises(ValueError, match="control_variate"):
+        AffinityCallback("encoder", control_variate="sometimes")

@@ -144,6 +144,23 @@ class AffinityCallback(Callback):
             any other shared parameter; ``"autograd"``: explicit per-task
             gradients of every shared parameter, one parameter block at a time.
             TAG always uses ``"autograd"`` (it needs the update vectors).
+        control_variate: between measured steps, score every step with a cheap
+            proxy and use it as a control variate. The proxy is the product of
+            the gradients each task gives a bias on the shared representation
+            (one backward per task through its own head, nothing through the
+            encoder); it follows the exact score's swings from batch to batch,
+            so every unmeasured step gets the regression estimate
+            ``X̄ + β (P_t − P̄)`` fitted per entry on the measured steps
+            (:class:`~lightning_etap.affinity.scores.AffinityAccumulator`),
+            which removes most of the sampling noise of a sparse schedule.
+            ``"auto"`` (default): with ``every_n_steps="auto"``, on when the
+            multiply-add model puts the proxy at no more than half of
+            ``overhead`` (wide encoders; not small models, where a backward
+            call's fixed cost dominates), and the measured steps get the rest
+            of the budget; off with an integer schedule. ``True``: always
+            (needs ``method="etap"``, ``scope="shared"``, ``engine="fast"`` and
+            a shared submodule). Recorded in
+            ``result.settings["control_variate_chosen"]`` and ``["proxy_steps"]``.
         keep_step_scores: also keep every measured step's matrix (``result.step_matrices``).
         log_every_n_steps: log the running matrix to every logger of the Trainer
             as ``affinity/<source>-><target>`` scalars this often (``None``: the
@@ -202,6 +219,7 @@ class AffinityCallback(Callback):
         overhead: float = 0.1,
         scope: str = "shared",
         engine: str = "fast",
+        control_variate: bool | str = "auto",
         keep_step_scores: bool = False,
         log_every_n_steps: int | None = None,
         heatmap: bool = True,
@@ -222,6 +240,11 @@ class AffinityCallback(Callback):
             raise ValueError(f"scope must be 'shared', 'last_layer' or 'representation', got {scope!r}")
         if engine not in ("fast", "autograd"):
             raise ValueError(f"engine must be 'fast' or 'autograd', got {engine!r}")
+        if control_variate not in ("auto", True, False):
+            raise ValueError(f"control_variate must be True, False or 'auto', got {control_variate!r}")
+        if control_variate is True and (method != "etap" or scope != "shared" or engine != "fast"):
+            raise ValueError("control_variate=True needs method='etap', scope='shared' and engine='fast' (the "
+                             "proxy is built from the fast engine's activations)")
         if scope != "shared" and method == "tag":
             raise ValueError(f"scope={scope!r} applies to method='etap' (TAG moves every shared parameter)")
         if scope == "representation" and update != "gradient":
@@ -254,6 +277,7 @@ class AffinityCallback(Callback):
         self.overhead = float(overhead)
         self.scope = scope
         self.engine = engine
+        self.control_variate = control_variate
         self.keep_step_scores = bool(keep_step_scores)
         self.dashboard = AffinityDashboard(log_every_n_steps=log_every_n_steps, heatmap=heatmap)
         self.save_dir = None if save_dir is None else str(save_dir)
@@ -274,7 +298,14 @@ class AffinityCallback(Callback):
             "normalize_by_loss": self.normalize_by_loss, "reduction": self.reduction,
             "every_n_steps": self.every_n_steps, "scope": self.scope, "shared": shared,
             **({"overhead": self.overhead} if self.every_n_steps == "auto" else {}),
+            **({"control_variate": self.control_variate} if self._cv_possible() else {}),
         }
+
+    def _cv_possible(self) -> bool:
+        """Whether the control variate can be on (explicitly, or by the ``"auto"`` schedule's choice)."""
+        if self.method != "etap" or self.scope != "shared" or self.engine != "fast":
+            return False
+        return self.control_variate is True or (self.control_variate == "auto" and self.every_n_steps == "auto")
 
     @property
     @override
@@ -295,6 +326,12 @@ class AffinityCallback(Callback):
         # every_n_steps="auto": the step it was decided at (None: not yet) and the chosen interval
         self._anchor: int | None = None
         self._chosen: int | None = self.every_n_steps if isinstance(self.every_n_steps, int) else None
+        self._proxy_ok = False  # the last measured step could compute the control variate's proxy
+        # the control variate: True / False once known; None while "auto" has not decided
+        if not self._cv_possible():
+            self._cv: bool | None = False
+        else:
+            self._cv = True if (self.control_variate is True and self.every_n_steps != "auto") else None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -316,8 +353,9 @@ class AffinityCallback(Callback):
         if not self._loaded:
             self._reset()
         self._captured: _Captured | None = None
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_bad = False
+        self._proxying = False
         self._tag_state: tuple | None = None
         self._wrap(pl_module)
 
@@ -430,6 +468,7 @@ class AffinityCallback(Callback):
         """``"auto"``: fix the interval after the first measured step, from multiply-add counts."""
         if self.every_n_steps != "auto" or self._chosen is not None:
             return
+        plain = None
         if self.method == "tag":  # n lookahead forwards plus n per-task backward passes: about n plain steps
             ratio = float(n)
         elif self._engine is not None and self._engine.last_costs is not None:
@@ -437,17 +476,28 @@ class AffinityCallback(Callback):
             ratio = extra / plain
         else:  # explicit per-task gradients: about n backward passes against forward + backward
             ratio = 2.0 * n / 3.0
-        k = max(1, math.ceil(ratio / self.overhead - 1e-9))
-        if trainer.world_size > 1:
-            k = int(trainer.strategy.broadcast(k, src=0))  # every rank measures the same steps
-        self._chosen, self._anchor = k, trainer.global_step
+        budget, cv = self.overhead, False
+        if self._cv is None:  # the control variate: on when its proxy (at every step) costs at most half the budget
+            proxy = self._engine.last_proxy_macs if self._engine is not None else None
+            if proxy is not None and plain is not None and self._proxy_ok:
+                p = proxy / plain
+                cv = self.control_variate is True or p <= self.overhead / 2
+                if cv:
+                    budget = max(self.overhead - p, self.overhead / 2)
+        k = max(1, math.ceil(ratio / budget - 1e-9))
+        if trainer.world_size > 1:  # every rank measures the same steps
+            k, cv = trainer.strategy.broadcast((k, cv), src=0)
+        self._chosen, self._anchor = int(k), trainer.global_step
+        if self._cv is None:
+            self._cv = bool(cv)
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._measuring = self._is_measured(trainer)
-        if self._measuring and self._engine is not None:
-            self._engine.start_step()
+        self._proxying = not self._measuring and self._cv is True
+        if (self._measuring or self._proxying) and self._engine is not None:
+            self._engine.start_step(proxy=self._cv is not False)
 
     def _all_reduce(self, trainer: L.Trainer) -> Callable[[Tensor], Tensor] | None:
         """Averages a tensor over the data-parallel ranks (``None`` on one process)."""
@@ -473,7 +523,7 @@ class AffinityCallback(Callback):
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         cap, self._captured = self._captured, None
-        if cap is None or not self._measuring:
+        if cap is None or not (self._measuring or self._proxying):
             return
         self._measure(trainer, cap)
 
@@ -494,6 +544,17 @@ class AffinityCallback(Callback):
         scale = self._grad_scale(trainer)
         if self.method == "etap":
             rules = task_update_rules(opt, self._params, self.update, per_unit_lr=self.divide_by_lr)
+            proxy = None
+            if self._cv is not False and self._engine is not None:
+                proxy = self._engine.proxy_products(parts, rules, grad_scale=scale, all_reduce=reduce)
+                self._proxy_ok = proxy is not None
+            if not self._measuring:  # a proxy-only step of the control variate
+                if proxy is None:
+                    return
+                self._engine.stop_step()
+                scores, valid = step_scores(proxy, values, self.normalize_by_loss)
+                self._add_micro(scores, valid, proxy=True)
+                return
             if self._engine is not None:
                 products = self._engine.products(losses, rules, grad_scale=scale, all_reduce=reduce, parts=parts)
             else:
@@ -501,7 +562,8 @@ class AffinityCallback(Callback):
                                          grad_scale=scale, all_reduce=reduce)
             self._decide_interval(trainer, len(names))
             scores, valid = step_scores(products, values, self.normalize_by_loss)
-            self._add_micro(scores, valid)
+            proxy_scores = step_scores(proxy, values, self.normalize_by_loss)[0] if proxy is not None else None
+            self._add_micro(scores, valid, proxy_scores)
             return
         # TAG: the per-task updates now (graph alive), the lookahead after the backward
         lr = None
@@ -546,11 +608,13 @@ class AffinityCallback(Callback):
         scores, valid = tag_step_scores(before, after, lr)
         self._add_micro(scores, valid)
 
-    def _add_micro(self, scores: Tensor, valid: Tensor) -> None:
-        if not bool(torch.isfinite(scores[:, valid]).all()):
+    def _add_micro(self, scores: Tensor, valid: Tensor, proxy: Tensor | bool | None = None) -> None:
+        """Queue a micro-batch's scores (``proxy``: its proxy scores, or ``True`` when ``scores`` are proxy scores)."""
+        checked = [scores] + ([proxy] if isinstance(proxy, Tensor) else [])
+        if not all(bool(torch.isfinite(t[:, valid]).all()) for t in checked):
             self._bad_step("a non-finite gradient or score")
             return
-        self._pending.append((scores, valid))
+        self._pending.append((scores, valid, proxy))
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -562,16 +626,26 @@ class AffinityCallback(Callback):
             return
         if not pending:
             return
-        total = torch.zeros_like(pending[0][0])
-        count = torch.zeros_like(pending[0][1], dtype=torch.float64)
-        for s, v in pending:
-            total += torch.where(v.unsqueeze(0), s, 0.0)
-            count += v.double()
-        valid = count > 0
-        scores = torch.where(valid.unsqueeze(0), total / count.clamp(min=1).unsqueeze(0), 0.0)
+        def mean(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+            total = torch.zeros_like(items[0][0])
+            count = torch.zeros_like(items[0][1], dtype=torch.float64)
+            for s, v in items:
+                total += torch.where(v.unsqueeze(0), s, 0.0)
+                count += v.double()
+            ok = count > 0
+            return torch.where(ok.unsqueeze(0), total / count.clamp(min=1).unsqueeze(0), 0.0), ok
+
+        if pending[0][2] is True:  # a proxy-only step
+            proxy, valid = mean([(s, v) for s, v, _ in pending])
+            self._acc.add_proxy(trainer.current_epoch, proxy, valid)
+            return
+        scores, valid = mean([(s, v) for s, v, _ in pending])
+        proxy = None
+        if self._cv and all(isinstance(p, Tensor) for _, _, p in pending):
+            proxy, _ = mean([(p, v) for _, v, p in pending])
         for j in torch.nonzero(~valid).flatten().tolist():
             self._zero_loss[j] += 1
-        self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step)
+        self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step, proxy=proxy)
         self._measured += 1
         if self.dashboard.is_due(trainer, trainer.global_step):
             self.dashboard.log_step(trainer, self._task_names, self._acc.matrix(self.reduction).numpy(),
@@ -617,13 +691,15 @@ class AffinityCallback(Callback):
             measured_steps=self._measured,
             skipped_steps=self._skipped,
             zero_loss_skips=dict(zip(self._task_names, self._zero_loss, strict=True)),
-            settings={**self.settings, "every_n_steps_chosen": self._chosen},
+            settings={**self.settings, "every_n_steps_chosen": self._chosen,
+                      **({"control_variate_chosen": bool(self._cv), "proxy_steps": acc.proxy_steps}
+                         if self._cv_possible() else {})},
         )
 
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        schedule = {"anchor": self._anchor, "chosen": self._chosen}
+        schedule = {"anchor": self._anchor, "chosen": self._chosen, "control_variate": self._cv}
         if self._acc is None:
             return {"version": 1, "settings": self.settings, "task_names": self._task_names, "accumulator": None,
                     "schedule": schedule}
@@ -659,6 +735,8 @@ class AffinityCallback(Callback):
         if schedule is not None and self.every_n_steps == "auto":
             self._anchor = schedule["anchor"]
             self._chosen = schedule["chosen"]
+        if schedule is not None and self._cv_possible() and "control_variate" in schedule:
+            self._cv = schedule["control_variate"]
         self._loaded = True
 
 

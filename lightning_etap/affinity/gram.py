@@ -73,6 +73,9 @@ FIXED_STEP_MACS = 6e7
 FIXED_MEASURE_MACS = 2e7
 FIXED_CALL_MACS = 2e6
 
+#: multiply-add equivalents of one task's backward call through its head (the proxy's per-task fixed cost)
+PROXY_TASK_MACS = 6e6
+
 #: modules whose training-mode forward mixes the rows of a batch (per-task rows are then not separable)
 _ROW_MIXING: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 
@@ -290,13 +293,16 @@ class GramEngine:
         #: (plain step, measurement) multiply-add estimates of the last measured step (see :meth:`_costs`)
         self.last_costs: tuple[float, float] | None = None
         self._parts: list[Tensor] = []
+        #: multiply-add estimate of the last proxy computation (see :meth:`proxy_products`)
+        self.last_proxy_macs: float | None = None
 
     def close(self) -> None:
         self.tap.remove()
 
-    def start_step(self) -> None:
+    def start_step(self, proxy: bool = False) -> None:
+        """Record the coming step's forward (for the exact products, or only for the ``proxy``)."""
         self.tap.clear()
-        self.tap.active = not self._delegate
+        self.tap.active = proxy or not self._delegate
 
     def stop_step(self) -> None:
         self.tap.active = False
@@ -392,6 +398,51 @@ class GramEngine:
         if self.rest:
             extra += 2.0 * n * forward
         return plain, extra
+
+    # ------------------------------------------------------------------ control-variate proxy
+    def proxy_products(
+        self,
+        parts: Sequence[Tensor],
+        rules: Sequence[UpdateRule],
+        *,
+        grad_scale: float = 1.0,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor | None:
+        """Cheap proxy products ``P[i, j] = α b_i · b_j`` of the recorded step, or ``None`` without a shared root.
+
+        ``b_i = Σ_rows ∂L_i/∂h`` is the gradient task ``i`` would give a bias
+        added to the shared representation ``h`` (one backward per task
+        through its own head, never through the encoder). ``P`` is not the
+        affinity and ranks the pairs poorly on its own; what makes it useful
+        is that it moves with the exact products from batch to batch (the
+        control variate of :class:`~lightning_etap.affinity.scores.AffinityAccumulator`).
+        The record is left in place for :meth:`products` of the same step.
+        """
+        record = self.tap._record
+        n = len(parts)
+        roots = [t for call in record.roots for t in call]
+        if not roots or not any(p.requires_grad for p in parts):
+            return None
+        widths = [r.shape[-1] if r.dim() else 1 for r in roots]
+        F = torch.zeros(n, sum(widths), dtype=torch.float32, device=parts[0].device)
+        seed = torch.tensor(float(grad_scale), dtype=parts[0].dtype, device=parts[0].device)
+        for i, part in enumerate(parts):
+            if not part.requires_grad:
+                continue
+            grads = torch.autograd.grad(part, roots, grad_outputs=seed, retain_graph=True, allow_unused=True)
+            col = 0
+            for g, w in zip(grads, widths, strict=True):
+                if g is not None:
+                    F[i, col:col + w] = g.reshape(-1, w).sum(0).float()
+                col += w
+        if grad_scale != 1.0:
+            F /= grad_scale
+        if all_reduce is not None:
+            F = all_reduce(F)
+        rows = sum(r.numel() for r in roots)
+        self.last_proxy_macs = float(FIXED_MEASURE_MACS + n * (PROXY_TASK_MACS + rows) + n * n * F.shape[1])
+        alpha = next((r.alpha for r in rules if isinstance(r, LinearUpdate)), 1.0)
+        return alpha * (F @ F.T).double()
 
     # ------------------------------------------------------------------ output gradients
     def _layer_data(self, task_losses, record: _Record, calls: list[_LinearCall], roots: list[Tensor],

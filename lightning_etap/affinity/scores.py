@@ -526,7 +526,22 @@ class AffinityAccumulator:
 
     Epochs (or whole runs) in which a column never counted contribute nothing
     to it; a column that never counted is NaN.
+
+    **Control variate.** When a cheap proxy score ``P_t`` is known at steps
+    whose exact score ``X_t`` was not measured (:meth:`add_proxy`), and at
+    the measured steps both are (:meth:`add` with ``proxy``), every
+    unmeasured step gets the regression estimate
+    ``X̂_t = X̄ + β (P_t − P̄)`` per entry, with ``X̄``, ``P̄`` the means over
+    the measured steps and ``β = cov(X, P) / var(P)`` their least-squares
+    slope (0 with fewer than :data:`MIN_PAIRS` measured steps or no variance
+    of ``P``), and both reductions then average measured and estimated steps
+    alike. The proxy follows the batch-to-batch swings of the exact score,
+    so the estimate removes most of the sampling noise of measuring every
+    k-th step (benchmarks/affinity_overhead.py measures how much).
     """
+
+    #: measured steps needed before the control variate's slope is used
+    MIN_PAIRS = 3
 
     def __init__(self, n: int, keep_steps: bool = False) -> None:
         self.n = int(n)
@@ -535,30 +550,98 @@ class AffinityAccumulator:
         self.counts: dict[int, Tensor] = {}
         self.steps: list[int] = []
         self.step_scores: list[Tensor] = []
+        # control variate: per epoch, proxy sums and counts of the steps measured by the proxy only
+        self.proxy_sums: dict[int, Tensor] = {}
+        self.proxy_counts: dict[int, Tensor] = {}
+        # and over the measured steps: sums of X, P, X·P, P² and the count, per entry
+        self.pairs: dict[str, Tensor] | None = None
 
-    def add(self, epoch: int, scores: Tensor, valid: Tensor, step: int | None = None) -> None:
-        """Add one step's ``(n, n)`` scores; only ``valid`` columns count."""
-        e = int(epoch)
+    def _epoch(self, e: int) -> None:
         if e not in self.sums:
             self.sums[e] = torch.zeros(self.n, self.n, dtype=torch.float64)
             self.counts[e] = torch.zeros(self.n, dtype=torch.float64)
+
+    def add(self, epoch: int, scores: Tensor, valid: Tensor, step: int | None = None,
+            proxy: Tensor | None = None) -> None:
+        """Add one measured step's ``(n, n)`` scores (and its proxy scores); only ``valid`` columns count."""
+        e = int(epoch)
+        self._epoch(e)
         s = scores.detach().double().cpu()
         v = valid.detach().cpu()
         self.sums[e] += torch.where(v.unsqueeze(0), s, 0.0)
         self.counts[e] += v.double()
+        if proxy is not None:
+            p = torch.where(v.unsqueeze(0), proxy.detach().double().cpu(), 0.0)
+            x = torch.where(v.unsqueeze(0), s, 0.0)
+            if self.pairs is None:
+                self.pairs = {k: torch.zeros(self.n, self.n, dtype=torch.float64) for k in ("x", "p", "xp", "pp")}
+                self.pairs["count"] = torch.zeros(self.n, dtype=torch.float64)
+            self.pairs["x"] += x
+            self.pairs["p"] += p
+            self.pairs["xp"] += x * p
+            self.pairs["pp"] += p * p
+            self.pairs["count"] += v.double()
         if self.keep_steps:
             self.steps.append(-1 if step is None else int(step))
             self.step_scores.append(torch.where(v.unsqueeze(0), s, float("nan")))
+
+    def add_proxy(self, epoch: int, proxy: Tensor, valid: Tensor) -> None:
+        """Add the proxy scores of a step whose exact scores were not measured."""
+        e = int(epoch)
+        self._epoch(e)
+        if e not in self.proxy_sums:
+            self.proxy_sums[e] = torch.zeros(self.n, self.n, dtype=torch.float64)
+            self.proxy_counts[e] = torch.zeros(self.n, dtype=torch.float64)
+        v = valid.detach().cpu()
+        self.proxy_sums[e] += torch.where(v.unsqueeze(0), proxy.detach().double().cpu(), 0.0)
+        self.proxy_counts[e] += v.double()
 
     @property
     def epochs(self) -> list[int]:
         return sorted(self.sums)
 
+    @property
+    def proxy_steps(self) -> int:
+        """Steps measured by the proxy only (the largest count over columns)."""
+        return int(sum(float(c.max()) for c in self.proxy_counts.values()))
+
+    def control_variate(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(X̄, P̄, β)`` per entry over the measured steps, or ``None`` without proxy-only steps."""
+        if not self.proxy_sums or self.pairs is None:
+            return None
+        m = self.pairs["count"].unsqueeze(0).expand(self.n, self.n)
+        safe = m.clamp(min=1)
+        xbar, pbar = self.pairs["x"] / safe, self.pairs["p"] / safe
+        cov = self.pairs["xp"] - m * xbar * pbar
+        var = self.pairs["pp"] - m * pbar * pbar
+        scale = self.pairs["pp"].clamp(min=1e-300)
+        ok = (m >= self.MIN_PAIRS) & (var > 1e-12 * scale)
+        beta = torch.where(ok, cov / torch.where(ok, var, 1.0), 0.0)
+        return xbar, pbar, beta
+
+    def _filled(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per epoch: the sum and count of measured plus estimated steps (the control variate's, if any)."""
+        cv = self.control_variate()
+        sums, counts = [], []
+        for e in self.epochs:
+            s, c = self.sums[e], self.counts[e]
+            if cv is not None and e in self.proxy_sums:
+                xbar, pbar, beta = cv
+                pc = self.proxy_counts[e]
+                has = (self.pairs["count"] > 0).unsqueeze(0)  # a column never measured stays unknown
+                extra = pc.unsqueeze(0) * (xbar - beta * pbar) + beta * self.proxy_sums[e]
+                s = s + torch.where(has, extra, 0.0)
+                c = c + torch.where(self.pairs["count"] > 0, pc, 0.0)
+            sums.append(s)
+            counts.append(c)
+        return sums, counts
+
     def epoch_means(self) -> Tensor:
         """``(E, n, n)`` per-epoch means (NaN in columns that never counted in that epoch)."""
         if not self.sums:
             return torch.zeros(0, self.n, self.n, dtype=torch.float64)
-        return torch.stack([self.sums[e] / self.counts[e].unsqueeze(0) for e in self.epochs])
+        sums, counts = self._filled()
+        return torch.stack([s / c.unsqueeze(0) for s, c in zip(sums, counts, strict=True)])
 
     def matrix(self, reduction: str = "epoch_mean_sum") -> Tensor:
         """The time-averaged ``(n, n)`` matrix under ``reduction``."""
@@ -566,14 +649,13 @@ class AffinityAccumulator:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if not self.sums:
             return torch.full((self.n, self.n), float("nan"), dtype=torch.float64)
-        counts = torch.stack([self.counts[e] for e in self.epochs])  # (E, n)
+        sums, counts = self._filled()
+        counts_t = torch.stack(counts)  # (E, n)
         if reduction == "mean":
-            total = torch.stack([self.sums[e] for e in self.epochs]).sum(0)
-            count = counts.sum(0)
-            return total / count.unsqueeze(0)
+            return torch.stack(sums).sum(0) / counts_t.sum(0).unsqueeze(0)
         means = torch.nan_to_num(self.epoch_means(), nan=0.0)
         out = means.sum(0)
-        return torch.where((counts.sum(0) > 0).unsqueeze(0), out, float("nan"))
+        return torch.where((counts_t.sum(0) > 0).unsqueeze(0), out, float("nan"))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -584,6 +666,10 @@ class AffinityAccumulator:
             "counts": [self.counts[e].clone() for e in self.epochs],
             "steps": list(self.steps),
             "step_scores": [s.clone() for s in self.step_scores],
+            "proxy_epochs": sorted(self.proxy_sums),
+            "proxy_sums": [self.proxy_sums[e].clone() for e in sorted(self.proxy_sums)],
+            "proxy_counts": [self.proxy_counts[e].clone() for e in sorted(self.proxy_sums)],
+            "pairs": None if self.pairs is None else {k: v.clone() for k, v in self.pairs.items()},
         }
 
     @classmethod
@@ -594,6 +680,12 @@ class AffinityAccumulator:
             acc.counts[int(e)] = c.clone().double()
         acc.steps = [int(s) for s in state["steps"]]
         acc.step_scores = [s.clone() for s in state["step_scores"]]
+        for e, s, c in zip(state.get("proxy_epochs", []), state.get("proxy_sums", []), state.get("proxy_counts", []),
+                           strict=True):
+            acc.proxy_sums[int(e)] = s.clone().double()
+            acc.proxy_counts[int(e)] = c.clone().double()
+        pairs = state.get("pairs")
+        acc.pairs = None if pairs is None else {k: v.clone().double() for k, v in pairs.items()}
         return acc
 
 
