@@ -622,10 +622,12 @@ class AffinityCallback(Callback):
         pending, bad = self._pending, self._pending_bad
         self._pending, self._pending_bad = [], False
         if bad:
-            self._skipped += 1
+            if self._measuring:  # a proxy-only step with a non-finite value is just left out
+                self._skipped += 1
             return
         if not pending:
             return
+
         def mean(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
             total = torch.zeros_like(items[0][0])
             count = torch.zeros_like(items[0][1], dtype=torch.float64)
