@@ -324,3 +324,50 @@ def test_wide_dense_layers_keep_the_activation_path():
         engine.products(model.losses(x, ys), task_update_rules(opt, params, "optimizer"))
         assert engine.last_path == "dense"
     engine.close()
+
+
+def test_root_gradients_per_task_calls_equal_the_vectorised_call(monkeypatch):
+    import lightning_etap.affinity.gram as gram
+
+    torch.manual_seed(7)
+    model = Shared(d=10, hidden=(12, 9), n=4)
+    g = torch.Generator().manual_seed(8)
+    x, ys = torch.randn(5, 10, generator=g), [torch.randn(5, 1, generator=g) for _ in range(4)]
+    h = model.encoder(x)
+    parts = [((head(h) - y) ** 2).mean() for head, y in zip(model.heads, ys, strict=True)]
+    parts[2] = parts[2].detach()  # a task that reaches nothing: zeros on both paths
+    seeds = torch.eye(4) * 3.0
+    small = gram.root_gradients(parts, [h], seeds)  # below the threshold: one vectorised call
+    monkeypatch.setattr(gram, "BATCHED_ROOT_WORK", 0)
+    large = gram.root_gradients(parts, [h], seeds)  # one call per task
+    torch.testing.assert_close(small[0], large[0])
+    by_hand = torch.stack([torch.autograd.grad(p * 3.0, h, retain_graph=True)[0] if p.requires_grad
+                           else torch.zeros_like(h) for p in parts])
+    torch.testing.assert_close(large[0], by_hand)
+
+
+@pytest.mark.parametrize("layout", ["separable", "dense"])
+def test_engine_with_per_task_root_gradients_matches_autograd(monkeypatch, layout):
+    import lightning_etap.affinity.gram as gram
+
+    monkeypatch.setattr(gram, "BATCHED_ROOT_WORK", 0)  # as on a wide representation
+    torch.manual_seed(9)
+    if layout == "separable":
+        model = PerTask()
+        xs, ys = per_task_data()
+        fn = lambda: model.losses(xs, ys)  # noqa: E731
+    else:
+        model = Shared(d=12, hidden=(8, 6), n=3)
+        g = torch.Generator().manual_seed(10)
+        x, ys = torch.randn(7, 12, generator=g), [torch.randn(7, 1, generator=g) for _ in range(3)]
+        fn = lambda: model.losses(x, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS["momentum"], model, fn)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "optimizer")
+    engine = GramEngine(model, params, root=model.encoder)
+    engine.start_step()
+    losses = fn()
+    Z = engine.products(losses, rules, parts=[losses[i] for i in range(losses.shape[0])])
+    assert engine.last_path == layout
+    engine.close()
+    torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)

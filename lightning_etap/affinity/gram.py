@@ -453,7 +453,7 @@ class GramEngine:
         owners: list[Tensor] | None = None
         D: Sequence[Tensor | None] | None = None
         if roots:
-            D = root_gradients(self._parts, roots, seeds)
+            D = root_gradients(self._parts, roots, seeds, stacked=task_losses)
             if self.separable == "auto" and not self._rows_shared and not self._mixing_now():
                 owners = _row_owners(record, D)
                 self._rows_shared = owners is None
@@ -567,7 +567,7 @@ class GramEngine:
         self.last_costs = (FIXED_STEP_MACS, FIXED_MEASURE_MACS)
         if not roots:
             return
-        D = root_gradients(self._parts, roots, seeds)
+        D = root_gradients(self._parts, roots, seeds, stacked=task_losses)
         n = task_losses.shape[0]
         alpha = rules[0].alpha if isinstance(rules[0], LinearUpdate) else 1.0
         for d in D:
@@ -580,19 +580,34 @@ class GramEngine:
 
 
 # --------------------------------------------------------------------------- helpers
-def root_gradients(task_losses: Sequence[Tensor], roots: Sequence[Tensor], seeds: Tensor) -> list[Tensor | None]:
+#: ``n² x`` representation size (values) below which :func:`root_gradients` takes one vectorised call
+BATCHED_ROOT_WORK = 2**22
+
+
+def root_gradients(task_losses: Sequence[Tensor], roots: Sequence[Tensor], seeds: Tensor,
+                   stacked: Tensor | None = None) -> list[Tensor | None]:
     """``D[k][i] = seeds[i, i] · ∂L_i/∂roots[k]``, shape ``(n, *roots[k].shape)`` (``None``: no task reaches it).
 
-    ``task_losses``: the ``n`` scalar losses (separate tensors, not slices of
-    a stacked one, or every call passes zeros through every head). One
-    backward call per task, each through that task's own head and loss
-    only. A vectorised call over the ``n`` one-hot seeds would instead push
-    ``n`` gradients through *every* head (vmap cannot see that ``n - 1`` of
-    them are zero) and sum ``n x n`` representation-sized tensors: with 30
-    tasks on a 1024-wide representation that alone cost about five plain
-    training steps (and some losses, e.g. ``mse_loss``, have no batching rule).
+    ``task_losses``: the ``n`` scalar losses, separate tensors (not slices of
+    a stacked one, or every call passes zeros through every head);
+    ``stacked``: the same losses stacked, if at hand.
+
+    Large representations: one backward call per task, each through that
+    task's own head and loss only. A vectorised call over the ``n`` one-hot
+    seeds pushes ``n`` gradients through *every* head (vmap cannot see that
+    ``n - 1`` of them are zero) and sums ``n x n`` representation-sized
+    tensors: with 30 tasks on a 1024-wide representation of 256 rows that
+    alone cost about five plain training steps. Small ones (``n² x`` the
+    representation's size below :data:`BATCHED_ROOT_WORK`, e.g. Chemical's
+    264 x 16): that one vectorised call, whose fixed cost is one call's
+    instead of ``n``.
     """
     n = len(task_losses)
+    size = sum(r.numel() for r in roots)
+    if n * n * size < BATCHED_ROOT_WORK and any(t.requires_grad for t in task_losses):
+        losses = stacked if stacked is not None else torch.stack([t.reshape(()) for t in task_losses])
+        return list(torch.autograd.grad(losses, roots, grad_outputs=seeds, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True))
     per_root: list[list[Tensor | None]] = [[None] * n for _ in roots]
     for i in range(n):
         if not task_losses[i].requires_grad:
