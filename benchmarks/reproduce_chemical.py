@@ -1403,7 +1403,7 @@ def stage_page(ctx: Context, force: bool = False) -> dict:
 
     # ---- Tables 4 and 10
     add(f"## Tables 4 and 10: total test loss of the selected groups (|G_train| = {s.selection_train_size})\n")
-    add("Sum over the ten tasks of the measured (seed-mean) test loss, each task from the chosen group that "
+    add(f"Sum over the {len(names)} tasks of the measured (seed-mean) test loss, each task from the chosen group that "
         "serves it best; lower is better. Mean ± std over the sampling seeds (ETAP, MTGNet) or the affinity "
         "seeds (TAG, GRAD-TAE). The optimum is exact over every group (the paper's searched half of them); the "
         "optimum of the paper's own objective (mean relative gain) is shown too.\n")
@@ -1486,7 +1486,7 @@ def stage_page(ctx: Context, force: bool = False) -> dict:
     ref = sel["references"]
     naive = ref["naive_mtl_table"]["per_seed"]
     pcg = ref["pcgrad"]["per_seed"]
-    add("Table 10, the references (all ten tasks in one network):\n")
+    add(f"Table 10, the references (all {len(names)} tasks in one network):\n")
     rows = [("naive all-task MTL (table, per seed)", _ms(naive, 3), PAPER["table10"]["naive_mtl"]),
             ("naive all-task MTL (the affinity fits)", _ms(ref["naive_mtl_affinity_fits"]["per_seed"], 3), ""),
             (f"PCGrad (seeds {ref['pcgrad']['seeds']})", _ms(pcg, 3) if pcg else "not run", PAPER["table10"]["pcgrad"]),
