@@ -166,23 +166,31 @@ def test_dense_path_after_the_first_step_matches_autograd():
     # the first step finds the rows shared and later steps skip the representation gradients: same numbers
     torch.manual_seed(3)
     model = Shared(d=20, hidden=(16, 12), n=4)
-    g = torch.Generator().manual_seed(4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    params = shared_params(model)
-    engine = GramEngine(model, params, root=model.encoder)
-    for _ in range(3):
-        x, ys = torch.randn(9, 20, generator=g), [torch.randn(9, 1, generator=g) for _t in range(4)]
+    engine = GramEngine(model, shared_params(model), root=model.encoder)
+    assert train_and_check(model, opt, engine, rows=9, d=20, n=4, seed=4) == ["dense"] * 3
+    assert engine._rows_shared
+
+
+def train_and_check(model, opt, engine, rows, d, n, seed, steps=3):
+    """A few SGD steps of ``model`` on shared random inputs; the engine's products checked against autograd
+    at every step. Returns the engine's path per step."""
+    g = torch.Generator().manual_seed(seed)
+    params = engine.params
+    paths = []
+    for _ in range(steps):
+        x, ys = torch.randn(rows, d, generator=g), [torch.randn(rows, 1, generator=g) for _t in range(n)]
         rules = task_update_rules(opt, params, "optimizer")
         engine.start_step()
         losses = model.losses(x, ys)
         Z = engine.products(losses, rules)
-        assert engine.last_path == "dense"
-        assert engine._rows_shared
+        paths.append(engine.last_path)
         torch.testing.assert_close(Z, step_products(model.losses(x, ys), params, rules), rtol=2e-5, atol=1e-9)
         opt.zero_grad()
         losses.sum().backward()
         opt.step()
     engine.close()
+    return paths
 
 
 def test_sequence_inputs_small_chunks_and_batchnorm_fall_back_to_dense():
@@ -290,24 +298,9 @@ def test_small_dense_model_delegates_to_one_autograd_backward_with_the_same_numb
     # autograd block, so from the second step on the engine takes one vectorised backward to the parameters
     torch.manual_seed(5)
     model = Shared(d=12, hidden=(8, 6), n=3)
-    g = torch.Generator().manual_seed(6)
     opt = OPTIMIZERS[opt_name](model)
-    params = shared_params(model)
-    engine = GramEngine(model, params, root=model.encoder)
-    paths = []
-    for _ in range(3):
-        x, ys = torch.randn(64, 12, generator=g), [torch.randn(64, 1, generator=g) for _t in range(3)]
-        rules = task_update_rules(opt, params, "optimizer")
-        engine.start_step()
-        losses = model.losses(x, ys)
-        Z = engine.products(losses, rules)
-        paths.append(engine.last_path)
-        torch.testing.assert_close(Z, step_products(model.losses(x, ys), params, rules), rtol=2e-5, atol=1e-9)
-        opt.zero_grad()
-        losses.sum().backward()
-        opt.step()
-    engine.close()
-    assert paths == ["dense", "autograd", "autograd"]
+    engine = GramEngine(model, shared_params(model), root=model.encoder)
+    assert train_and_check(model, opt, engine, rows=64, d=12, n=3, seed=6) == ["dense", "autograd", "autograd"]
 
 
 def test_wide_dense_layers_keep_the_activation_path():
