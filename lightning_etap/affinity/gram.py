@@ -376,7 +376,9 @@ class GramEngine:
         A plain step costs about three forward passes of the shared layers
         (forward, input and weight gradients). The measurement: separable rows,
         one input-gradient pass and one weight-gradient pass, plus the ``n x n``
-        products; dense rows, ``n`` input-gradient passes plus, per layer, the
+        products and one call per task and layer (the per-task gradients are
+        formed task by task: on Chemical's small layers these calls, not the
+        multiply-adds, are most of a measured step); dense rows, ``n`` input-gradient passes plus, per layer, the
         cheaper of explicit gradients and the example-Gram shortcut. Shared
         parameters outside ``nn.Linear`` layers count as ``n`` backward passes of
         the whole encoder. Both get a fixed per-step / per-call cost (Python
@@ -389,8 +391,8 @@ class GramEngine:
             R, fan_in = d.inputs.shape
             fan_out = d.delta.shape[-1]
             size = fan_in * fan_out
-            if d.owner is not None:
-                extra += 2.0 * R * size + n * n * size
+            if d.owner is not None:  # one input- and one weight-gradient pass, and a per-task matmul loop
+                extra += 2.0 * R * size + n * n * size + n * FIXED_CALL_MACS
             else:
                 direct = n * R * size + n * n * size
                 trick = R * R * fan_in + n * R * R * fan_out + n * n * R * fan_out
