@@ -292,7 +292,6 @@ class GramEngine:
         self.last_path = ""
         #: (plain step, measurement) multiply-add estimates of the last measured step (see :meth:`_costs`)
         self.last_costs: tuple[float, float] | None = None
-        self._parts: list[Tensor] = []
         #: multiply-add estimate of the last proxy computation (see :meth:`proxy_products`)
         self.last_proxy_macs: float | None = None
 
@@ -344,10 +343,10 @@ class GramEngine:
             self.last_path = "none"
             return Z
         seeds = torch.eye(n, dtype=task_losses.dtype, device=device) * grad_scale
-        self._parts = list(parts) if parts is not None else [task_losses[i] for i in range(n)]
+        parts = list(parts) if parts is not None else [task_losses[i] for i in range(n)]
         roots = [t for call in record.roots for t in call]
         if self.scope == "representation":
-            self._representation(task_losses, roots, seeds, rules, Z, grad_scale, all_reduce)
+            self._representation(task_losses, parts, roots, seeds, rules, Z, grad_scale, all_reduce)
             return Z
         if self._delegate:
             self.last_path = "autograd"
@@ -357,7 +356,7 @@ class GramEngine:
         if self.scope == "last_layer" and calls:
             last = calls[-1].layer
             calls = [c for c in calls if c.layer == last]
-        data = self._layer_data(task_losses, record, calls, roots, seeds, grad_scale, n)
+        data = self._layer_data(task_losses, parts, record, calls, roots, seeds, grad_scale, n)
         linear = all(isinstance(r, LinearUpdate) for r in rules)
         # without a recorded linear layer the cost is unknown here (the callback then assumes n backward passes)
         self.last_costs = self._costs(record.linear, data, n, linear and all_reduce is None) if record.linear else None
@@ -447,15 +446,15 @@ class GramEngine:
         return alpha * (F @ F.T).double()
 
     # ------------------------------------------------------------------ output gradients
-    def _layer_data(self, task_losses, record: _Record, calls: list[_LinearCall], roots: list[Tensor],
-                    seeds: Tensor, grad_scale: float, n: int) -> dict[int, _LayerData]:
+    def _layer_data(self, task_losses, parts: list[Tensor], record: _Record, calls: list[_LinearCall],
+                    roots: list[Tensor], seeds: Tensor, grad_scale: float, n: int) -> dict[int, _LayerData]:
         if not calls:
             return {}
         outputs = [c.output for c in calls]
         owners: list[Tensor] | None = None
         D: Sequence[Tensor | None] | None = None
         if roots:
-            D = root_gradients(self._parts, roots, seeds, stacked=task_losses)
+            D = root_gradients(parts, roots, seeds, stacked=task_losses)
             if self.separable == "auto" and not self._rows_shared and not self._mixing_now():
                 owners = _row_owners(record, D)
                 self._rows_shared = owners is None
@@ -563,13 +562,13 @@ class GramEngine:
                 flat = all_reduce(flat)
             _accumulate(Z, local_rules[k], flat, flat.reshape(grads.shape), params[k], None)
 
-    def _representation(self, task_losses, roots, seeds, rules, Z, grad_scale, all_reduce) -> None:
+    def _representation(self, task_losses, parts, roots, seeds, rules, Z, grad_scale, all_reduce) -> None:
         """``Z[i, j] = α D_i · D_j`` with ``D_i = ∂L_i/∂h`` at the shared representation ``h``."""
         self.last_path = "representation"
         self.last_costs = (FIXED_STEP_MACS, FIXED_MEASURE_MACS)
         if not roots:
             return
-        D = root_gradients(self._parts, roots, seeds, stacked=task_losses)
+        D = root_gradients(parts, roots, seeds, stacked=task_losses)
         n = task_losses.shape[0]
         alpha = rules[0].alpha if isinstance(rules[0], LinearUpdate) else 1.0
         for d in D:

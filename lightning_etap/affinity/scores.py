@@ -622,16 +622,17 @@ class AffinityAccumulator:
     def _filled(self) -> tuple[list[Tensor], list[Tensor]]:
         """Per epoch: the sum and count of measured plus estimated steps (the control variate's, if any)."""
         cv = self.control_variate()
+        if cv is not None:
+            xbar, pbar, beta = cv
+            measured = self.pairs["count"] > 0  # a column never measured stays unknown
         sums, counts = [], []
         for e in self.epochs:
             s, c = self.sums[e], self.counts[e]
             if cv is not None and e in self.proxy_sums:
-                xbar, pbar, beta = cv
                 pc = self.proxy_counts[e]
-                has = (self.pairs["count"] > 0).unsqueeze(0)  # a column never measured stays unknown
                 extra = pc.unsqueeze(0) * (xbar - beta * pbar) + beta * self.proxy_sums[e]
-                s = s + torch.where(has, extra, 0.0)
-                c = c + torch.where(self.pairs["count"] > 0, pc, 0.0)
+                s = s + torch.where(measured.unsqueeze(0), extra, 0.0)
+                c = c + torch.where(measured, pc, 0.0)
             sums.append(s)
             counts.append(c)
         return sums, counts
@@ -640,7 +641,10 @@ class AffinityAccumulator:
         """``(E, n, n)`` per-epoch means (NaN in columns that never counted in that epoch)."""
         if not self.sums:
             return torch.zeros(0, self.n, self.n, dtype=torch.float64)
-        sums, counts = self._filled()
+        return self._means(*self._filled())
+
+    @staticmethod
+    def _means(sums: list[Tensor], counts: list[Tensor]) -> Tensor:
         return torch.stack([s / c.unsqueeze(0) for s, c in zip(sums, counts, strict=True)])
 
     def matrix(self, reduction: str = "epoch_mean_sum") -> Tensor:
@@ -653,7 +657,7 @@ class AffinityAccumulator:
         counts_t = torch.stack(counts)  # (E, n)
         if reduction == "mean":
             return torch.stack(sums).sum(0) / counts_t.sum(0).unsqueeze(0)
-        means = torch.nan_to_num(self.epoch_means(), nan=0.0)
+        means = torch.nan_to_num(self._means(sums, counts), nan=0.0)
         out = means.sum(0)
         return torch.where((counts_t.sum(0) > 0).unsqueeze(0), out, float("nan"))
 
