@@ -364,3 +364,61 @@ def test_engine_with_per_task_root_gradients_matches_autograd(monkeypatch, layou
     assert engine.last_path == layout
     engine.close()
     torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
+
+
+class Routed(nn.Module):
+    """Per-task rows in any order: ``route[r]`` is the task that reads row ``r`` of the encoding (-1: none)."""
+
+    def __init__(self, route, d=12, hidden=(16, 8), n=4):
+        super().__init__()
+        layers, w = [], d
+        for h in hidden:
+            layers += [nn.Linear(w, h), nn.ReLU()]
+            w = h
+        self.encoder = nn.Sequential(*layers)
+        self.heads = nn.ModuleList([nn.Linear(w, 1) for _ in range(n)])
+        self.route = torch.as_tensor(route)
+
+    def losses(self, x, y):
+        h = self.encoder(x)
+        out = []
+        for i, head in enumerate(self.heads):
+            rows = torch.nonzero(self.route == i).flatten()
+            out.append(nn.functional.binary_cross_entropy_with_logits(head(h[rows]), y[rows]))
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("route, how", [
+    ([0] * 5 + [1] * 5 + [2] * 5 + [3] * 5, "view"),  # Chemical's layout: the blocks are views
+    ([2, 0, 1, 3, 0, 2, -1, 1, 3, 0, 2, 1, -1, 3], "padded"),  # interleaved rows and rows no head reads
+    ([0] * 30 + [1, 2, 3], "per task"),  # one task holds most rows: one product per task, no padding
+])
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_separable_rows_in_any_layout_match_autograd(route, how, opt_name):
+    from lightning_etap.affinity.gram import _TaskBlocks
+
+    torch.manual_seed(11)
+    model = Routed(route)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(len(route), 12, generator=g)
+    y = torch.randint(0, 2, (len(route), 1), generator=g).float()
+    fn = lambda: model.losses(x, y)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "optimizer")
+    Z, path = engine_products(model, fn, params, rules, max_chunk_bytes=600)  # several chunks of rows of W
+    assert path == "separable"
+    torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
+
+    blocks = _TaskBlocks.of(torch.as_tensor(route), 4)
+    assert (blocks.index is None, blocks.batched) == {"view": (True, True), "padded": (False, True),
+                                                      "per task": (False, False)}[how]
+    t = torch.arange(len(route) * 2.0).reshape(len(route), 2)
+    for i, rows in enumerate(blocks.rows_of(t)):  # each task's rows, in their order
+        torch.testing.assert_close(rows, t[torch.as_tensor(route) == i])
+    if blocks.batched:
+        split = blocks.split(t)
+        for i in range(4):
+            mine = t[torch.as_tensor(route) == i]
+            torch.testing.assert_close(split[i, :len(mine)], mine)
+            assert not split[i, len(mine):].any()  # zero padding

@@ -226,6 +226,63 @@ class _LayerData:
     owner: Tensor | None  # separable: (R,) task of each row (-1: none)
 
 
+class _TaskBlocks:
+    """The rows of a separable batch grouped by task: ``(R, d)`` tensors as ``(n, rows, d)`` blocks.
+
+    Row ``r`` belongs to task ``owner[r]`` (``-1``: to none; left out). When
+    the rows are already in task order with as many per task (Chemical's
+    concatenated per-task batches), the blocks are views of the tensor;
+    otherwise they are zero-padded copies (the zero rows add nothing to a
+    product). Either way every task's gradient of a layer is one batched
+    matrix product instead of one call per task.
+    """
+
+    #: padded blocks may hold at most this many times the rows they group (beyond it: one product per task)
+    MAX_PADDING = 2.0
+
+    def __init__(self, n: int, rows: int, index: tuple[Tensor, Tensor] | None, keep: Tensor | None,
+                 counts: list[int] | None = None) -> None:
+        self.n, self.rows, self.index, self.keep = n, rows, index, keep
+        kept = n * rows if counts is None else sum(counts)
+        #: whether grouping into ``(n, rows, d)`` blocks is worth its memory (rows spread evenly enough)
+        self.batched = n * rows <= self.MAX_PADDING * kept + n
+        self.counts = counts
+
+    @classmethod
+    def of(cls, owner: Tensor, n: int) -> _TaskBlocks:
+        R = owner.shape[0]
+        if R and R % n == 0:
+            rows = R // n
+            in_order = torch.arange(n, device=owner.device).repeat_interleave(rows)
+            if torch.equal(owner, in_order):
+                return cls(n, rows, None, None)
+        keep = owner >= 0
+        own = owner[keep]
+        counts = torch.bincount(own, minlength=n)
+        order = torch.argsort(own, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.empty_like(own)
+        pos[order] = torch.arange(own.numel(), device=own.device) - starts[own[order]]
+        rows = int(counts.max()) if own.numel() else 0
+        return cls(n, rows, (own, pos), keep, counts.tolist())
+
+    def rows_of(self, t: Tensor) -> list[Tensor]:
+        """``t`` ``(R, d)`` as one ``(rows_i, d)`` tensor per task (for unevenly spread rows)."""
+        own = self.index[0] if self.index is not None else None
+        kept = t if self.keep is None else t[self.keep]
+        if own is None:
+            return list(kept.reshape(self.n, self.rows, t.shape[-1]).unbind(0))
+        return list(torch.split(kept[torch.argsort(own, stable=True)], self.counts))
+
+    def split(self, t: Tensor) -> Tensor:
+        """``t`` ``(R, d)`` as ``(n, rows, d)``."""
+        if self.index is None:
+            return t.reshape(self.n, self.rows, t.shape[-1])
+        out = t.new_zeros(self.n, self.rows, t.shape[-1])
+        out[self.index] = t[self.keep]
+        return out
+
+
 class GramEngine:
     """Step products ``Z[i, j] = u_i · g_j`` of the shared parameters from layer activations.
 
@@ -336,6 +393,7 @@ class GramEngine:
         """
         record = self.tap.take()
         self.tap.active = False
+        self._blocks_memo = {}
         n = task_losses.shape[0]
         device = task_losses.device
         Z = torch.zeros(n, n, dtype=torch.float64, device=device)
@@ -359,7 +417,8 @@ class GramEngine:
         data = self._layer_data(task_losses, parts, record, calls, roots, seeds, grad_scale, n)
         linear = all(isinstance(r, LinearUpdate) for r in rules)
         # without a recorded linear layer the cost is unknown here (the callback then assumes n backward passes)
-        self.last_costs = self._costs(record.linear, data, n, linear and all_reduce is None) if record.linear else None
+        self.last_costs = (self._costs(record.linear, data, n, linear and all_reduce is None, roots)
+                           if record.linear else None)
         tricks = [self._layer_products(self.layers[k], layer_data, rules, Z, all_reduce, n)
                   for k, layer_data in data.items()]
         if self._single_block and self.last_path == "dense" and self._rows_shared and data and not any(tricks):
@@ -369,29 +428,32 @@ class GramEngine:
         return Z
 
     def _costs(self, all_calls: list[_LinearCall], data: dict[int, _LayerData], n: int,
-               trick_allowed: bool) -> tuple[float, float]:
+               trick_allowed: bool, roots: Sequence[Tensor] = ()) -> tuple[float, float]:
         """Multiply-adds of a plain step and of this step's measurement, from the recorded shapes.
 
         A plain step costs about three forward passes of the shared layers
         (forward, input and weight gradients). The measurement: separable rows,
-        one input-gradient pass and one weight-gradient pass, plus the ``n x n``
-        products and one call per task and layer (the per-task gradients are
-        formed task by task: on Chemical's small layers these calls, not the
-        multiply-adds, are most of a measured step); dense rows, ``n`` input-gradient passes plus, per layer, the
+        one input-gradient pass and one weight-gradient pass (every task's
+        gradient of a layer in one batched product), plus the ``n x n``
+        products; dense rows, ``n`` input-gradient passes plus, per layer, the
         cheaper of explicit gradients and the example-Gram shortcut. Shared
         parameters outside ``nn.Linear`` layers count as ``n`` backward passes of
         the whole encoder. Both get a fixed per-step / per-call cost (Python
-        and dispatch), which dominates for small models.
+        and dispatch), which dominates for small models: the calls counted are
+        one per recorded layer call, the representation gradients (one
+        vectorised call, or one per task: :func:`root_gradients`) and the
+        backward pass to the layers.
         """
         forward = float(sum(c.inputs.shape[0] * c.inputs.shape[1] * c.output.shape[-1] for c in all_calls))
         plain = 3.0 * forward + FIXED_STEP_MACS
-        extra = FIXED_MEASURE_MACS + FIXED_CALL_MACS * (len(all_calls) + 2)
+        root_calls = n if roots and n * n * sum(r.numel() for r in roots) >= BATCHED_ROOT_WORK else 1
+        extra = FIXED_MEASURE_MACS + FIXED_CALL_MACS * (len(all_calls) + 1 + root_calls)
         for d in data.values():
             R, fan_in = d.inputs.shape
             fan_out = d.delta.shape[-1]
             size = fan_in * fan_out
-            if d.owner is not None:  # one input- and one weight-gradient pass, and a per-task matmul loop
-                extra += 2.0 * R * size + n * n * size + n * FIXED_CALL_MACS
+            if d.owner is not None:  # one input- and one weight-gradient pass (one batched product per layer)
+                extra += 2.0 * R * size + n * n * size + FIXED_CALL_MACS
             else:
                 direct = n * R * size + n * n * size
                 trick = R * R * fan_in + n * R * R * fan_out + n * n * R * fan_out
@@ -478,6 +540,14 @@ class GramEngine:
                                     allow_unused=True, is_grads_batched=True)
         return _gather(calls, grads, None, grad_scale, dense=True)
 
+    def _task_blocks(self, owner: Tensor, n: int) -> _TaskBlocks:
+        """The grouping of ``owner``'s rows by task, computed once per step for layers that share it."""
+        hit = self._blocks_memo.get(id(owner))
+        if hit is None or hit[0] is not owner:
+            hit = (owner, _TaskBlocks.of(owner, n))
+            self._blocks_memo[id(owner)] = hit
+        return hit[1]
+
     def _outputs_outside_roots(self, calls: list[_LinearCall]) -> bool:
         return any(c.root_call < 0 for c in calls)
 
@@ -492,14 +562,13 @@ class GramEngine:
         rb = rules[layer.bias] if layer.bias is not None else None
         A, delta, owner = data.inputs, data.delta, data.owner
         dense = owner is None
+        blocks = None
+        if not dense:  # the rows grouped by task: (n, rows, ·) blocks, views where the layout allows
+            blocks = self._task_blocks(owner, n)
+            delta = blocks.split(delta) if blocks.batched else blocks.rows_of(delta)
         # bias: g_i = Σ_rows Δ_i  (n, out)
         if rb is not None:
-            if dense:
-                gb = delta.sum(1)
-            else:
-                gb = torch.zeros(n, delta.shape[1], dtype=delta.dtype, device=delta.device)
-                ok = owner >= 0
-                gb.index_add_(0, owner[ok], delta[ok])
+            gb = delta.sum(1) if isinstance(delta, Tensor) else torch.stack([d.sum(0) for d in delta])
             if all_reduce is not None:
                 gb = all_reduce(gb)
             _accumulate(Z, rb, gb, gb, layer.module.bias, None)
@@ -514,25 +583,16 @@ class GramEngine:
         # explicit chunks of G (n, rows of W, in)
         per_row = n * in_dim * 4 * (2 if not linear else 1)
         step = max(1, min(out_dim, self.max_chunk_bytes // max(1, per_row)))
-        if not dense:
-            order = torch.argsort(owner)
-            counts = torch.bincount(owner[owner >= 0], minlength=n).tolist()
-            skip = int((owner < 0).sum())
-            A_sorted = A[order][skip:]
-            D_sorted = delta[order][skip:]
-            bounds = [0]
-            for c in counts:
-                bounds.append(bounds[-1] + c)
+        if blocks is not None:  # every task's rows of A: one batched product per chunk, or one per task
+            A = blocks.split(A) if blocks.batched else blocks.rows_of(A)
         for o0 in range(0, out_dim, step):
             o1 = min(out_dim, o0 + step)
             if dense:
                 G = torch.einsum("nro,ri->noi", delta[:, :, o0:o1], A)
+            elif blocks.batched:
+                G = torch.bmm(delta[:, :, o0:o1].transpose(1, 2), A)
             else:
-                G = A.new_zeros(n, o1 - o0, in_dim)
-                for i in range(n):
-                    a, b = bounds[i], bounds[i + 1]
-                    if b > a:
-                        torch.mm(D_sorted[a:b, o0:o1].T, A_sorted[a:b], out=G[i])
+                G = torch.stack([d[:, o0:o1].T @ a for d, a in zip(delta, A, strict=True)])
             if all_reduce is not None:
                 G = all_reduce(G)
             _accumulate(Z, rw, G.reshape(n, -1), G, layer.module.weight, (o0, o1))
@@ -645,12 +705,15 @@ def _row_owners(record: _Record, D: Sequence[Tensor | None]) -> list[Tensor] | N
             owners.append(torch.full((call[0].reshape(-1, call[0].shape[-1]).shape[0],), -1, dtype=torch.long))
             continue
         n = d.shape[0]
-        nz = d.reshape(n, -1, d.shape[-1]).ne(0).any(-1)  # (n, rows)
+        x = d.reshape(n, -1, d.shape[-1])
+        # a row belongs to the task(s) whose gradient on it is not all zero (a NaN counts as not zero); the
+        # absolute row sums by one matrix-vector product are several times faster than ne(0).any(-1)
+        nz = (x.abs() @ x.new_ones(x.shape[-1])) != 0  # (n, rows)
         per_row = nz.sum(0)
         if bool((per_row > 1).any()):
             return None
-        owner = torch.where(per_row == 1, nz.to(torch.int8).argmax(0), -1)
-        owners.append(owner.long())
+        code = torch.arange(1, n + 1, device=d.device).unsqueeze(1)
+        owners.append((nz * code).sum(0) - 1)  # the task of each row, -1 for rows no task reaches
     return owners if owners else None
 
 
