@@ -24,7 +24,11 @@ related to opposed). A dataset that fails to load is skipped with a message.
 
 Time: the training loop (``on_train_start`` to ``on_train_end``, validation
 off), all modes interleaved in one worker process for ``--rounds`` rounds
-(one for the wide encoder), best per mode. Ratios use the process's CPU time,
+(one for the wide encoder). A ratio is the median over rounds of the mode's
+time over plain's time in the same round: on this shared virtual machine
+whole spells run 10-20 % slower (stolen CPU), and pairing fits of one round
+cancels most of that; the best-of-rounds ratios are stored too
+(``ratio_to_plain_cpu_best``). Ratios use the process's CPU time,
 which other jobs on a shared machine disturb far less than wall time (one
 torch thread, no loader workers); wall-time ratios are stored too. Memory, in
 a fresh worker per mode running a 2-step fit (step 0 is measured in every
@@ -37,7 +41,10 @@ compared with the size of one ``n x P`` float32 Jacobian of the shared
 parameters (what holding every per-task gradient at once would cost).
 Agreement: Spearman correlation of the off-diagonal entries of every mode's
 matrix with ``exact``'s (training is identical in every mode, so they score
-the same trajectory). For the wide encoder the timing fits are short, so the
+the same trajectory). How reproducible ``exact`` is itself comes from its
+per-step record: the agreement between its even and odd epochs (split
+half), and of every k-th exact step with the whole record (what any
+schedule measuring fewer exact steps gives up, whatever a step costs). For the wide encoder the timing fits are short, so the
 agreement comes from one ten times longer fit carrying every mode's callback
 at once but TAG's (the sparse schedules measure a few dozen of its steps);
 TAG's agreement there is from the timing fits. The default's cost on the wide
@@ -66,7 +73,7 @@ from pathlib import Path
 
 MODES = {
     "plain": None,
-    "exact": {"every_n_steps": 1},
+    "exact": {"every_n_steps": 1, "keep_step_scores": True},
     "exact_autograd": {"every_n_steps": 1, "engine": "autograd"},
     "default": {},
     "tag": {"method": "tag", "every_n_steps": 1},
@@ -80,6 +87,8 @@ CONFIGS = ("chemical", "ettm1", "digits", "wide10", "wide30")
 QUICK_CONFIGS = ("digits", "wide10")
 #: optimizer steps of the memory pass (steps 0 and 1; every mode measures step 0)
 MEMORY_STEPS = 2
+#: interleaved rounds of plain and the default over the wide encoder's long fit
+LONG_ROUNDS = 2
 
 
 # --------------------------------------------------------------------------- worker (one fit)
@@ -153,9 +162,13 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
             trainer.fit(model, datamodule=dm)
         return model
 
+    class Callback(AffinityCallback):  # also records the fit's optimizer steps per epoch
+        def on_train_start(self, trainer, pl_module):
+            super().on_train_start(trainer, pl_module)
+            self._steps_per_epoch = int(trainer.num_training_batches)
+
     def callback(m):
-        return [AffinityCallback("encoder", heatmap=False, log_every_n_steps=0, **MODES[m])] \
-            if MODES[m] is not None else []
+        return [Callback("encoder", heatmap=False, log_every_n_steps=0, **MODES[m])] if MODES[m] is not None else []
 
     modes_here = [m for m in MODES if m not in SKIP.get(config, ())]
     # warm-up on a tiny model: imports, Lightning's first-fit costs, the vmap machinery
@@ -182,15 +195,20 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
                 rec["wall"].append(clock.wall)
                 rec["cpu"].append(clock.cpu)
                 if cbs:
-                    rec["measured_steps"] = cbs[0].result.measured_steps
-                    rec["every_n_steps_chosen"] = cbs[0].result.settings["every_n_steps_chosen"]
-                    rec["control_variate"] = cbs[0].result.settings.get("control_variate_chosen", False)
+                    res = cbs[0].result
+                    rec["measured_steps"] = res.measured_steps
+                    rec["every_n_steps_chosen"] = res.settings["every_n_steps_chosen"]
+                    rec["control_variate"] = res.settings.get("control_variate_chosen", False)
                     if keep_matrix:
-                        rec["matrix"] = cbs[0].result.matrix.tolist()
+                        rec["matrix"] = res.matrix.tolist()
+                        if res.step_matrices is not None:
+                            rec["step_matrices"] = res.step_matrices.tolist()
+                            rec["steps"] = [int(x) for x in res.steps]
+                            rec["steps_per_epoch"] = cbs[0]._steps_per_epoch
         return timings
 
     if measure == "long":  # plain and the default over the long fit: the schedule amortised as in real training
-        out.update(steps=steps, modes=timed(("plain", "default"), 1, keep_matrix=False))
+        out.update(steps=steps, modes=timed(("plain", "default"), LONG_ROUNDS, keep_matrix=False))
         return out
     if measure == "agreement":  # one longer fit, every scored mode as its own callback on the same trajectory
         cbs = {m: callback(m)[0] for m in modes_here if MODES[m] is not None and m not in ("exact_autograd", "tag")}
@@ -198,6 +216,10 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
         out.update(steps=steps, modes={m: {"measured_steps": cb.result.measured_steps,
                                            "every_n_steps_chosen": cb.result.settings["every_n_steps_chosen"],
                                            "matrix": cb.result.matrix.tolist()} for m, cb in cbs.items()})
+        exact = cbs["exact"]
+        out["modes"]["exact"].update(step_matrices=exact.result.step_matrices.tolist(),
+                                     steps=[int(x) for x in exact.result.steps],
+                                     steps_per_epoch=exact._steps_per_epoch)
         return out
     out.update(steps=steps, rounds=rounds, modes=timed(modes_here, rounds, keep_matrix=True))
     return out
@@ -209,10 +231,59 @@ def long_figures(long: dict) -> dict:
     lm = long["modes"]
     return {
         "long_steps": long["steps"],
-        "long_default_ratio_to_plain_cpu": round(lm["default"]["cpu"][0] / lm["plain"]["cpu"][0], 2),
-        "long_default_ratio_to_plain_wall": round(lm["default"]["wall"][0] / lm["plain"]["wall"][0], 2),
+        "long_rounds": len(lm["plain"]["cpu"]),
+        "long_default_ratio_to_plain_cpu": round(paired_ratio(lm["default"]["cpu"], lm["plain"]["cpu"]), 2),
+        "long_default_ratio_to_plain_wall": round(paired_ratio(lm["default"]["wall"], lm["plain"]["wall"]), 2),
         "long_default_measured_steps": lm["default"]["measured_steps"],
     }
+
+
+#: every-k-th-step subsamples of the exact per-step record whose agreement with the whole record is reported
+SUBSAMPLE_KS = (2, 5, 10, 20, 50, 100)
+
+
+def paired_ratio(times: list[float], plain: list[float]) -> float:
+    """Median over rounds of a mode's time over plain's in the same round (robust to slow spells of a shared
+    machine, which hit both fits of a round)."""
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(times, plain, strict=True))
+
+
+def epoch_sum(step_matrices, steps, steps_per_epoch: int, keep=None):
+    """The callback's default reduction of chosen per-step matrices: mean within each epoch, summed over epochs."""
+    import numpy as np
+
+    mats, steps = np.asarray(step_matrices), np.asarray(steps)
+    keep = np.ones(len(steps), bool) if keep is None else np.asarray(keep)
+    epochs = steps // steps_per_epoch
+    return sum(mats[keep & (epochs == e)].mean(0) for e in np.unique(epochs[keep]))
+
+
+def reliability(rec: dict) -> dict:
+    """How reproducible the exact every-step matrix is, from its per-step record.
+
+    ``split_half``: Spearman of the off-diagonal entries between the matrices of the even and the odd epochs
+    (each half the steps); ``subsample``: for every k, the mean over phases of the agreement of every k-th
+    step (the matrix a schedule measuring every k-th step would give) with the whole record: what measuring
+    fewer exact steps costs in agreement, whatever the speed of a step.
+    """
+    import numpy as np
+
+    mats, steps, spe = rec["step_matrices"], np.asarray(rec["steps"]), rec["steps_per_epoch"]
+    full = epoch_sum(mats, steps, spe)
+    parity = (steps // spe) % 2
+    out = {"split_half": round(spearman_offdiag(epoch_sum(mats, steps, spe, parity == 0),
+                                                epoch_sum(mats, steps, spe, parity == 1)), 3)}
+    curve = {}
+    for k in SUBSAMPLE_KS:
+        if k >= len(steps):
+            break
+        phases = range(min(k, 8))
+        curve[str(k)] = round(float(np.mean([spearman_offdiag(epoch_sum(mats, steps, spe, steps % k == ph), full)
+                                             for ph in phases])), 3)
+    out["subsample"] = curve
+    return out
 
 
 def spearman_offdiag(a, b) -> float:
@@ -322,6 +393,7 @@ def main() -> None:
         modes = list(t)
         cpu = {m: min(t[m]["cpu"]) for m in modes}
         wall = {m: min(t[m]["wall"]) for m in modes}
+        exact_record = agree.get("exact", t["exact"])
         extra = {m: mem[m]["peak_rss_delta_mb"] - mem["plain"]["peak_rss_delta_mb"] for m in modes}
         jac = mem["plain"]["jacobian_mb"]
         scored = [m for m in modes if m != "plain"]
@@ -331,9 +403,10 @@ def main() -> None:
             "steps": r["time"]["steps"], "rounds": r["time"]["rounds"], "memory_steps": MEMORY_STEPS,
             "agreement_steps": r["time"].get("agreement_steps", r["time"]["steps"]),
             "plain_cpu_seconds": round(cpu["plain"], 3), "plain_wall_seconds": round(wall["plain"], 3),
-            "ratio_to_plain_cpu": {m: round(cpu[m] / cpu["plain"], 2) for m in scored},
-            "ratio_to_plain_wall": {m: round(wall[m] / wall["plain"], 2) for m in scored},
-            "exact_over_tag_cpu": round(cpu["exact"] / cpu["tag"], 2),
+            "ratio_to_plain_cpu": {m: round(paired_ratio(t[m]["cpu"], t["plain"]["cpu"]), 2) for m in scored},
+            "ratio_to_plain_cpu_best": {m: round(cpu[m] / cpu["plain"], 2) for m in scored},
+            "ratio_to_plain_wall": {m: round(paired_ratio(t[m]["wall"], t["plain"]["wall"]), 2) for m in scored},
+            "exact_over_tag_cpu": round(paired_ratio(t["exact"]["cpu"], t["tag"]["cpu"]), 2),
             "peak_rss_delta_mb": {m: round(mem[m]["peak_rss_delta_mb"], 1) for m in modes},
             "extra_peak_mb": {m: round(extra[m], 1) for m in scored},
             "jacobian_mb": round(jac, 1),
@@ -344,6 +417,7 @@ def main() -> None:
             "measured_steps": {m: agree.get(m, t[m])["measured_steps"] for m in scored},
             "default_every_n_steps_chosen": t["default"]["every_n_steps_chosen"],
             "default_control_variate": t["default"].get("control_variate", False),
+            "exact_reliability": reliability(exact_record),
         }
         long = r["time"].get("long")
         if long is not None:  # the default over a fit as long as the agreement fit
@@ -360,6 +434,9 @@ def main() -> None:
         if "long_steps" in s:
             print(f"  default over a {s['long_steps']}-step fit: {s['long_default_ratio_to_plain_cpu']:.2f}x plain "
                   f"({s['long_default_measured_steps']} steps measured)")
+        rel = s["exact_reliability"]
+        print(f"  exact's own reproducibility: split-half rho {rel['split_half']:.3f}; every k-th exact step vs all: "
+              + ", ".join(f"k={k} {v:.3f}" for k, v in rel["subsample"].items()))
         print(f"  default chose every {s['default_every_n_steps_chosen']} steps "
               f"({'with' if s['default_control_variate'] else 'without'} the control variate); exact / TAG time "
               f"{s['exact_over_tag_cpu']:.2f}; exact extra memory / one Jacobian {s['exact_extra_over_jacobian']:.2f}")
@@ -394,7 +471,8 @@ def main() -> None:
                  f"time, best of {args.rounds} interleaved rounds of all modes in one process (1 for the wide "
                  "encoder); ratios use CPU time, steadier than wall time on a shared machine"),
         "configs": {**kept, **summary},
-        "raw": {**kept_raw, **{c: {"time": {m: {k: v for k, v in rec.items() if k != "matrix"}
+        "raw": {**kept_raw, **{c: {"time": {m: {k: v for k, v in rec.items()
+                                                  if k not in ("matrix", "step_matrices", "steps")}
                              for m, rec in r["time"]["modes"].items()},
                     "memory": r["memory"], **({"long": r["time"]["long"]} if "long" in r["time"] else {})}
                 for c, r in rows.items()}},

@@ -672,7 +672,7 @@ def test_auto_schedule_is_decided_from_shapes_at_the_first_step_and_resumes(tmp_
     assert res.settings["every_n_steps"] == "auto" and k == expected_k > 1
     assert res.measured_steps == len(range(0, 12, k)) and runs[1] == res  # same steps, same numbers
     state = cb.state_dict()
-    assert state["schedule"] == {"anchor": 0, "chosen": k, "control_variate": False}  # proxy too dear here
+    assert state["schedule"] == {"anchor": 0, "chosen": k, "control_variate": False, "proxy_every": 1}  # proxy too dear here
     again = AffinityCallback("encoder", overhead=0.1)
     again.load_state_dict(state)
     assert again._chosen == k and again._anchor == 0
@@ -808,8 +808,8 @@ class RecordProxy:
 
 def test_control_variate_callback_combines_exact_steps_and_proxy_steps(monkeypatch):
     """A fit with control_variate=True every 3rd step == the regression by hand from the exact every-step
-    scores (a second callback on the same fit) and the proxy recorded at every step; the proxy itself is
-    the product of the per-task gradients of a bias on the shared representation, checked by autograd."""
+    scores (a second callback on the same fit) and the proxy recorded at every step (the proxy by hand:
+    test_control_variate_proxy_by_hand)."""
     rec = RecordProxy(monkeypatch)
     torch.manual_seed(0)
     cv = AffinityCallback("encoder", every_n_steps=3, control_variate=True, reduction="mean")
@@ -824,23 +824,107 @@ def test_control_variate_callback_combines_exact_steps_and_proxy_steps(monkeypat
     np.testing.assert_allclose(res.matrix, _hand_cv(steps, proxy, measured, np.zeros(24), "mean"),
                                rtol=1e-6, atol=1e-9)
 
-    # the proxy of one step by hand: b_i = sum over rows of dL_i/dh
-    model = TinyMTL()
-    x, y = next(iter(tiny_loader()))
-    h = model.encoder(x)
-    losses = [F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, head in enumerate(model.heads)]
-    b = torch.stack([torch.autograd.grad(loss, h, retain_graph=True)[0].sum(0) for loss in losses])
+
+
+def _engine_proxy(model, x, y, rules_lr=0.1):
+    """The engine's proxy products of one step of ``model`` on ``(x, y)`` (and the step's per-task losses)."""
     from lightning_etap.affinity.gram import GramEngine
     from lightning_etap.affinity.scores import task_update_rules
 
     params = list(model.encoder.parameters())
     engine = GramEngine(model, params, root=model.encoder)
     engine.start_step(proxy=True)
-    h2 = model.encoder(x)
-    parts = [F.mse_loss(head(h2).squeeze(-1), y[:, k]) for k, head in enumerate(model.heads)]
-    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient", per_unit_lr=True)
-    torch.testing.assert_close(engine.proxy_products(parts, rules), (b @ b.T).double(), rtol=1e-5, atol=1e-8)
+    h = model.encoder(x)
+    parts = [F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, head in enumerate(model.heads)]
+    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=rules_lr), params, "gradient", per_unit_lr=True)
+    P = engine.proxy_products(parts, rules)
     engine.close()
+    return P
+
+
+@pytest.mark.parametrize("width", [5, 12])
+def test_control_variate_proxy_by_hand(width):
+    """The proxy: exact products of the last shared layer's bias gradients plus its weight gradients seen
+    through the basis Q of the leading directions of its inputs (range finder from a fixed start Ω). With
+    no more input columns than the basis holds, Q spans them all: the exact last-layer products."""
+    from lightning_etap.affinity.gram import PROXY_RANK
+
+    torch.manual_seed(1)
+    model = TinyMTL(d=4, hidden=(width, 3))
+    x, y = next(iter(tiny_loader()))
+    last = model.encoder[2]
+    store = {}
+    handle = last.register_forward_hook(lambda m, a, out: store.update(A=a[0], z=out))
+    h = model.encoder(x)
+    handle.remove()
+    losses = [F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, head in enumerate(model.heads)]
+    if width <= PROXY_RANK:
+        G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, [last.weight, last.bias],
+                                                                             retain_graph=True)])
+                         for loss in losses])
+    else:  # by hand: Δ_i at the layer's outputs, Q from AᵀAΩ with the engine's fixed start
+        A = store["A"].detach()
+        omega = torch.randn(width, PROXY_RANK, generator=torch.Generator().manual_seed(0))
+        Q = torch.linalg.qr(A.T @ A @ omega).Q
+        deltas = [torch.autograd.grad(loss, store["z"], retain_graph=True)[0] for loss in losses]
+        G = torch.stack([torch.cat([d.sum(0), (d.T @ A @ Q).flatten()]) for d in deltas])
+    expected = (G @ G.T).double()  # per_unit_lr: the released score, the update divided by the lr
+    torch.testing.assert_close(_engine_proxy(model, x, y), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_control_variate_proxy_without_a_linear_layer_is_the_representation_bias():
+    """A shared root with no nn.Linear: the products of the gradients of a bias on the representation."""
+    class Elementwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+        def forward(self, x):
+            return torch.tanh(x * self.scale)
+
+    model = TinyMTL(d=4, hidden=(5, 4))
+    model.encoder = Elementwise()
+    model.heads = nn.ModuleList([nn.Linear(4, 1) for _ in TASKS])
+    x, y = next(iter(tiny_loader()))
+    h = model.encoder(x)
+    losses = [F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, head in enumerate(model.heads)]
+    b = torch.stack([torch.autograd.grad(loss, h, retain_graph=True)[0].sum(0) for loss in losses])
+    torch.testing.assert_close(_engine_proxy(model, x, y), (b @ b.T).double(), rtol=1e-5, atol=1e-8)
+
+
+def test_control_variate_auto_scores_the_proxy_every_step_or_every_other_step_by_its_cost():
+    """The auto schedule: proxy at every unmeasured step when it costs at most overhead / 2, at every other one
+    when it costs up to overhead, off beyond; the exact steps get the whole overhead either way."""
+
+    class Recording(AffinityCallback):
+        def _decide_interval(self, trainer, n):
+            if self._engine is not None and self._engine.last_costs is not None:
+                self.costs = (self._engine.last_costs, self._engine.last_proxy_macs)
+            super()._decide_interval(trainer, n)
+
+    def model():  # wide enough that an exact step costs far more than the proxy
+        torch.manual_seed(0)
+        return TinyMTL(hidden=(1024, 1024), lr=1e-3)
+
+    probe = Recording("encoder")
+    fit(model(), tiny_loader(n=768, batch_size=64), [probe], max_epochs=1)
+    (plain, extra), proxy = probe.costs
+    p = proxy / plain
+    for overhead, cv, every in ((2.5 * p, True, 1), (1.5 * p, True, 2), (0.8 * p, False, 1)):
+        cb = AffinityCallback("encoder", overhead=overhead)
+        fit(model(), tiny_loader(n=768, batch_size=64), [cb], max_epochs=2)  # 24 steps
+        res = cb.result
+        k = res.settings["every_n_steps_chosen"]
+        assert k == max(1, math.ceil(extra / plain / overhead - 1e-9)) >= 3
+        assert res.settings["control_variate_chosen"] is cv and res.settings["proxy_every"] == every
+        unmeasured = [t for t in range(24) if t % k]
+        expected = len([t for t in unmeasured if t % every == 0]) if cv else 0
+        assert res.measured_steps == len(range(0, 24, k)) and res.settings["proxy_steps"] == expected
+        state = cb.state_dict()
+        assert state["schedule"]["proxy_every"] == every
+        again = AffinityCallback("encoder", overhead=overhead)
+        again.load_state_dict(state)
+        assert (again._cv, again._proxy_every, again._chosen) == (cv, every, k)
 
 
 def test_control_variate_auto_turns_on_only_where_the_proxy_is_cheap():

@@ -128,8 +128,10 @@ class AffinityCallback(Callback):
             checkpointed (under DDP rank zero's choice is broadcast). The
             model counts the fixed Python cost of a step too, which dominates
             small models.
-        overhead: the target extra work of ``every_n_steps="auto"``, as a
-            fraction of plain training (default 0.1).
+        overhead: the target extra work of the measured steps of
+            ``every_n_steps="auto"``, as a fraction of plain training (default
+            0.1); where the control variate runs, its proxy adds at most half
+            as much again.
         scope: which gradients are scored. ``"shared"`` (default): every
             shared parameter (the paper's score). Cheaper approximations whose
             agreement with it is measured in ``benchmarks/affinity_overhead.py``:
@@ -146,18 +148,21 @@ class AffinityCallback(Callback):
             TAG always uses ``"autograd"`` (it needs the update vectors).
         control_variate: between measured steps, score every step with a cheap
             proxy and use it as a control variate. The proxy is the product of
-            the gradients each task gives a bias on the shared representation
-            (one backward per task through its own head, nothing through the
-            encoder); it follows the exact score's swings from batch to batch,
-            so every unmeasured step gets the regression estimate
+            the last shared linear layer's per-task gradients, its weight
+            gradients seen through a few leading directions of the layer's
+            inputs (one backward per task through its own head, nothing
+            through the rest of the encoder; :meth:`GramEngine.proxy_products
+            <lightning_etap.affinity.gram.GramEngine.proxy_products>`); it
+            follows the exact score's swings from batch to batch, so every
+            unmeasured step gets the regression estimate
             ``X̄ + β (P_t − P̄)`` fitted per entry on the measured steps
             (:class:`~lightning_etap.affinity.scores.AffinityAccumulator`),
             which removes most of the sampling noise of a sparse schedule.
             ``"auto"`` (default): with ``every_n_steps="auto"``, on when the
             multiply-add model puts the proxy at no more than half of
             ``overhead`` (wide encoders; not small models, where a backward
-            call's fixed cost dominates), and the measured steps get the rest
-            of the budget; off with an integer schedule. ``True``: always
+            call's fixed cost dominates); its cost then comes on top of the
+            measured steps' ``overhead``. Off with an integer schedule. ``True``: always
             (needs ``method="etap"``, ``scope="shared"``, ``engine="fast"`` and
             a shared submodule). Recorded in
             ``result.settings["control_variate_chosen"]`` and ``["proxy_steps"]``.
@@ -326,6 +331,7 @@ class AffinityCallback(Callback):
         # every_n_steps="auto": the step it was decided at (None: not yet) and the chosen interval
         self._anchor: int | None = None
         self._chosen: int | None = self.every_n_steps if isinstance(self.every_n_steps, int) else None
+        self._proxy_every = 1  # the control variate's proxy scores every this-many-th unmeasured step
         self._proxy_ok = False  # the last measured step could compute the control variate's proxy
         # the control variate: True / False once known; None while "auto" has not decided
         if not self._cv_possible():
@@ -476,26 +482,28 @@ class AffinityCallback(Callback):
             ratio = extra / plain
         else:  # explicit per-task gradients: about n backward passes against forward + backward
             ratio = 2.0 * n / 3.0
-        budget, cv = self.overhead, False
-        if self._cv is None:  # the control variate: on when its proxy (at every step) costs at most half the budget
+        cv, every = False, 1
+        if self._cv is None:  # the control variate: on when its proxy costs at most half the budget, scored at
+            # every step or, when one proxy costs up to the whole budget, at every other step
             proxy = self._engine.last_proxy_macs if self._engine is not None else None
             if proxy is not None and plain is not None and self._proxy_ok:
                 p = proxy / plain
-                cv = self.control_variate is True or p <= self.overhead / 2
-                if cv:
-                    budget = max(self.overhead - p, self.overhead / 2)
-        k = max(1, math.ceil(ratio / budget - 1e-9))
+                cv = self.control_variate is True or p <= self.overhead
+                every = 1 if p <= self.overhead / 2 else 2
+        k = max(1, math.ceil(ratio / self.overhead - 1e-9))
         if trainer.world_size > 1:  # every rank measures the same steps
-            k, cv = trainer.strategy.broadcast((k, cv), src=0)
+            k, cv, every = trainer.strategy.broadcast((k, cv, every), src=0)
         self._chosen, self._anchor = int(k), trainer.global_step
         if self._cv is None:
             self._cv = bool(cv)
+            self._proxy_every = int(every) if self._cv else 1
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._measuring = self._is_measured(trainer)
-        self._proxying = not self._measuring and self._cv is True
+        self._proxying = (not self._measuring and self._cv is True
+                          and (self._proxy_every == 1 or (trainer.global_step - self._anchor) % self._proxy_every == 0))
         if (self._measuring or self._proxying) and self._engine is not None:
             self._engine.start_step(proxy=self._cv is not False)
 
@@ -694,14 +702,16 @@ class AffinityCallback(Callback):
             skipped_steps=self._skipped,
             zero_loss_skips=dict(zip(self._task_names, self._zero_loss, strict=True)),
             settings={**self.settings, "every_n_steps_chosen": self._chosen,
-                      **({"control_variate_chosen": bool(self._cv), "proxy_steps": acc.proxy_steps}
+                      **({"control_variate_chosen": bool(self._cv), "proxy_steps": acc.proxy_steps,
+                "proxy_every": self._proxy_every}
                          if self._cv_possible() else {})},
         )
 
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        schedule = {"anchor": self._anchor, "chosen": self._chosen, "control_variate": self._cv}
+        schedule = {"anchor": self._anchor, "chosen": self._chosen, "control_variate": self._cv,
+                    "proxy_every": self._proxy_every}
         if self._acc is None:
             return {"version": 1, "settings": self.settings, "task_names": self._task_names, "accumulator": None,
                     "schedule": schedule}
@@ -739,6 +749,7 @@ class AffinityCallback(Callback):
             self._chosen = schedule["chosen"]
         if schedule is not None and self._cv_possible() and "control_variate" in schedule:
             self._cv = schedule["control_variate"]
+            self._proxy_every = int(schedule.get("proxy_every", 1))
         self._loaded = True
 
 
