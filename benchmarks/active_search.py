@@ -4,6 +4,11 @@ Run from the repository root::
 
     python benchmarks/active_search.py            # 20 seeds, 5/10/20/40 trainings, B = 2, 3, 4
     python benchmarks/active_search.py --quick    # 3 seeds, 5 and 10 trainings (a smoke test)
+    python benchmarks/active_search.py --page-only   # no run: page, figure and derived figures from the JSON
+    # the same benchmark on the exhaustive ETTm1 table (7 tasks), summarised on the Chemical page:
+    python benchmarks/active_search.py --table benchmarks/results/ettm1_repro/ground_truth.csv \
+        --affinity benchmarks/results/ettm1_repro/affinity --label ETTm1 \
+        --json benchmarks/results/active_search_ettm1.json --page none
 
 Every strategy of :mod:`lightning_etap.search` runs against an
 :class:`~lightning_etap.search.OracleTrainer` that looks the test losses up
@@ -45,6 +50,15 @@ The ETAP affinity matrix comes from ``--affinity`` (a saved
 directory does not exist it is measured with the
 :class:`~lightning_etap.affinity.AffinityCallback` on one all-task fit of
 the Chemical recipe capped at ``--affinity-epochs`` epochs, and saved there.
+
+``--affinity`` may also be an affinity folder of ``benchmarks/reproduce_chemical.py``
+(``seed*/fit.json``): the mean of its seeds' ETAP matrices is used.
+
+Besides the runs, the page has a section computed from the table alone
+(:func:`frontier`): how many selections are near the optimum, what the exact
+selection and MTG-Net's loop achieve with predictors fitted on every group of
+the table, and how far the optimum of one training seed lands from that of
+the others.
 
 Writes ``benchmarks/results/active_search.json`` (every run), the page
 ``docs/results/active.md`` and the figure ``docs/results/active.png``.
@@ -115,12 +129,34 @@ def load_ground_truth(csv: Path, store: Path, seeds: list[int] | None = None):
     return table, f"`{store.relative_to(ROOT)}` (seeds {complete}: the finished ones)"
 
 
-def load_affinity(path: Path, epochs: int, seed: int, data_root: str | None):
-    """A saved AffinityResult, or one measured now on a capped all-task fit (and saved to ``path``)."""
+def read_affinity(path: Path):
+    """A saved AffinityResult directory, or a ``benchmarks/reproduce_chemical.py`` affinity folder.
+
+    The latter (``seed*/fit.json``, e.g. ``benchmarks/results/ettm1_repro/affinity``) gives the mean of
+    its seeds' ETAP matrices, as that script's prediction stage uses them. ``None`` when neither exists.
+    """
     from lightning_etap.affinity import AffinityResult
 
     if (path / "affinity.json").exists():
-        return AffinityResult.load(path), False
+        return AffinityResult.load(path)
+    fits = sorted(path.glob("seed*/fit.json"))
+    if not fits:
+        return None
+    metas = [json.loads(f.read_text()) for f in fits]
+    metas = [m for m in metas if "etap_matrix" in m]
+    if not metas:
+        return None
+    matrix = np.mean([np.asarray(m["etap_matrix"], dtype=float) for m in metas], axis=0)
+    return AffinityResult(tuple(metas[0]["tasks"]), matrix, matrix[None], np.zeros(1, dtype=np.int64),
+                          measured_steps=int(sum(m.get("etap_measured_steps", 0) for m in metas)),
+                          settings={"mean_of_seeds": [m["seed"] for m in metas]})
+
+
+def load_affinity(path: Path, epochs: int, seed: int, data_root: str | None):
+    """A saved affinity (:func:`read_affinity`), or one measured now on a capped all-task Chemical fit (saved to ``path``)."""
+    found = read_affinity(path)
+    if found is not None:
+        return found, False
     from lightning_etap.affinity import AffinityCallback
     from lightning_etap.data import load_dataset
     from lightning_etap.training import get_preset, train_group
@@ -162,13 +198,12 @@ def _init_worker(csv: str, store: str, affinity: str, seeds: list[int] | None = 
     import torch
 
     torch.set_num_threads(1)
-    from lightning_etap.affinity import AffinityResult
     from lightning_etap.search import OracleTrainer
 
     table, _ = load_ground_truth(Path(csv), Path(store), seeds)
     _STATE["table"] = table
     _STATE["oracle"] = OracleTrainer(table)
-    _STATE["affinity"] = AffinityResult.load(affinity)
+    _STATE["affinity"] = read_affinity(Path(affinity))
     import lightning_etap.training  # noqa: F401  (imported by the collection path; once, outside the timings)
 
 
@@ -268,6 +303,309 @@ def _job_key_of_row(row: dict) -> str:
     return row["job"]
 
 
+# --------------------------------------------------------------------------- how close can a search get?
+
+#: Numbers of trainings at which the frontier section replays the greedy loop (the targets' window).
+FRONTIER_TRAININGS = (5, 10)
+#: Gaps to the optimum the frontier section counts selections within.
+FRONTIER_GAPS = (0.01, 0.02)
+
+
+def _loss_rows(table):
+    """The seed-mean table as selection rows.
+
+    Returns ``(masks, gains, stl, rows)``: the multi-task groups, their relative gains (the searches'
+    convention: seed-mean STL loss against seed-mean group loss), the seed-mean STL losses, and
+    ``rows``, the ``(m + n, n)`` test losses of every multi-task group and then every STL model, +inf
+    for non-members.
+    """
+    mean = table.mean_over_seeds()
+    stl = np.asarray(mean.stl_losses[-1], dtype=float)
+    multi = mean.masks.sum(axis=1) >= 2
+    masks, losses = mean.masks[multi], mean.test_losses[multi]
+    n = masks.shape[1]
+    gains = np.where(masks, (stl - losses) / stl, np.nan)
+    rows = np.vstack([np.where(masks, losses, np.inf), np.where(np.eye(n, dtype=bool), stl[None, :], np.inf)])
+    return masks, gains, stl, rows
+
+
+def covering_selections(rows: np.ndarray, budget: int) -> int:
+    """How many sets of 1 to ``budget`` distinct rows cover every task (inclusion-exclusion over task sets)."""
+    n = rows.shape[1]
+    codes = (np.isfinite(rows).astype(np.int64) << np.arange(n)).sum(axis=1)
+    inside = np.bincount(codes, minlength=1 << n).astype(np.int64)  # rows whose tasks are exactly s ...
+    subsets = np.arange(1 << n)
+    for bit in range(n):  # ... then rows whose tasks lie within s
+        has = (subsets >> bit) & 1 == 1
+        inside[has] += inside[subsets[has] ^ (1 << bit)]
+    total = 0
+    for s in range(1 << n):
+        sign = -1 if (n - bin(s).count("1")) % 2 else 1
+        total += sign * sum(math.comb(int(inside[s]), k) for k in range(1, budget + 1))
+    return total
+
+
+def near_optimal_counts(rows: np.ndarray, budget: int, threshold: float) -> dict:
+    """Exact count of the selections of at most ``budget`` rows that cover every task with total <= ``threshold``.
+
+    In a selection every task is served by its member of lowest loss; a member serving no task is
+    redundant. The others, the selection's *core*, serve disjoint non-empty task sets covering every
+    task, and the total is the sum over the core of its members' losses on the tasks they serve. So the
+    cores are enumerated as partitions of the tasks into at most ``budget`` blocks, each block given a
+    row that holds all its tasks and that no other member of the core beats on them, pruned by the
+    threshold (a block costs at least its cheapest row, a task at least its lowest loss). A core of
+    ``k`` rows to which ``d`` other rows are redundant (no lower loss on any task) gives
+    ``sum_{j <= budget - k} C(d, j)`` selections. Losses are means of float losses: ties are ignored.
+
+    Returns:
+        ``{"irredundant": cores, "selections": selections, "core_sizes": [count of cores of 1, 2, ... rows]}``.
+    """
+    n = rows.shape[1]
+    member = np.isfinite(rows)
+    codes = (member.astype(np.int64) << np.arange(n)).sum(axis=1)
+    options: dict[int, list[tuple[float, int]]] = {}  # task set -> (its loss in the row, row) by loss
+    for r, code in enumerate(codes.tolist()):
+        sub = code
+        while sub:
+            tasks = [t for t in range(n) if sub >> t & 1]
+            options.setdefault(sub, []).append((float(rows[r, tasks].sum()), r))
+            sub = (sub - 1) & code
+    for block in options.values():
+        block.sort()
+    cheapest = {s: v[0][0] for s, v in options.items()}
+    lowest = [cheapest[1 << t] for t in range(n)]
+    counts = {"irredundant": 0, "selections": 0, "core_sizes": [0] * budget}
+
+    def serve(blocks: list[int]) -> None:
+        k = len(blocks)
+        tails = [sum(cheapest[b] for b in blocks[i:]) for i in range(k + 1)]
+        combos: list[tuple[int, ...]] = []
+
+        def pick(i: int, spent: float, chosen: list[int]) -> None:
+            if i == k:
+                combos.append(tuple(chosen))
+                return
+            for cost, r in options[blocks[i]]:
+                if spent + cost + tails[i + 1] > threshold:
+                    break
+                chosen.append(r)
+                pick(i + 1, spent + cost, chosen)
+                chosen.pop()
+
+        pick(0, 0.0, [])
+        if not combos:
+            return
+        chosen = np.array(combos)
+        owns = np.array([[b >> t & 1 for t in range(n)] for b in blocks], dtype=bool)
+        losses = rows[chosen]  # (c, k, n)
+        best = losses[:, owns.argmax(axis=0), np.arange(n)]  # each task's loss from the member serving it
+        core = ((losses > best[:, None, :]) | owns[None]).all(axis=(1, 2))
+        found = int(core.sum())
+        counts["irredundant"] += found
+        counts["core_sizes"][k - 1] += found
+        if k == budget:
+            counts["selections"] += found
+            return
+        for start in range(0, found, 256):
+            part = best[core][start:start + 256]
+            redundant = (~(rows[None, :, :] < part[:, None, :]).any(axis=2)).sum(axis=1) - k
+            counts["selections"] += sum(sum(math.comb(int(d), j) for j in range(budget - k + 1)) for d in redundant)
+
+    def split(left: int, blocks: list[int], spent: float) -> None:
+        if not left:
+            serve(blocks)
+            return
+        if len(blocks) == budget:
+            return
+        low = left & -left
+        rest = left ^ low
+        sub = rest
+        while True:
+            block = sub | low
+            after = left ^ block
+            if block in cheapest and spent + cheapest[block] + sum(
+                    lowest[t] for t in range(n) if after >> t & 1) <= threshold:
+                split(after, blocks + [block], spent + cheapest[block])
+            if not sub:
+                break
+            sub = (sub - 1) & rest
+
+    split((1 << n) - 1, [], 0.0)
+    return counts
+
+
+def _pairwise_membership_predictions(masks: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """Per task, least squares of its gain on the other tasks' membership and their pairwise products."""
+    n = masks.shape[1]
+    out = np.full(gains.shape, np.nan)
+    u = masks.astype(float)
+    for t in range(n):
+        rows = masks[:, t]
+        others = [s for s in range(n) if s != t]
+        cols = [np.ones(rows.sum())] + [u[rows, s] for s in others]
+        cols += [u[rows, a] * u[rows, b] for i, a in enumerate(others) for b in others[i + 1:]]
+        design = np.column_stack(cols)
+        coef, *_ = np.linalg.lstsq(design, gains[rows, t], rcond=None)
+        out[rows, t] = design @ coef
+    return out
+
+
+def _frozen_predictor(masks: np.ndarray, predictions: np.ndarray):
+    """A 'predictor' whose fit does nothing and whose predictions are the given ones (looked up by group)."""
+    from sklearn.base import BaseEstimator
+
+    class Frozen(BaseEstimator):
+        def __init__(self, masks=None, predictions=None):
+            self.masks = masks
+            self.predictions = predictions
+
+        def fit(self, X, y):
+            return self
+
+        def predict(self, X):
+            index = {row.tobytes(): i for i, row in enumerate(np.asarray(self.masks, dtype=bool))}
+            return np.array([self.predictions[index[row.tobytes()]] for row in np.asarray(X, dtype=bool)])
+
+    return Frozen(masks, predictions)
+
+
+def _r2(gains: np.ndarray, predictions: np.ndarray) -> float:
+    member = ~np.isnan(gains)
+    y, p = gains[member], predictions[member]
+    return float(1.0 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def frontier(table, affinity, budgets, loop_seeds: int = 10) -> dict:
+    """How close can a predictor-guided search get? Figures computed from the table alone (no search run).
+
+    * ``needle``: per B and gap, how many selections of at most B groups (STL models count) are within
+      that gap of the optimum, against all selections of at most B groups that cover every task.
+    * ``models``: predictors fitted on EVERY multi-task group of the table (more than any search
+      has): their in-sample R^2 (per task in group), the true gap of the exact selection made on
+      their predictions, and the true gap of MTG-Net's loop (train the group of largest predicted
+      improvement of the best measured grouping, measurements plugged in) driven by those frozen
+      predictions after 5 and 10 trainings, mean over ``loop_seeds`` draws of its random second group.
+    * ``seed_noise``: the selection optimal on one training seed's table, scored on the mean of the
+      other seeds against that mean's own optimum.
+    """
+    from lightning_etap.groundtruth import GroupGains
+    from lightning_etap.predictors import ETAPPredictor, LinearSurrogate
+    from lightning_etap.search import OracleTrainer, mtgnet_search, total_test_loss
+    from lightning_etap.selection import select_groups
+
+    start, cpu = time.perf_counter(), time.process_time()
+    names = list(table.task_names)
+    masks, gains, stl, rows = _loss_rows(table)
+    optima = {b: optimum(table, b)[0] for b in budgets}
+    out: dict = {"n_groups": int(len(masks)), "budgets": list(budgets), "gaps": list(FRONTIER_GAPS),
+                 "loop_trainings": list(FRONTIER_TRAININGS), "loop_seeds": loop_seeds, "needle": {}, "models": {},
+                 "seed_noise": {}}
+    for b in budgets:
+        entry = {"optimum": optima[b], "covering": covering_selections(rows, b)}
+        for gap in FRONTIER_GAPS:
+            entry[f"{gap:g}"] = near_optimal_counts(rows, b, optima[b] * (1 + gap))
+        out["needle"][str(b)] = entry
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = {
+            "etap": ETAPPredictor(affinity.matrix, task_names=names).fit(masks, gains).predict(masks),
+            "linear": LinearSurrogate().fit(masks, gains).predict(masks),
+            "pairwise": _pairwise_membership_predictions(masks, gains),
+        }
+    oracle = OracleTrainer(table)
+    for key, pred in fitted.items():
+        model = {"r2": _r2(gains, pred), "selection_gap": {}, "loop_gap": {}, "loop_within_1pct": {}}
+        for b in budgets:
+            sel = select_groups(masks, np.where(masks, pred * stl, np.nan), b)
+            groups = [[names[t] for t in np.flatnonzero(row)] for row in sel.masks]
+            model["selection_gap"][str(b)] = (total_test_loss(groups, table) - optima[b]) / optima[b]
+            loop = {k: [] for k in FRONTIER_TRAININGS}
+            for seed in range(loop_seeds):
+                with tempfile.TemporaryDirectory(prefix="active-frontier-") as tmp:
+                    found = mtgnet_search(oracle, max(FRONTIER_TRAININGS), predictor=_frozen_predictor(masks, pred),
+                                          refit_every=1, budget=b, checkpoints=FRONTIER_TRAININGS,
+                                          random_state=seed, store=os.path.join(tmp, "gains.sqlite"))
+                for step in found.history:
+                    loop[step.n_trainings].append((total_test_loss(step.groups, table) - optima[b]) / optima[b])
+            model["loop_gap"][str(b)] = {str(k): float(np.mean(v)) for k, v in loop.items()}
+            model["loop_within_1pct"][str(b)] = {str(k): float(np.mean(np.array(v) <= 0.01)) for k, v in loop.items()}
+        out["models"][key] = model
+
+    seeds = sorted({int(s) for s in np.unique(table.seeds) if s >= 0})
+    if len(seeds) >= 2:
+        def part(keep):
+            rows_ = np.isin(table.seeds, keep)
+            return GroupGains(table.task_names, table.masks[rows_], table.test_losses[rows_], table.gains[rows_],
+                              table.seeds[rows_], {s: table.stl_losses[s] for s in keep})
+
+        for s in seeds:
+            own, rest = part([s]), part([x for x in seeds if x != s])
+            out["seed_noise"][str(s)] = {}
+            for b in budgets:
+                _, groups = optimum(own, b)
+                best = optimum(rest, b)[0]
+                out["seed_noise"][str(s)][str(b)] = (total_test_loss(groups, rest) - best) / best
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+    return out
+
+
+MODEL_LABELS = {
+    "etap": "ETAP (`ETAPPredictor` defaults, the affinity above)",
+    "linear": "additive membership model (`LinearSurrogate()`: per task, least squares on the other tasks' membership)",
+    "pairwise": "membership model with pairwise terms (per task, least squares on membership and its pairwise products)",
+}
+
+
+def frontier_lines(fr: dict) -> list[str]:
+    """The page's section on how close a predictor-guided search can get (from :func:`frontier`)."""
+    budgets = fr["budgets"]
+    gaps = fr["gaps"]
+    lines = ["## How close can a predictor-guided search get?", "",
+             "Computed by this script from the same seed-mean table, without running any strategy "
+             f"({fr['cpu_seconds']:.0f} CPU-seconds).", "",
+             "**Selections near the optimum.** Selections of at most B groups (multi-task groups or STL "
+             "models) that cover every task, and how many of them are within 1% and 2% of the optimum "
+             "(exact counts). *Irredundant*: every group serves some task better than the other groups of "
+             "the selection; the remaining selections add redundant groups to one of these.", "",
+             "| B | selections covering every task | " + " | ".join(
+                 f"within {100 * g:g}%: selections (share) | within {100 * g:g}%: irredundant" for g in gaps) + " |",
+             "| --- | --- |" + " --- | --- |" * len(gaps)]
+    for b in budgets:
+        e = fr["needle"][str(b)]
+        cells = []
+        for g in gaps:
+            c = e[f"{g:g}"]
+            cells += [f"{c['selections']:,} ({c['selections'] / e['covering']:.1e})", f"{c['irredundant']:,}"]
+        lines.append(f"| {b} | {e['covering']:,} | " + " | ".join(cells) + " |")
+    k5, k10 = fr["loop_trainings"][0], fr["loop_trainings"][-1]
+    lines += ["", f"**Predictors fitted on every one of the {fr['n_groups']:,} multi-task groups** (in-sample: "
+              "no search has these data). *Exact selection*: the true gap of the best selection on the model's "
+              "predictions. *Loop*: MTG-Net's loop (train the group of largest predicted improvement of the "
+              "best measured grouping, measured values plugged in, the best measured grouping returned) driven "
+              f"by these fixed predictions, true gap after {k5} and {k10} trainings (mean over "
+              f"{fr['loop_seeds']} draws of its random second group; in brackets the share within 1%).", "",
+              "| model | in-sample R² | " + " | ".join(f"exact selection, B = {b}" for b in budgets) + " | "
+              + " | ".join(f"loop, B = {b}, {k5} / {k10} trainings" for b in budgets) + " |",
+              "| --- | --- |" + " --- |" * (2 * len(budgets))]
+    for key, m in fr["models"].items():
+        sel = [f"{100 * m['selection_gap'][str(b)]:.2f}%" for b in budgets]
+        loop = [f"{100 * m['loop_gap'][str(b)][str(k5)]:.2f}% / {100 * m['loop_gap'][str(b)][str(k10)]:.2f}% "
+                f"({100 * m['loop_within_1pct'][str(b)][str(k10)]:.0f}%)" for b in budgets]
+        lines.append(f"| {MODEL_LABELS.get(key, key)} | {m['r2']:.3f} | " + " | ".join(sel + loop) + " |")
+    if fr["seed_noise"]:
+        lines += ["", "**Seed noise.** The selection optimal on one training seed's table, scored on the mean of "
+                  "the other seeds' tables, above that mean's own optimum: how far the exact optimum of one "
+                  "training per group lands from the optimum on independent trainings.", "",
+                  "| optimal on seed | " + " | ".join(f"B = {b}" for b in budgets) + " |",
+                  "| --- |" + " --- |" * len(budgets)]
+        for s, v in fr["seed_noise"].items():
+            lines.append(f"| {s} | " + " | ".join(f"{100 * v[str(b)]:.2f}%" for b in budgets) + " |")
+        lines.append("| mean | " + " | ".join(
+            f"{100 * np.mean([v[str(b)] for v in fr['seed_noise'].values()]):.2f}%" for b in budgets) + " |")
+    return lines
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -355,7 +693,7 @@ def _paired_wins(records, budget, k, rival) -> str:
     return f"{lower}/{len(pairs) - lower - higher}/{higher} of {len(pairs)} seeds"
 
 
-def plot(summary: dict, budgets, trainings, path: Path) -> None:
+def plot(summary: dict, budgets, trainings, path: Path, label: str = "Chemical") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,11 +719,65 @@ def plot(summary: dict, budgets, trainings, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("true total test loss above the optimum (%)")
     axes[0].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Chemical: which groups to pay to train (mean over seeds, ± s.e.m.)")
+    fig.suptitle(f"{label}: which groups to pay to train (mean over seeds, ± s.e.m.)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def check_lines(check: dict) -> list[str]:
+    """The page's section on the same benchmark run on a second exhaustive table."""
+    s, budgets, trainings = check["summary"], check["budgets"], check["trainings"]
+    label = check.get("label") or "the second table"
+    lines = [f"## The same benchmark on a second exhaustive table: {label}", "",
+             f"`benchmarks/active_search.py` run on {check['table']} ({check.get('n_tasks')} tasks, "
+             f"{check.get('n_groups')} multi-task groups), its own ETAP affinity, "
+             f"{check['seeds']} seeds, everything else as above; the runs are in `{check['json']}`. Mean gap to "
+             "that table's optimum (share of seeds within 1%), one column per number of trainings "
+             f"({' / '.join(str(k) for k in trainings)}):", "",
+             "| strategy | " + " | ".join(f"B = {b}" for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+    for name in ORDER:
+        cells = []
+        for b in budgets:
+            got = [s.get(f"{name}|{b}|{k}") for k in trainings]
+            cells.append(" / ".join(f"{100 * v['mean_gap']:.2f}% ({100 * v['within_1pct']:.0f}%)" if v else "–"
+                                    for v in got))
+        if any(c.strip("– /") for c in cells):
+            label_ = f"**{LABELS[name]}**" if name == "active_etap" else LABELS[name]
+            lines.append(f"| {label_} | " + " | ".join(cells) + " |")
+    best = []
+    for k in (5, 10):
+        cells = []
+        for b in budgets:
+            rows = [v for v in s.values() if v["budget"] == b and v["trainings"] == k
+                    and v["strategy"] != "quick_reject_any"]
+            if rows:
+                top = min(rows, key=lambda v: v["mean_gap"])
+                cells.append(f"B = {b} {LABELS[top['strategy']]} ({100 * top['mean_gap']:.2f}%)")
+        if cells:
+            best.append(f"at {k} trainings " + ", ".join(cells))
+    if best:
+        lines += ["", "Lowest mean gap " + "; ".join(best) + "."]
+    fr = check.get("frontier")
+    if fr and fr.get("models"):
+        k, bs = str(fr["loop_trainings"][-1]), [str(b) for b in fr["budgets"]]
+        short = {"etap": "ETAP", "linear": "the additive membership model",
+                 "pairwise": "the membership model with pairwise terms"}
+        lines += ["", "This table's frontier (computed as in the next section; B = " + " / ".join(bs) + "): "
+                  + ", ".join(f"{fr['needle'][b]['0.01']['selections']:,} of {fr['needle'][b]['covering']:,}"
+                              for b in bs)
+                  + f" covering selections are within 1% of the optimum. Fitted on all {fr['n_groups']} multi-task "
+                  "groups, "
+                  + "; ".join(f"{short.get(key, key)} (in-sample R² {m['r2']:.2f}) selects groupings "
+                              + " / ".join(f"{100 * m['selection_gap'][b]:.2f}%" for b in bs)
+                              + " above it, and MTG-Net's loop driven by its fixed predictions is "
+                              + " / ".join(f"{100 * m['loop_gap'][b][k]:.2f}%" for b in bs)
+                              + f" above it after {k} trainings" for key, m in fr["models"].items()) + "."]
+    met = [t for t in check.get("targets") or [] if t["met"]]
+    lines += ["", f"Targets of issue 8 on this table: {len(met)} of {len(check.get('targets') or [])} met"
+              + (" (" + "; ".join(t["target"] for t in met) + ")." if met else ".")]
+    return lines
 
 
 def _fmt_gap(v: dict) -> str:
@@ -395,21 +787,24 @@ def _fmt_gap(v: dict) -> str:
 def write_page(path: Path, report: dict) -> None:
     s = report["summary"]
     budgets, trainings = report["budgets"], report["trainings"]
+    label, n_tasks, n_groups = report.get("label", "Chemical"), report.get("n_tasks", 10), report.get("n_groups", 1013)
     lines = [
-        "# Which groups to pay to train: search strategies on Chemical",
+        f"# Which groups to pay to train: search strategies on {label}",
         "",
         "Written by `benchmarks/active_search.py` "
         f"({report['date']}, {report['seeds']} seed{'s' if report['seeds'] != 1 else ''}"
         + (f" of the {report['seeds_requested']} requested (a time limit stopped the run)"
            if report["seeds"] < report["seeds_requested"] else "")
         + f", {report['worker_minutes']:.0f} worker-minutes of wall time and {report['cpu_minutes']:.0f} CPU-minutes "
-        f"in the runs, on {report['machine']} shared with other jobs). "
+        f"in the runs, on {report['machine']} shared with other jobs"
+        + (f"; page and derived figures rebuilt from the recorded runs with `--page-only` on {report['page_rebuilt']}"
+           if report.get("page_rebuilt") else "") + "). "
         "Every strategy of `lightning_etap.search` ran against an `OracleTrainer` that looks the test losses "
-        f"up in the exhaustive Chemical table ({report['table']}; losses averaged over its seeds), through the "
+        f"up in the exhaustive {label} table ({report['table']}; losses averaged over its seeds), through the "
         "real `collect_gains` / `GainStore` machinery with a fresh store per run. The figure is the **true** "
-        "total test loss (sum over the 10 tasks, each task's lowest test loss among the returned groups) "
-        "above the true optimum, the exact best selection of at most B groups over all 1,013 multi-task "
-        "groups and the 10 STL models:",
+        f"total test loss (sum over the {n_tasks} tasks, each task's lowest test loss among the returned groups) "
+        f"above the true optimum, the exact best selection of at most B groups over all {n_groups:,} multi-task "
+        f"groups and the {n_tasks} STL models:",
         "",
         "| B | optimum (total test loss) | its groups | best partition (disjoint) | all-task group | all STL |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -421,7 +816,7 @@ def write_page(path: Path, report: dict) -> None:
     lines += [
         "",
         "**Counting.** A *training* is one multi-task group training. The all-task group counts (every "
-        "strategy trains it first: the ETAP authors' released code always puts it in G_train); the 10 STL "
+        f"strategy trains it first: the ETAP authors' released code always puts it in G_train); the {n_tasks} STL "
         "models are needed by every strategy (they define the gains) and are not counted. A group the "
         "store already holds is never trained again.",
         "",
@@ -441,7 +836,7 @@ def write_page(path: Path, report: dict) -> None:
         lines.append("")
     qr = [b for b in budgets if any(f"quick_reject|{b}|{k}" in s for k in trainings)]
     if qr:
-        lines += ["The 2023 search returns a partition (disjoint groups), and on Chemical the best partition of at "
+        lines += [f"The 2023 search returns a partition (disjoint groups), and on {label} the best partition of at "
                   "most B groups is far from the optimum with overlapping groups (first table). Its mean gap to "
                   "that best *partition* instead"
                   + (" (here the best partition of at most B groups is the all-task group itself, which every "
@@ -469,6 +864,10 @@ def write_page(path: Path, report: dict) -> None:
               "| target | measured | met |", "| --- | --- | --- |"]
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    if report.get("check"):
+        lines += [""] + check_lines(report["check"])
+    if report.get("frontier"):
+        lines += [""] + frontier_lines(report["frontier"])
     lines += ["", "## How each strategy ran", ""]
     lines += [f"- {line}" for line in report["notes"]]
     lines += ["", "## Reading the results", "", report.get("discussion", "(see the JSON)"), ""]
@@ -506,11 +905,32 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="reuse the runs recorded in the .partial.jsonl beside --json (same table)")
     ap.add_argument("--json", type=Path, default=RESULTS / "active_search.json")
-    ap.add_argument("--page", type=Path, default=DOCS / "active.md")
+    ap.add_argument("--page", type=Path, default=DOCS / "active.md", help="'none': write no page and no figure")
     ap.add_argument("--plot", type=Path, default=DOCS / "active.png")
+    ap.add_argument("--label", default="Chemical", help="the table's name on the page and the figure")
+    ap.add_argument("--check-json", type=Path, default=RESULTS / "active_search_ettm1.json",
+                    help="the JSON of a run of this script on another exhaustive table (--table, --affinity, "
+                         "--label, --json), summarised on the page when it exists")
+    ap.add_argument("--page-only", action="store_true",
+                    help="run no strategy: rebuild the summary, the frontier section, the page and the figure "
+                         "from the runs recorded in --json (seconds to a minute)")
+    ap.add_argument("--loop-seeds", type=int, default=10,
+                    help="draws of the frontier section's replayed loop (its random second group)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.trainings = 3, [5, 10]
+    old = None
+    if args.page_only:
+        if not args.json.exists():
+            raise SystemExit(f"--page-only needs the runs recorded in {args.json}")
+        old = json.loads(args.json.read_text())
+        # the recorded runs decide what the page shows; their settings are in each run's job key
+        args.seeds, args.budgets, args.trainings = old["seeds_requested"], old["budgets"], old["trainings"]
+        args.strategies = old["strategies"]
+        for name, key in (("ensemble", "ensemble"), ("mtgnet_refit", "mtgnet_refit"), ("qr_refit", "qr_refit")):
+            found = {json.loads(r["job"])[key] for r in old["records"] if key in json.loads(r["job"])}
+            if len(found) == 1:
+                setattr(args, name, found.pop())
     trainings = sorted(set(args.trainings))
     wall = time.perf_counter()
 
@@ -531,80 +951,84 @@ def main(argv=None) -> int:
                                                                             for b, v in report_optima.items()})
     partition_optima.top = len(names)
 
-    jobs = []
-    for name in args.strategies:
-        for seed in range(args.seeds):
-            jobs.append({"strategy": name, "seed": seed, "trainings": trainings,
-                         "budgets": [None] if name == "quick_reject_any" else list(args.budgets),
-                         "ensemble": args.ensemble, "mtgnet_refit": args.mtgnet_refit, "qr_refit": args.qr_refit})
-    cost = {"active_etap": 30, "greedy_etap": 12, "mtgnet": 8, "quick_reject": 3, "quick_reject_any": 3,
-            "random_selection": 1, "random_search": 0}
-    # seed-major (every strategy of seed 0, then of seed 1, ...), longest first within a seed: when the
-    # time limit stops the run, the seeds already finished are complete for every strategy
-    jobs.sort(key=lambda j: (j["seed"], -cost.get(j["strategy"], 1)))
-    partial = args.json.with_suffix(".partial.jsonl")
-    table_key = table_text
-    records: list[dict] = []
-    done_keys: set[str] = set()
-    if args.resume and partial.exists():
-        for line in partial.read_text().splitlines():
-            entry = json.loads(line)
-            if entry["table"] == table_key:
-                done_keys.add(entry["key"])
-                records += entry["rows"]
-    todo = [j for j in jobs if _job_key(j) not in done_keys]
-    print(f"{len(jobs)} runs ({len(jobs) - len(todo)} found in {partial.name}) on {args.workers} worker(s)",
-          flush=True)
-    init = (str(args.table), str(args.store), str(args.affinity), sorted({int(v) for v in np.unique(table.seeds)}))
-    deadline = None if args.max_minutes is None else wall + 60 * args.max_minutes
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    with partial.open("a" if args.resume else "w") as log:
+    if args.page_only:
+        records, complete = old["records"], sorted({int(r["seed"]) for r in old["records"]})
+        n_seeds = len(complete)
+    else:
+        jobs = []
+        for name in args.strategies:
+            for seed in range(args.seeds):
+                jobs.append({"strategy": name, "seed": seed, "trainings": trainings,
+                             "budgets": [None] if name == "quick_reject_any" else list(args.budgets),
+                             "ensemble": args.ensemble, "mtgnet_refit": args.mtgnet_refit, "qr_refit": args.qr_refit})
+        cost = {"active_etap": 30, "greedy_etap": 12, "mtgnet": 8, "quick_reject": 3, "quick_reject_any": 3,
+                "random_selection": 1, "random_search": 0}
+        # seed-major (every strategy of seed 0, then of seed 1, ...), longest first within a seed: when the
+        # time limit stops the run, the seeds already finished are complete for every strategy
+        jobs.sort(key=lambda j: (j["seed"], -cost.get(j["strategy"], 1)))
+        partial = args.json.with_suffix(".partial.jsonl")
+        table_key = table_text
+        records: list[dict] = []
+        done_keys: set[str] = set()
+        if args.resume and partial.exists():
+            for line in partial.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["table"] == table_key:
+                    done_keys.add(entry["key"])
+                    records += entry["rows"]
+        todo = [j for j in jobs if _job_key(j) not in done_keys]
+        print(f"{len(jobs)} runs ({len(jobs) - len(todo)} found in {partial.name}) on {args.workers} worker(s)",
+              flush=True)
+        init = (str(args.table), str(args.store), str(args.affinity), sorted({int(v) for v in np.unique(table.seeds)}))
+        deadline = None if args.max_minutes is None else wall + 60 * args.max_minutes
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("a" if args.resume else "w") as log:
 
-        def keep(job, rows):
-            records.extend(rows)
-            log.write(json.dumps({"table": table_key, "key": _job_key(job), "rows": rows}, default=float) + "\n")
-            log.flush()
+            def keep(job, rows):
+                records.extend(rows)
+                log.write(json.dumps({"table": table_key, "key": _job_key(job), "rows": rows}, default=float) + "\n")
+                log.flush()
 
-        done = 0
-        if args.workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import FIRST_COMPLETED, wait
+            done = 0
+            if args.workers > 1:
+                import multiprocessing as mp
+                from concurrent.futures import FIRST_COMPLETED, wait
 
-            with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=init) as pool:
-                pending, queue = {}, list(todo)
-                while queue or pending:
-                    while queue and len(pending) < 2 * args.workers and (deadline is None
-                                                                         or time.perf_counter() < deadline):
-                        job = queue.pop(0)
-                        pending[pool.submit(run_job, job)] = job
-                    if not pending:
+                with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                         initargs=init) as pool:
+                    pending, queue = {}, list(todo)
+                    while queue or pending:
+                        while queue and len(pending) < 2 * args.workers and (deadline is None
+                                                                             or time.perf_counter() < deadline):
+                            job = queue.pop(0)
+                            pending[pool.submit(run_job, job)] = job
+                        if not pending:
+                            break
+                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            keep(pending.pop(future), future.result())
+                            done += 1
+                            if done % 20 == 0:
+                                print(f"  {done}/{len(todo)} runs, {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
+            else:
+                _init_worker(*init)
+                for job in todo:
+                    if deadline is not None and time.perf_counter() >= deadline:
                         break
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        keep(pending.pop(future), future.result())
-                        done += 1
-                        if done % 20 == 0:
-                            print(f"  {done}/{len(todo)} runs, {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
-        else:
-            _init_worker(*init)
-            for job in todo:
-                if deadline is not None and time.perf_counter() >= deadline:
-                    break
-                keep(job, run_job(job))
-                done += 1
-                if done % 20 == 0:
-                    print(f"  {done}/{len(todo)} runs, {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
-    # only seeds for which every run finished (a time limit may have stopped the run early)
-    expected = {seed: {_job_key(j) for j in jobs if j["seed"] == seed} for seed in range(args.seeds)}
-    present = {_job_key_of_row(r) for r in records}
-    complete = [seed for seed in range(args.seeds) if expected[seed] <= present]
-    if len(complete) < args.seeds:
-        print(f"time limit: {len(complete)} of {args.seeds} seeds complete ({complete}); reporting those", flush=True)
-    records = [r for r in records if r["seed"] in complete]
-    n_seeds = len(complete)
-    if not n_seeds:
-        raise SystemExit("no seed finished within the time limit")
+                    keep(job, run_job(job))
+                    done += 1
+                    if done % 20 == 0:
+                        print(f"  {done}/{len(todo)} runs, {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
+        # only seeds for which every run finished (a time limit may have stopped the run early)
+        expected = {seed: {_job_key(j) for j in jobs if j["seed"] == seed} for seed in range(args.seeds)}
+        present = {_job_key_of_row(r) for r in records}
+        complete = [seed for seed in range(args.seeds) if expected[seed] <= present]
+        if len(complete) < args.seeds:
+            print(f"time limit: {len(complete)} of {args.seeds} seeds complete ({complete}); reporting those", flush=True)
+        records = [r for r in records if r["seed"] in complete]
+        n_seeds = len(complete)
+        if not n_seeds:
+            raise SystemExit("no seed finished within the time limit")
 
     summary = summarise(records, optima, any_optima, partition_optima)
     seconds, cpu_seconds = {}, {}
@@ -627,6 +1051,9 @@ def main(argv=None) -> int:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
 
     fit = affinity.settings.get("benchmark_fit", {})
+    report_check_label = None
+    if args.check_json.exists() and args.check_json.resolve() != args.json.resolve():
+        report_check_label = json.loads(args.check_json.read_text()).get("label") or str(args.check_json)
     notes = [
         f"Affinity: `{args.affinity.relative_to(ROOT) if args.affinity.is_relative_to(ROOT) else args.affinity}`"
         + (f", measured {'in this run' if measured_now else 'by this script'} with the AffinityCallback "
@@ -657,15 +1084,17 @@ def main(argv=None) -> int:
         "training on a group no refit expects to pay. The largest-affinity group is trained early because "
         "ETAP's spline extrapolates as a constant beyond the affinities it was fitted on. The rule and its "
         "settings (ensemble 8, 3 initial groups, the batch schedule) were written while developing against "
-        "this same table (its first seeds), and there is no second exhaustive table to check them on; "
-        "nothing is set per budget or per number of trainings, and no setting was searched on these figures.",
+        "this same table (its first seeds); nothing is set per budget or per number of trainings, and no "
+        "setting was searched on these figures."
+        + (f" The same settings on the second exhaustive table ({report_check_label}) are in the section on it."
+           if report_check_label else ""),
         f"MTG-Net's loop: `MTGNetPredictor()` defaults, refitted every {args.mtgnet_refit} trainings (between "
         "refits the last fit's predictions, with every new measurement plugged in); the second group is "
         "random (the predictor needs two groups). It returns the best grouping of measured groups."
         + (" The ablation `greedy_etap` runs the same loop with ETAP refitted after every training."
            if "greedy_etap" in args.strategies else ""),
-        f"2023 search: ETAP as its predictor (the 2023 paper's own predictor needs the gains of all 45 "
-        f"pairs, more than any budget here), refitted after every {args.qr_refit} trainings; all-task group "
+        f"2023 search: ETAP as its predictor (the 2023 paper's own predictor needs the gains of all "
+        f"{math.comb(len(names), 2)} pairs, more than any budget here), refitted after every {args.qr_refit} trainings; all-task group "
         "+ 2 random groups first; start from the all-task partition; a move sends one random task to another "
         "group or (while fewer than B groups) a new one; quick-reject probabilities 0.99 / (0.1, 0.05, 0.005 "
         "over the thirds of the budget); a trained proposal becomes the current partition; it returns the "
@@ -691,6 +1120,9 @@ def main(argv=None) -> int:
         "optima": report_optima,
         "all_task_loss": total_test_loss([names], table),
         "stl_loss": float(table.mean_over_seeds().stl_losses[-1].sum()),
+        "label": args.label,
+        "n_tasks": len(names),
+        "n_groups": int((table.mean_over_seeds().masks.sum(axis=1) >= 2).sum()),
         "summary": summary,
         "targets": goals,
         "notes": notes,
@@ -701,18 +1133,34 @@ def main(argv=None) -> int:
         "cpu_minutes": sum(sum(v.values()) for v in cpu_seconds.values()) / 60,
         "records": records,
     }
-    report["discussion"] = discussion(summary, args.budgets, trainings, goals)
+    if old is not None:  # the runs are the recorded ones: so are their date, machine and wall time
+        report.update({k: old[k] for k in ("date", "machine", "python", "wall_minutes") if k in old})
+        report["page_rebuilt"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    if args.check_json.exists() and args.check_json.resolve() != args.json.resolve():
+        other = json.loads(args.check_json.read_text())
+        report["check"] = {k: other.get(k) for k in ("label", "table", "seeds", "budgets", "trainings", "strategies",
+                                                      "optima", "summary", "targets", "n_tasks", "n_groups",
+                                                      "frontier")}
+        report["check"]["json"] = str(args.check_json.relative_to(ROOT) if args.check_json.is_relative_to(ROOT)
+                                      else args.check_json)
+    print("frontier: how close a predictor-guided search can get (from the table alone)", flush=True)
+    report["frontier"] = frontier(table, affinity, args.budgets, loop_seeds=args.loop_seeds)
+    report["discussion"] = discussion(summary, args.budgets, trainings, goals, report["frontier"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    plot(summary, args.budgets, trainings, args.plot)
-    write_page(args.page, report)
-    print(f"wrote {args.json}, {args.page}, {args.plot} in {report['wall_minutes']:.1f} min")
+    if str(args.page) != "none":
+        plot(summary, args.budgets, trainings, args.plot, args.label)
+        write_page(args.page, report)
+    wrote = [args.json] + ([args.page, args.plot] if str(args.page) != "none" else [])
+    print(f"wrote {', '.join(map(str, wrote))} in {(time.perf_counter() - wall) / 60:.1f} min")
     return 0
 
 
-def discussion(summary: dict, budgets, trainings, goals: list[dict]) -> str:
+def discussion(summary: dict, budgets, trainings, goals: list[dict], fr: dict | None = None) -> str:
     """The page's last section, generated from the figures (so a rerun cannot contradict it)."""
     parts = []
+    if fr:
+        parts.append(_frontier_reading(fr, summary))
     met = sum(t["met"] for t in goals)
     parts.append(f"{met} of the {len(goals)} targets are met." + (" The others are missed; the numbers are "
                                                                  "in the table above." if met < len(goals) else ""))
@@ -738,7 +1186,54 @@ def discussion(summary: dict, budgets, trainings, goals: list[dict]) -> str:
         hit = [k for k in first if summary.get(f"active_etap|{b}|{k}", {}).get("mean_gap", 1.0) <= 0.01]
         reach.append(f"B = {b}: {hit[0]} trainings" if hit else f"B = {b}: not within {max(first)} trainings")
     parts.append("Active ETAP's mean gap first falls within 1% of the optimum at " + "; ".join(reach) + ".")
+    if fr:
+        parts.insert(1, parts.pop(0))  # after the count of targets met
     return "\n\n".join(parts)
+
+
+def _frontier_reading(fr: dict, summary: dict) -> str:
+    """What the frontier section says about the target "within 1% with <= 10 trainings", in figures."""
+    budgets = [str(b) for b in fr["budgets"]]
+    needle = fr["needle"]
+    k = str(fr["loop_trainings"][-1])
+
+    def pct(values):
+        return " / ".join(f"{100 * v:.2f}%" for v in values)
+
+    text = ("On the target of being within 1% of the optimum (see *How close can a predictor-guided search "
+            f"get?*, B = {' / '.join(budgets)} throughout): "
+            + "; ".join(f"{needle[b]['0.01']['selections']:,} of the {needle[b]['covering']:,} selections covering "
+                        f"every task are within 1% for B = {b}" for b in budgets) + ".")
+    models = fr["models"]
+    if "etap" in models:
+        e = models["etap"]
+        text += (f" ETAP fitted on all {fr['n_groups']:,} multi-task groups (in-sample R² {e['r2']:.2f}) selects "
+                 f"groupings {pct(e['selection_gap'][b] for b in budgets)} above the optimum")
+        if "linear" in models:
+            lin = models["linear"]
+            text += (f", the additive membership model (R² {lin['r2']:.2f}) "
+                     f"{pct(lin['selection_gap'][b] for b in budgets)}")
+        text += (f". MTG-Net's loop driven by the all-group ETAP fit's fixed predictions, with the measured "
+                 f"values plugged in, is {pct(e['loop_gap'][b][k] for b in budgets)} above it after {k} trainings "
+                 f"(mean of {fr['loop_seeds']} draws): with a predictor as good as an ETAP fitted on the whole "
+                 f"table, {k} trainings are enough for a mean gap of "
+                 + ("at most 1%" if all(e["loop_gap"][b][k] <= 0.01 for b in budgets) else
+                    "at most 1% for B = " + (", ".join(b for b in budgets if e["loop_gap"][b][k] <= 0.01) or "none"))
+                 + ".")
+    best = {b: min((v for v in summary.values() if str(v["budget"]) == b and v["trainings"] <= int(k)
+                    and v["strategy"] != "quick_reject_any"), key=lambda v: v["mean_gap"], default=None)
+            for b in budgets}
+    if all(v is not None for v in best.values()):
+        text += (f" The strategies above, whose predictors see at most {k} measured groups, reach at best "
+                 + "; ".join(f"{100 * v['mean_gap']:.2f}% for B = {b} ({LABELS[v['strategy']]}, {v['trainings']} "
+                             "trainings)" for b, v in best.items()) + ".")
+    if fr["seed_noise"]:
+        mean = [np.mean([v[b] for v in fr["seed_noise"].values()]) for b in budgets]
+        text += (f" The selection optimal on one training seed's table is {pct(mean)} (mean over the seeds) above "
+                 "the optimum of the other seeds' mean: which grouping is best changes with the training seed by "
+                 "more than 1% (the table the target is measured on is the mean of "
+                 f"{len(fr['seed_noise'])} seeds).")
+    return text
 
 
 if __name__ == "__main__":

@@ -423,3 +423,41 @@ def test_docstring_examples_run():
     for module in (search, _common, oracle, mtgnet_loop, quick_reject):
         outcome = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert outcome.failed == 0, module.__name__
+
+
+def _active_search_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "active_search.py"
+    spec = importlib.util.spec_from_file_location("active_search_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_benchmark_counts_near_optimal_selections_exactly(budget):
+    """The benchmark's exact counts of covering / near-optimal selections agree with brute force."""
+    script = _active_search_script()
+    rng = np.random.default_rng(budget)
+    n = 5
+    masks = all_groups(n, min_size=2)
+    stl = rng.uniform(0.5, 1.0, n)
+    losses = np.where(masks, stl * rng.uniform(0.7, 1.2, masks.shape), np.inf)
+    rows = np.vstack([losses, np.where(np.eye(n, dtype=bool), stl[None, :], np.inf)])
+    totals = []
+    for k in range(1, budget + 1):
+        for chosen in itertools.combinations(range(len(rows)), k):
+            total = rows[list(chosen)].min(axis=0).sum()
+            if np.isfinite(total):
+                totals.append(total)
+    totals = np.array(totals)
+    assert script.covering_selections(rows, budget) == len(totals)
+    best = totals.min()
+    for gap in (0.0, 0.01, 0.05, 0.2):
+        counts = script.near_optimal_counts(rows, budget, best * (1 + gap) + 1e-12)
+        assert counts["selections"] == int((totals <= best * (1 + gap) + 1e-12).sum())
+        assert counts["irredundant"] == sum(counts["core_sizes"]) <= counts["selections"]
