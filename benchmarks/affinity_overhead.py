@@ -28,7 +28,12 @@ off), all modes interleaved in one worker process for ``--rounds`` rounds
 time over plain's time in the same round: on this shared virtual machine
 whole spells run 10-20 % slower (stolen CPU), and pairing fits of one round
 cancels most of that; the best-of-rounds ratios are stored too
-(``ratio_to_plain_cpu_best``). Ratios use the process's CPU time,
+(``ratio_to_plain_cpu_best``). For schedules that leave plain steps
+(the default, every 10th) the fit's own plain steps measure the machine's
+speed of the moment too: the "in fit" ratio is the fit's step time over its
+number of steps times the median plain step of the same fit (divided by the
+same statistic of the plain fit), which a slow spell between fits does not
+move. Ratios use the process's CPU time,
 which other jobs on a shared machine disturb far less than wall time (one
 torch thread, no loader workers); wall-time ratios are stored too. Memory, in
 a fresh worker per mode running a 2-step fit (step 0 is measured in every
@@ -147,6 +152,13 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
+            self.steps: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.s0 = time.process_time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.append(time.process_time() - self.s0)
 
         def on_train_end(self, trainer, pl_module):
             self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
@@ -187,13 +199,14 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
         return out
     def timed(names, n_rounds: int, keep_matrix: bool) -> dict[str, dict]:
         """Fits of the named modes, interleaved for ``n_rounds`` rounds: wall and CPU time per fit."""
-        timings: dict[str, dict] = {m: {"wall": [], "cpu": []} for m in names}
+        timings: dict[str, dict] = {m: {"wall": [], "cpu": [], "in_fit_extra": []} for m in names}
         for _ in range(n_rounds):
             for m, rec in timings.items():
                 clock, cbs = Clock(), callback(m)
                 run(steps, [clock, *cbs], cfg, tasks)
                 rec["wall"].append(clock.wall)
                 rec["cpu"].append(clock.cpu)
+                rec["in_fit_extra"].append(in_fit_extra(clock.steps, cbs[0].result if cbs else None))
                 if cbs:
                     res = cbs[0].result
                     rec["measured_steps"] = res.measured_steps
@@ -235,11 +248,50 @@ def long_figures(long: dict) -> dict:
         "long_default_ratio_to_plain_cpu": round(paired_ratio(lm["default"]["cpu"], lm["plain"]["cpu"]), 2),
         "long_default_ratio_to_plain_wall": round(paired_ratio(lm["default"]["wall"], lm["plain"]["wall"]), 2),
         "long_default_measured_steps": lm["default"]["measured_steps"],
+        "long_default_in_fit_ratio": _round(in_fit_ratio(lm["default"], lm["plain"])),
     }
 
 
 #: every-k-th-step subsamples of the exact per-step record whose agreement with the whole record is reported
 SUBSAMPLE_KS = (2, 5, 10, 20, 50, 100)
+
+
+def in_fit_extra(step_cpu: list[float], result) -> float | None:
+    """The extra CPU time of a fit's steps over its own plain steps, as a fraction of them.
+
+    Plain steps are those neither measured nor scored by the control variate's proxy (the schedule is
+    anchored at step 0); their median is what a step costs without the callback in the same fit, at the
+    machine's speed of the moment. ``None`` when every step does some measuring. For the plain fit, the same
+    statistic with all its steps: the skew of step times, which the ratio to plain divides out.
+    """
+    import numpy as np
+
+    t = np.asarray(step_cpu)
+    steps = np.arange(len(t))
+    plain = np.ones(len(t), bool)
+    if result is not None:
+        settings = result.settings
+        k = settings["every_n_steps_chosen"] or 1
+        plain = steps % k != 0
+        if settings.get("control_variate_chosen"):
+            plain &= steps % settings.get("proxy_every", 1) != 0
+    if plain.sum() < 5:
+        return None
+    base = float(np.median(t[plain]))
+    return float(t.sum() / (len(t) * base) - 1.0)
+
+
+def in_fit_ratio(mode: dict, plain: dict) -> float | None:
+    """Median over rounds of ``(1 + mode's in-fit extra) / (1 + plain's skew)`` (``None`` if not defined)."""
+    import statistics
+
+    pairs = [(a, b) for a, b in zip(mode.get("in_fit_extra", []), plain.get("in_fit_extra", []), strict=False)
+             if a is not None and b is not None]
+    return statistics.median((1 + a) / (1 + b) for a, b in pairs) if pairs else None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def paired_ratio(times: list[float], plain: list[float]) -> float:
@@ -405,6 +457,8 @@ def main() -> None:
             "plain_cpu_seconds": round(cpu["plain"], 3), "plain_wall_seconds": round(wall["plain"], 3),
             "ratio_to_plain_cpu": {m: round(paired_ratio(t[m]["cpu"], t["plain"]["cpu"]), 2) for m in scored},
             "ratio_to_plain_cpu_best": {m: round(cpu[m] / cpu["plain"], 2) for m in scored},
+            "ratio_to_plain_in_fit": {m: _round(in_fit_ratio(t[m], t["plain"])) for m in scored
+                                      if in_fit_ratio(t[m], t["plain"]) is not None},
             "ratio_to_plain_wall": {m: round(paired_ratio(t[m]["wall"], t["plain"]["wall"]), 2) for m in scored},
             "exact_over_tag_cpu": round(paired_ratio(t["exact"]["cpu"], t["tag"]["cpu"]), 2),
             "peak_rss_delta_mb": {m: round(mem[m]["peak_rss_delta_mb"], 1) for m in modes},
@@ -426,14 +480,18 @@ def main() -> None:
         print(f"\n{config}: n={s['tasks']} ({s['layout']} inputs), encoder {s['hidden']}, batch {s['batch_size']}, "
               f"{s['steps']} steps timed (agreement over {s['agreement_steps']}), plain {cpu['plain']:.2f} s cpu; "
               f"one n x P Jacobian {jac:.1f} MB")
-        print(f"  {'mode':>15s} {'x plain':>8s} {'rho':>6s} {'steps':>6s} {'+MB':>7s}")
+        print(f"  {'mode':>15s} {'x plain':>8s} {'in fit':>7s} {'rho':>6s} {'steps':>6s} {'+MB':>7s}")
         for m in scored:
             rho = s["spearman_vs_exact"].get(m, 1.0)
-            print(f"  {m:>15s} {s['ratio_to_plain_cpu'][m]:8.2f} {rho:6.3f} {s['measured_steps'][m]:6d} "
-                  f"{extra[m]:7.1f}")
+            fit_ratio = s["ratio_to_plain_in_fit"].get(m)
+            print(f"  {m:>15s} {s['ratio_to_plain_cpu'][m]:8.2f} "
+                  f"{'-' if fit_ratio is None else format(fit_ratio, '.2f'):>7s} {rho:6.3f} "
+                  f"{s['measured_steps'][m]:6d} {extra[m]:7.1f}")
         if "long_steps" in s:
+            in_fit = s.get("long_default_in_fit_ratio")
             print(f"  default over a {s['long_steps']}-step fit: {s['long_default_ratio_to_plain_cpu']:.2f}x plain "
-                  f"({s['long_default_measured_steps']} steps measured)")
+                  f"({'-' if in_fit is None else format(in_fit, '.2f')}x in fit; "
+                  f"{s['long_default_measured_steps']} steps measured)")
         rel = s["exact_reliability"]
         print(f"  exact's own reproducibility: split-half rho {rel['split_half']:.3f}; every k-th exact step vs all: "
               + ", ".join(f"k={k} {v:.3f}" for k, v in rel["subsample"].items()))
