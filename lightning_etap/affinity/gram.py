@@ -355,6 +355,7 @@ class GramEngine:
         #: multiply-add estimate of the last proxy computation (see :meth:`proxy_products`)
         self.last_proxy_macs: float | None = None
         self._omegas: dict[tuple[int, str], Tensor] = {}
+        self._blocks_memo: dict[int, tuple[Tensor, _TaskBlocks]] = {}  # per step: row groupings by owner tensor
 
     def close(self) -> None:
         self.tap.remove()
