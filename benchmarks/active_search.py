@@ -470,9 +470,11 @@ def _frozen_predictor(masks: np.ndarray, predictions: np.ndarray):
 
 
 def _r2(gains: np.ndarray, predictions: np.ndarray) -> float:
+    """R² over the member entries (the non-NaN gains)."""
+    from sklearn.metrics import r2_score
+
     member = ~np.isnan(gains)
-    y, p = gains[member], predictions[member]
-    return float(1.0 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    return float(r2_score(gains[member], predictions[member]))
 
 
 def frontier(table, affinity, budgets, loop_seeds: int = 10) -> dict:

@@ -457,8 +457,8 @@ def main() -> None:
             "plain_cpu_seconds": round(cpu["plain"], 3), "plain_wall_seconds": round(wall["plain"], 3),
             "ratio_to_plain_cpu": {m: round(paired_ratio(t[m]["cpu"], t["plain"]["cpu"]), 2) for m in scored},
             "ratio_to_plain_cpu_best": {m: round(cpu[m] / cpu["plain"], 2) for m in scored},
-            "ratio_to_plain_in_fit": {m: _round(in_fit_ratio(t[m], t["plain"])) for m in scored
-                                      if in_fit_ratio(t[m], t["plain"]) is not None},
+            "ratio_to_plain_in_fit": {m: _round(fit) for m in scored
+                                      if (fit := in_fit_ratio(t[m], t["plain"])) is not None},
             "ratio_to_plain_wall": {m: round(paired_ratio(t[m]["wall"], t["plain"]["wall"]), 2) for m in scored},
             "exact_over_tag_cpu": round(paired_ratio(t["exact"]["cpu"], t["tag"]["cpu"]), 2),
             "peak_rss_delta_mb": {m: round(mem[m]["peak_rss_delta_mb"], 1) for m in modes},

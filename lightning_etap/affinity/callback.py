@@ -159,13 +159,16 @@ class AffinityCallback(Callback):
             (:class:`~lightning_etap.affinity.scores.AffinityAccumulator`),
             which removes most of the sampling noise of a sparse schedule.
             ``"auto"`` (default): with ``every_n_steps="auto"``, on when the
-            multiply-add model puts the proxy at no more than half of
-            ``overhead`` (wide encoders; not small models, where a backward
-            call's fixed cost dominates); its cost then comes on top of the
-            measured steps' ``overhead``. Off with an integer schedule. ``True``: always
+            multiply-add model puts the proxy at no more than ``overhead``
+            (wide encoders; not small models, where a backward call's fixed
+            cost dominates), scoring every unmeasured step when it costs at
+            most half of ``overhead`` and every other one otherwise, so that
+            it adds at most half of ``overhead`` on top of the measured
+            steps'. Off with an integer schedule. ``True``: always
             (needs ``method="etap"``, ``scope="shared"``, ``engine="fast"`` and
             a shared submodule). Recorded in
-            ``result.settings["control_variate_chosen"]`` and ``["proxy_steps"]``.
+            ``result.settings["control_variate_chosen"]``, ``["proxy_every"]``
+            and ``["proxy_steps"]``.
         keep_step_scores: also keep every measured step's matrix (``result.step_matrices``).
         log_every_n_steps: log the running matrix to every logger of the Trainer
             as ``affinity/<source>-><target>`` scalars this often (``None``: the
@@ -502,8 +505,8 @@ class AffinityCallback(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._measuring = self._is_measured(trainer)
-        self._proxying = (not self._measuring and self._cv is True
-                          and (self._proxy_every == 1 or (trainer.global_step - self._anchor) % self._proxy_every == 0))
+        offset = trainer.global_step - (self._anchor or 0)  # integer schedules have no anchor and score every step
+        self._proxying = not self._measuring and self._cv is True and offset % self._proxy_every == 0
         if (self._measuring or self._proxying) and self._engine is not None:
             self._engine.start_step(proxy=self._cv is not False)
 
@@ -703,8 +706,7 @@ class AffinityCallback(Callback):
             zero_loss_skips=dict(zip(self._task_names, self._zero_loss, strict=True)),
             settings={**self.settings, "every_n_steps_chosen": self._chosen,
                       **({"control_variate_chosen": bool(self._cv), "proxy_steps": acc.proxy_steps,
-                "proxy_every": self._proxy_every}
-                         if self._cv_possible() else {})},
+                          "proxy_every": self._proxy_every} if self._cv_possible() else {})},
         )
 
     # ------------------------------------------------------------------ checkpointing
