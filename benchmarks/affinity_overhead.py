@@ -93,7 +93,7 @@ QUICK_CONFIGS = ("digits", "wide10")
 #: optimizer steps of the memory pass (steps 0 and 1; every mode measures step 0)
 MEMORY_STEPS = 2
 #: interleaved rounds of plain and the default over the wide encoder's long fit
-LONG_ROUNDS = 2
+LONG_ROUNDS = 4
 
 
 # --------------------------------------------------------------------------- worker (one fit)

@@ -907,12 +907,12 @@ def test_control_variate_auto_scores_the_proxy_every_step_or_every_other_step_by
         return TinyMTL(hidden=(1024, 1024), lr=1e-3)
 
     probe = Recording("encoder")
-    fit(model(), tiny_loader(n=768, batch_size=64), [probe], max_epochs=1)
+    fit(model(), tiny_loader(n=1536, batch_size=128), [probe], max_epochs=1)
     (plain, extra), proxy = probe.costs
     p = proxy / plain
     for overhead, cv, every in ((2.5 * p, True, 1), (1.5 * p, True, 2), (0.8 * p, False, 1)):
         cb = AffinityCallback("encoder", overhead=overhead)
-        fit(model(), tiny_loader(n=768, batch_size=64), [cb], max_epochs=2)  # 24 steps
+        fit(model(), tiny_loader(n=1536, batch_size=128), [cb], max_epochs=2)  # 24 steps
         res = cb.result
         k = res.settings["every_n_steps_chosen"]
         assert k == max(1, math.ceil(extra / plain / overhead - 1e-9)) >= 3

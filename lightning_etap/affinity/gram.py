@@ -73,6 +73,12 @@ FIXED_STEP_MACS = 6e7
 FIXED_MEASURE_MACS = 2e7
 FIXED_CALL_MACS = 2e6
 
+#: the cost, per multiply-add, of the dense path's per-task products against the plain step's: they are batched
+#: over n x rows rows and run faster than the plain step's products over the batch's rows (measured on the
+#: benchmark's dense configurations, one CPU thread: an exact step's extra time is 0.77-0.94 of the multiply-add
+#: count's prediction, 0.88 on ETTm1, 0.84 on the wide encoder with 10 tasks, 0.82 with 30)
+DENSE_WORK_FACTOR = 0.8
+
 #: multiply-add equivalents of one task's backward call through its head (the proxy's per-task fixed cost)
 PROXY_TASK_MACS = 6e6
 #: columns of the basis of leading input directions through which the control variate's proxy sees the last
@@ -441,7 +447,9 @@ class GramEngine:
         one input-gradient pass and one weight-gradient pass (every task's
         gradient of a layer in one batched product), plus the ``n x n``
         products; dense rows, ``n`` input-gradient passes plus, per layer, the
-        cheaper of explicit gradients and the example-Gram shortcut. Shared
+        cheaper of explicit gradients and the example-Gram shortcut, both
+        scaled by :data:`DENSE_WORK_FACTOR` (batched over ``n`` tasks' rows, they
+        run faster per multiply-add than the plain step's products). Shared
         parameters outside ``nn.Linear`` layers count as ``n`` backward passes of
         the whole encoder. Both get a fixed per-step / per-call cost (Python
         and dispatch), which dominates for small models: the calls counted are
@@ -462,7 +470,7 @@ class GramEngine:
             else:
                 direct = n * R * size + n * n * size
                 trick = R * R * fan_in + n * R * R * fan_out + n * n * R * fan_out
-                extra += n * R * size + (min(direct, trick) if trick_allowed else direct)
+                extra += DENSE_WORK_FACTOR * (n * R * size + (min(direct, trick) if trick_allowed else direct))
         if self.rest:
             extra += 2.0 * n * forward
         return plain, extra
