@@ -49,12 +49,13 @@ matrix with ``exact``'s (training is identical in every mode, so they score
 the same trajectory). How reproducible ``exact`` is itself comes from its
 per-step record: the agreement between its even and odd epochs (split
 half), and of every k-th exact step with the whole record (what any
-schedule measuring fewer exact steps gives up, whatever a step costs). For the wide encoder the timing fits are short, so the
-agreement comes from one ten times longer fit carrying every mode's callback
-at once but TAG's (the sparse schedules measure a few dozen of its steps);
-TAG's agreement there is from the timing fits. The default's cost on the wide
-encoder is also timed over that longer fit (plain against default only, one
-round): the 60-step timing fits are too short for a schedule that measures
+schedule measuring fewer exact steps gives up, whatever a step costs). For
+the wide encoder the timing fits are short, so the agreement comes from one
+ten times longer fit carrying every mode's callback at once but TAG's (the
+sparse schedules measure a few dozen of its steps); TAG's agreement there is
+from the timing fits. The default's cost on the wide encoder is also timed
+over fits that long (plain against default only, ``LONG_ROUNDS`` interleaved
+rounds): the 60-step timing fits are too short for a schedule that measures
 every k-th step with k in the tens or hundreds (``long_default_*`` in the
 results). ``--long-only`` adds just those fits to an earlier run's file.
 
