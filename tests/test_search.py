@@ -11,7 +11,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from lightning_etap.groundtruth import CollectionError, GainStore, GroupGains
 from lightning_etap.groups import all_groups
-from lightning_etap.predictors import ETAPPredictor
+from lightning_etap.predictors import BayesianETAPPredictor, ETAPPredictor
 from lightning_etap.search import (
     QUICK_REJECT_SCHEDULE,
     OracleTrainer,
@@ -172,6 +172,32 @@ def test_active_etap_measures_the_optimum_within_ten_trainings(table, store):
     assert len(result.details["rule"]) == 7 and len(result.details["expected_improvement"]) == 7
 
 
+def test_active_etap_with_a_posterior_measures_the_optimum(table, store):
+    oracle = OracleTrainer(table)
+    result = active_etap_search(oracle, 10, predictor=BayesianETAPPredictor(AFFINITY, task_names=TASKS), budget=2,
+                                store=store, checkpoints=[1, 10], random_state=3)
+    assert set(result.groups) == set(OPTIMUM) and result.measured
+    assert result.estimated_loss == pytest.approx(brute_force_best(table, 2)[0])
+    assert result.trained[0] == TASKS  # the all-task group, then only active choices
+    assert len(result.details["rule"]) == 9 and result.details["uncertainty"] == "posterior"
+    assert result.details["expected_improvement"][0] > 0 and isinstance(result.details["model"], BayesianETAPPredictor)
+    assert [s.n_trainings for s in result.history] == [1, 10]
+    assert oracle.n_trained == 10
+
+
+def test_active_etap_posterior_draws_and_batches(table, tmp_path):
+    def run(path, **kw):
+        return active_etap_search(OracleTrainer(table), 7, predictor=BayesianETAPPredictor(AFFINITY), budget=3,
+                                  store=path, random_state=1, **kw)
+
+    batched = run(tmp_path / "b.sqlite", batch_size=3, ensemble=16)
+    assert batched.n_trainings == 7 and len(set(batched.trained)) == 7
+    same = run(tmp_path / "c.sqlite", batch_size=3, ensemble=16)
+    assert same.trained == batched.trained  # the draws are seeded per step
+    with pytest.raises(ValueError, match="ensemble"):
+        run(tmp_path / "d.sqlite", ensemble=1)
+
+
 def test_mtgnet_loop_finds_the_optimum(table, store):
     result = mtgnet_search(OracleTrainer(table), 15, predictor=etap(), budget=2, store=store, refit_every=2)
     assert set(result.groups) == set(OPTIMUM) and result.measured
@@ -319,9 +345,13 @@ STRATEGIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+RESUMABLE = {**STRATEGIES, "active_etap_search_posterior": lambda oracle, n, store: active_etap_search(
+    oracle, n, predictor=BayesianETAPPredictor(AFFINITY), budget=3, store=store, random_state=5)}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
 def test_resume_after_a_crash_repeats_no_training(name, table, tmp_path):
-    run = STRATEGIES[name]
+    run = RESUMABLE[name]
     n, k = 9, 5
     reference = run(OracleTrainer(table), n, tmp_path / "reference.sqlite")
     crashing = CrashingOracle(table, after=k)

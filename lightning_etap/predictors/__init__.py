@@ -2,6 +2,9 @@
 
 * :class:`ETAPPredictor`: the two-stage ETAP ensemble (B-spline mapping of
   group affinity + per-task residual ridge), a scikit-learn estimator.
+* :class:`BayesianETAPPredictor`: the same two stages as one Gaussian linear
+  model (priors chosen by marginal likelihood), with posterior standard
+  deviations and joint posterior draws, for active search.
 * :func:`group_affinity`: the group feature ``z[G -> t]`` (paper eq. 7).
 * Baselines with the same interface: :class:`TAGPredictor` (TAG group
   scores), :class:`HOAPredictor` (Standley et al.'s pairwise approximation),
@@ -14,6 +17,7 @@
 """
 
 from .ayman2023 import Ayman2023Predictor
+from .bayes import PRIOR_GRID, BayesianETAPPredictor
 from .etap import RELEASED_ALPHA_GRID, RESIDUAL_ALPHA_GRID, ETAPPredictor, group_affinity
 from .gradtae import GradTAEPredictor, ProjectedGradients, projected_gradients, projection_matrix
 from .hoa import HOAPredictor
@@ -24,11 +28,13 @@ from .tag import TAGPredictor
 
 __all__ = [
     "Ayman2023Predictor",
+    "BayesianETAPPredictor",
     "ETAPPredictor",
     "GradTAEPredictor",
     "HOAPredictor",
     "LinearSurrogate",
     "MTGNetPredictor",
+    "PRIOR_GRID",
     "ProjectedGradients",
     "RELEASED_ALPHA_GRID",
     "RESIDUAL_ALPHA_GRID",

@@ -11,7 +11,9 @@ groups to train, one after the other, and what grouping to return:
 * :func:`mtgnet_search`: MTG-Net's active loop (Song et al. 2022): train the
   group predicted to improve the current best grouping most.
 * :func:`active_etap_search`: ours: train the groups of largest expected
-  improvement of the selection under a bootstrap ensemble of the predictor.
+  improvement of the selection under the posterior of
+  :class:`~lightning_etap.predictors.BayesianETAPPredictor` (or a bootstrap
+  ensemble of a predictor without a posterior).
 
 They share one interface: ``strategy(trainer, n_trainings, predictor=...,
 budget=..., store=..., seeds=..., executor=..., objective=..., candidates=...,
@@ -44,7 +46,7 @@ Example:
 """
 
 from ._common import OBJECTIVES, SearchResult, SearchStep, total_test_loss
-from .active import ANSWERS, INITIAL_DESIGNS, active_etap_search, bootstrap_template
+from .active import ANSWERS, INITIAL_DESIGNS, active_etap_search, bootstrap_template, has_posterior
 from .baselines import random_search, random_selection
 from .mtgnet_loop import mtgnet_search, swap_improvements
 from .oracle import OracleTrainer, load_table
@@ -71,6 +73,7 @@ __all__ = [
     "SearchStep",
     "active_etap_search",
     "bootstrap_template",
+    "has_posterior",
     "load_table",
     "mtgnet_search",
     "quick_reject_probability",
