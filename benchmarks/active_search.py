@@ -496,7 +496,7 @@ def frontier(table, affinity, budgets, loop_seeds: int = 10) -> dict:
       other seeds against that mean's own optimum.
     """
     from lightning_etap.groundtruth import GroupGains
-    from lightning_etap.predictors import ETAPPredictor, LinearSurrogate
+    from lightning_etap.predictors import BayesianETAPPredictor, ETAPPredictor, LinearSurrogate
     from lightning_etap.search import OracleTrainer, mtgnet_search, total_test_loss
     from lightning_etap.selection import select_groups
 
@@ -519,6 +519,7 @@ def frontier(table, affinity, budgets, loop_seeds: int = 10) -> dict:
             "etap": ETAPPredictor(affinity.matrix, task_names=names).fit(masks, gains).predict(masks),
             "linear": LinearSurrogate().fit(masks, gains).predict(masks),
             "pairwise": _pairwise_membership_predictions(masks, gains),
+            "bayes": BayesianETAPPredictor(affinity.matrix, task_names=names).fit(masks, gains).predict(masks),
         }
     oracle = OracleTrainer(table)
     for key, pred in fitted.items():
@@ -561,6 +562,7 @@ MODEL_LABELS = {
     "etap": "ETAP (`ETAPPredictor` defaults, the affinity above)",
     "linear": "additive membership model (`LinearSurrogate()`: per task, least squares on the other tasks' membership)",
     "pairwise": "membership model with pairwise terms (per task, least squares on membership and its pairwise products)",
+    "bayes": "Bayesian ETAP (`BayesianETAPPredictor` defaults, posterior mean; active ETAP's model)",
 }
 
 
@@ -770,7 +772,7 @@ def check_lines(check: dict) -> list[str]:
     if fr and fr.get("models"):
         k, bs = str(fr["loop_trainings"][-1]), [str(b) for b in fr["budgets"]]
         short = {"etap": "ETAP", "linear": "the additive membership model",
-                 "pairwise": "the membership model with pairwise terms"}
+                 "pairwise": "the membership model with pairwise terms", "bayes": "Bayesian ETAP"}
         lines += ["", "This table's frontier (computed as in the next section; B = " + " / ".join(bs) + "): "
                   + ", ".join(f"{fr['needle'][b]['0.01']['selections']:,} of {fr['needle'][b]['covering']:,}"
                               for b in bs)

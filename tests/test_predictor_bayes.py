@@ -38,7 +38,7 @@ def problem():
 
 def _observed(model, masks, gains):
     x, rows, tasks = model._design(masks)
-    return x, gains[rows, tasks]
+    return x.toarray(), gains[rows, tasks]
 
 
 def test_doctests():
@@ -75,37 +75,63 @@ def test_the_prior_of_largest_evidence_is_chosen(problem):
     assert model.scale_ == pytest.approx(np.median(np.abs(y)))
 
 
-def test_posterior_mean_and_std_match_the_function_space_formulas(problem):
-    affinity, masks, gains = problem
-    train = masks[::2]
-    model = BayesianETAPPredictor(affinity).fit(train, gains[::2])
-    x, y = _observed(model, train, gains[::2])
+def _reference_posterior(model, train, train_gains, probe):
+    """Posterior mean and covariance of the probe's member gains by the dense function-space formulas."""
+    x, rows, tasks = model._design(train)
+    x, y = x.toarray(), train_gains[rows, tasks]
     v = model._variances(model.prior_)
     k = (x * v) @ x.T + model.prior_["noise"] ** 2 * np.eye(len(y))
-    xs, rows, tasks = model._design(masks)
+    xs = model._design(probe)[0].toarray()
     cross = (xs * v) @ x.T
     mean = cross @ np.linalg.solve(k, y)
-    var = ((xs * v) * xs).sum(axis=1) - (cross * np.linalg.solve(k, cross.T).T).sum(axis=1)
-    assert model.predict(masks)[rows, tasks] == pytest.approx(mean, abs=1e-9)
-    assert model.predict_std(masks)[rows, tasks] == pytest.approx(np.sqrt(var), rel=1e-6, abs=1e-9)
+    cov = (xs * v) @ xs.T - cross @ np.linalg.solve(k, cross.T)
+    return mean, cov
 
 
-def test_draws_have_the_posterior_mean_and_covariance(problem):
+@pytest.mark.parametrize("n_train, space", [(6, "observations"), (26, "weights")])
+def test_posterior_mean_and_std_match_the_function_space_formulas(problem, n_train, space):
     affinity, masks, gains = problem
-    model = BayesianETAPPredictor(affinity).fit(masks[:8], gains[:8])
-    probe = masks[[10, 11, 25]]  # {a,b,c}-like groups sharing tasks: correlated predictions
+    model = BayesianETAPPredictor(affinity).fit(masks[:n_train], gains[:n_train])
+    assert model.posterior_space_ == space  # fewer observations than weights, and more
+    mean, cov = _reference_posterior(model, masks[:n_train], gains[:n_train], masks)
+    _, rows, tasks = model._design(masks)
+    assert model.predict(masks)[rows, tasks] == pytest.approx(mean, abs=1e-9)
+    assert model.predict_std(masks)[rows, tasks] == pytest.approx(np.sqrt(np.diag(cov)), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("n_train", [6, 26])
+def test_draws_have_the_posterior_mean_and_covariance(problem, n_train):
+    affinity, masks, gains = problem
+    model = BayesianETAPPredictor(affinity).fit(masks[:n_train], gains[:n_train])
+    probe = masks[[10, 11, 25]]  # groups sharing tasks: correlated predictions
     draws = model.sample(probe, n_samples=20000, random_state=0)
-    member = probe[None].repeat(len(draws), axis=0)
-    flat = draws[member].reshape(len(draws), -1)
-    xs, rows, tasks = model._design(probe)
-    cov = xs @ np.linalg.solve(model.precision_cholesky_ @ model.precision_cholesky_.T, xs.T)
+    flat = draws[probe[None].repeat(len(draws), axis=0)].reshape(len(draws), -1)
+    mean, cov = _reference_posterior(model, masks[:n_train], gains[:n_train], probe)
     sd = np.sqrt(np.diag(cov))
-    assert flat.mean(axis=0) == pytest.approx(model.predict(probe)[rows, tasks], abs=4 * sd.max() / np.sqrt(20000))
-    corr = np.corrcoef(flat.T)
-    assert corr == pytest.approx(cov / np.outer(sd, sd), abs=0.03)
-    assert flat.std(axis=0) == pytest.approx(model.predict_std(probe)[rows, tasks], rel=0.03)
+    assert flat.mean(axis=0) == pytest.approx(mean, abs=4 * sd.max() / np.sqrt(20000))
+    assert np.corrcoef(flat.T) == pytest.approx(cov / np.outer(sd, sd), abs=0.03)
+    assert flat.std(axis=0) == pytest.approx(sd, rel=0.03)
     again = model.sample(probe, n_samples=3, random_state=7)
     assert np.array_equal(again, model.sample(probe, n_samples=3, random_state=7), equal_nan=True)
+
+
+def test_scales_with_the_smaller_space():
+    """Many tasks, few groups: the posterior lives on the observations, and the design stays sparse."""
+    rng = np.random.default_rng(0)
+    n = 120  # 14,885 weights
+    affinity = rng.normal(size=(n, n))
+    masks = np.zeros((40, n), dtype=bool)
+    for row in masks:
+        row[rng.choice(n, size=5, replace=False)] = True
+    gains = np.where(masks, rng.normal(0.1, 0.05, size=masks.shape), np.nan)
+    model = BayesianETAPPredictor(affinity, prior_grid={"shared": (0.3,), "noise": (0.1,)}).fit(masks, gains)
+    assert model.posterior_space_ == "observations" and model.coef_.size == n * n + 3 * n + 5
+    probe = masks[:3]
+    mean, cov = _reference_posterior(model, masks, gains, probe)
+    _, rows, tasks = model._design(probe)
+    assert model.predict(probe)[rows, tasks] == pytest.approx(mean, abs=1e-9)
+    assert model.predict_std(probe)[rows, tasks] == pytest.approx(np.sqrt(np.diag(cov)), rel=1e-6)
+    assert model.sample(probe, 4, 0).shape == (4, 3, n)
 
 
 def test_singletons_and_non_members(problem):

@@ -15,7 +15,9 @@ import itertools
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import sparse
 from scipy.interpolate import BSpline
+from scipy.linalg import cho_solve, solve_triangular
 
 from ._baseline import BaselinePredictor, check_training_groups
 from ._validation import check_affinity, check_masks
@@ -46,7 +48,7 @@ class BayesianETAPPredictor(BaselinePredictor):
     For a member ``t`` of a group ``G`` of ``k >= 2`` tasks, with
     ``z = z[G -> t]`` (:func:`~lightning_etap.predictors.group_affinity`)::
 
-        gain[G -> t] = a[t]                                   task intercept
+        gain[G -> t] = a0 + a[t]                              common level + task intercept
                      + sum_b beta[b] phi_b(z)                 stage 1: a spline of the group affinity
                      + sum_{s in G, s != t} (c[s] + w[t, s])  stage 2: membership effects
                      + d[t] / (k - 1)                         group size
@@ -63,8 +65,11 @@ class BayesianETAPPredictor(BaselinePredictor):
       task that helps (or hurts) most others is found from the groups it is
       in, whichever tasks they hold.
     * Every weight has an independent zero-mean Gaussian prior with a
-      standard deviation per block (``a``, ``beta``, ``c``, ``w``, ``d``),
-      and the noise is Gaussian. The standard deviations are chosen among
+      standard deviation per block (``a0``, ``a``, ``beta``, ``c``, ``w``,
+      ``d``: keys ``level``, ``intercept``, ``affinity``, ``shared``,
+      ``pairwise``, ``size`` of the grid), and the noise is Gaussian. The
+      common level lets the task intercepts shrink towards the tasks'
+      shared gain rather than towards zero. The standard deviations are chosen among
       ``prior_grid`` (:data:`PRIOR_GRID`, in units of the median absolute
       measured member gain) by the largest log marginal likelihood of the
       measured gains (type-II maximum likelihood, as Bayesian ridge
@@ -93,8 +98,13 @@ class BayesianETAPPredictor(BaselinePredictor):
         prior_: the chosen standard deviations per block and ``noise`` (in gain units, scale included).
         log_evidence_: log marginal likelihood of the training gains under ``prior_``.
         coef_: ``(p,)`` posterior mean of the weights.
-        precision_cholesky_: ``(p, p)`` lower Cholesky factor of the posterior precision.
-        n_observations_: member gains fitted on.
+        n_observations_: member gains fitted on (``N``).
+        posterior_space_: where the posterior is factored: ``"weights"``
+            (``N >= p``: the ``(p, p)`` precision) or ``"observations"``
+            (``N < p``: the ``(N, N)`` covariance of the observed gains), so
+            that memory and time grow with the smaller of the two.
+        train_masks_, train_gains_: the training groups (groups of two or
+            more tasks) and their gains; ``load`` refactors the posterior from them.
 
     Example:
         >>> import numpy as np
@@ -112,8 +122,8 @@ class BayesianETAPPredictor(BaselinePredictor):
 
     _FORMAT = "lightning_etap.BayesianETAPPredictor"
     _SAVED_FIELDS = ("n_tasks_", "task_names_", "z_range_", "scale_", "prior_", "log_evidence_", "coef_",
-                     "precision_cholesky_", "n_observations_")
-    _ARRAY_FIELDS = frozenset({"coef_", "precision_cholesky_"})
+                     "n_observations_", "posterior_space_", "train_masks_", "train_gains_")
+    _ARRAY_FIELDS = frozenset({"coef_", "train_gains_"})
     _ARRAY_PARAMS = frozenset({"affinity"})
     _CHUNK = 1 << 12
 
@@ -149,24 +159,35 @@ class BayesianETAPPredictor(BaselinePredictor):
             start += sizes[key]
         return out
 
-    def _design(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(X, rows, tasks)``: one design row per member of a group of >= 2 tasks."""
+    def _design(self, masks: np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+        """``(X, rows, tasks)``: one sparse design row per member of a group of >= 2 tasks.
+
+        A row holds about ``2 k + n_basis + 3`` non-zeros for a group of ``k``
+        tasks, whatever the number of weights (``n^2 + 3 n + n_basis + 1``).
+        """
         n = self.n_tasks_
         layout = self._layout()
         multi = masks.sum(axis=1) >= 2
         rows, tasks = np.nonzero(masks & multi[:, None])
-        x = np.zeros((rows.size, layout["size"].stop))
         entry = np.arange(rows.size)
-        others = masks[rows].astype(np.float64)
-        others[entry, tasks] = 0.0
-        x[:, layout["level"]] = 1.0
-        x[entry, layout["intercept"].start + tasks] = 1.0
+        member_row, others = np.nonzero(masks[rows] & (np.arange(n)[None, :] != tasks[:, None]))
+        count = np.bincount(member_row, minlength=rows.size).astype(np.float64)
         z = group_affinity(self.affinity_, masks)[rows, tasks]
-        x[:, layout["affinity"]] = self._basis(z)
-        x[:, layout["shared"]] = others
-        pair = layout["pairwise"].start + tasks[:, None] * n + np.arange(n)[None, :]
-        x[entry[:, None], pair] = others
-        x[entry, layout["size"].start + tasks] = 1.0 / (others.sum(axis=1))
+        basis = self._basis(z)
+        nb = basis.shape[1]
+        ones = np.ones(rows.size)
+        row_index = np.concatenate([entry, entry, np.repeat(entry, nb), member_row, member_row, entry])
+        col_index = np.concatenate([
+            np.full(rows.size, layout["level"].start),
+            layout["intercept"].start + tasks,
+            np.tile(np.arange(layout["affinity"].start, layout["affinity"].stop), rows.size),
+            layout["shared"].start + others,
+            layout["pairwise"].start + tasks[member_row] * n + others,
+            layout["size"].start + tasks,
+        ])
+        values = np.concatenate([ones, ones, basis.ravel(), np.ones(others.size), np.ones(others.size),
+                                 1.0 / count])
+        x = sparse.csr_matrix((values, (row_index, col_index)), shape=(rows.size, layout["size"].stop))
         return x, rows, tasks
 
     def _basis(self, z: np.ndarray) -> np.ndarray:
@@ -214,26 +235,43 @@ class BayesianETAPPredictor(BaselinePredictor):
         y = gains[rows, tasks]
         typical = float(np.median(np.abs(y)))
         self.scale_ = typical if typical > 0 else 1.0
+        gram = _Gram(x)
         best = None
         for candidate in grid:
             prior = {k: v * self.scale_ for k, v in candidate.items()}
-            value = log_evidence(x, y, self._variances(prior), prior["noise"] ** 2)
+            value = gram.log_evidence(y, self._variances(prior), prior["noise"] ** 2)
             if best is None or value > best[0]:
                 best = (value, prior)
         self.log_evidence_, self.prior_ = float(best[0]), best[1]
-        v, s2 = self._variances(self.prior_), self.prior_["noise"] ** 2
-        precision = x.T @ x / s2
-        precision[np.diag_indices_from(precision)] += 1.0 / v
-        chol = np.linalg.cholesky(precision)
-        self.coef_ = _chol_solve(chol, x.T @ y / s2)
-        self.precision_cholesky_ = chol
+        self.train_masks_, self.train_gains_ = masks, np.where(masks, gains, np.nan)
         self.n_observations_ = int(y.size)
+        self.coef_ = self._posterior(x, y)
         return self
+
+    def _posterior(self, x: sparse.csr_matrix, y: np.ndarray) -> np.ndarray:
+        """Factor the posterior (in the smaller of the two spaces); return its mean."""
+        v, s2 = self._variances(self.prior_), self.prior_["noise"] ** 2
+        self._prior_var, self._noise_var = v, s2
+        if x.shape[0] >= x.shape[1]:  # weights: precision = X^T X / s2 + V^-1
+            self.posterior_space_ = "weights"
+            precision = (x.T @ x).toarray() / s2
+            precision[np.diag_indices_from(precision)] += 1.0 / v
+            self._chol = np.linalg.cholesky(precision)
+            return cho_solve((self._chol, True), x.T @ y / s2)
+        self.posterior_space_ = "observations"  # K = X V X^T + s2 I over the observations
+        xv = x.multiply(v[None, :]).tocsr()
+        cov = (xv @ x.T).toarray()
+        cov[np.diag_indices_from(cov)] += s2
+        self._chol, self._x, self._xv = np.linalg.cholesky(cov), x, xv
+        return xv.T @ cho_solve((self._chol, True), y)
 
     def _restore_fitted(self, fitted: dict) -> None:
         super()._restore_fitted(fitted)
         self.z_range_ = tuple(self.z_range_)
         self.affinity_ = check_affinity(self.affinity)
+        self.train_masks_ = np.asarray(self.train_masks_, dtype=bool)
+        x, rows, tasks = self._design(self.train_masks_)
+        self._posterior(x, self.train_gains_[rows, tasks])  # the factor only: coef_ is the stored one
 
     # ----------------------------------------------------------------- predict
     def _member_gains(self, masks: np.ndarray) -> np.ndarray:
@@ -253,9 +291,16 @@ class BayesianETAPPredictor(BaselinePredictor):
         for start in range(0, masks.shape[0], self._CHUNK):
             block = masks[start:start + self._CHUNK]
             x, rows, tasks = self._design(block)
-            if rows.size:
-                half = np.linalg.solve(self.precision_cholesky_, x.T)  # L^-1 x^T: cov = L^-T L^-1
-                out[start + rows, tasks] = np.sqrt((half * half).sum(axis=0))
+            if not rows.size:
+                continue
+            if self.posterior_space_ == "weights":  # x Sigma x^T = |L^-1 x^T|^2
+                half = solve_triangular(self._chol, x.T.toarray(), lower=True)
+                var = (half * half).sum(axis=0)
+            else:  # x V x^T - |L_K^-1 X V x^T|^2
+                half = solve_triangular(self._chol, (self._xv @ x.T).toarray(), lower=True)
+                var = np.asarray(x.multiply(x).multiply(self._prior_var[None, :]).sum(axis=1)).ravel()
+                var = np.maximum(var - (half * half).sum(axis=0), 0.0)
+            out[start + rows, tasks] = np.sqrt(var)
         return out
 
     def sample(self, masks, n_samples: int = 1, random_state=None) -> np.ndarray:
@@ -263,7 +308,10 @@ class BayesianETAPPredictor(BaselinePredictor):
 
         One draw of the weights gives the gains of every member of every
         group, so the draws keep the correlations between groups that share
-        tasks (noise excluded: a draw is a possible *mean* gain).
+        tasks (noise excluded: a draw is a possible *mean* gain). With fewer
+        observations than weights the draws are made without forming the
+        weights' covariance, by the pathwise update of a prior draw
+        (Matheron's rule), which is exact.
 
         Args:
             masks: ``(m, n)`` bool group masks.
@@ -277,9 +325,7 @@ class BayesianETAPPredictor(BaselinePredictor):
         masks = check_masks(masks, self.n_tasks_)
         if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1; got {n_samples!r}")
-        rng = np.random.default_rng(random_state)
-        eps = rng.standard_normal((self.coef_.size, int(n_samples)))
-        weights = self.coef_[:, None] + np.linalg.solve(self.precision_cholesky_.T, eps)  # cov = (L L^T)^-1
+        weights = self._draw_weights(int(n_samples), np.random.default_rng(random_state))
         out = np.repeat(np.where(masks, 0.0, np.nan)[None], n_samples, axis=0)
         for start in range(0, masks.shape[0], self._CHUNK):
             block = masks[start:start + self._CHUNK]
@@ -288,32 +334,57 @@ class BayesianETAPPredictor(BaselinePredictor):
                 out[:, start + rows, tasks] = (x @ weights).T
         return out
 
+    def _draw_weights(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """``(p, k)`` posterior draws of the weights."""
+        p = self.coef_.size
+        if self.posterior_space_ == "weights":  # covariance (L L^T)^-1: mean + L^-T eps
+            eps = rng.standard_normal((p, k))
+            return self.coef_[:, None] + solve_triangular(self._chol.T, eps, lower=False)
+        # Matheron: theta0 ~ N(0, V), e ~ N(0, s2 I): mean + theta0 - V X^T K^-1 (X theta0 + e)
+        prior_draw = np.sqrt(self._prior_var)[:, None] * rng.standard_normal((p, k))
+        noise = np.sqrt(self._noise_var) * rng.standard_normal((self._x.shape[0], k))
+        update = self._xv.T @ cho_solve((self._chol, True), self._x @ prior_draw + noise)
+        return self.coef_[:, None] + prior_draw - update
 
-def log_evidence(x: np.ndarray, y: np.ndarray, prior_var: np.ndarray, noise_var: float) -> float:
+
+class _Gram:
+    """The products :func:`log_evidence` needs, computed once for every prior of the grid."""
+
+    def __init__(self, x: sparse.csr_matrix) -> None:
+        self.x = x
+        self.weights = x.shape[0] >= x.shape[1]
+        self.xtx = (x.T @ x).toarray() if self.weights else None
+
+    def log_evidence(self, y: np.ndarray, prior_var: np.ndarray, noise_var: float) -> float:
+        return log_evidence(self.x, y, prior_var, noise_var, xtx=self.xtx)
+
+
+def log_evidence(x, y: np.ndarray, prior_var: np.ndarray, noise_var: float, *, xtx=None) -> float:
     """Log marginal likelihood of ``y ~ N(0, X diag(prior_var) X^T + noise_var I)``.
 
-    Computed in whichever space is smaller: the ``(N, N)`` covariance of the
-    observations, or the ``(p, p)`` posterior precision of the weights (by the
-    matrix determinant lemma and the Woodbury identity); both give the same value.
+    ``x`` dense or scipy-sparse. Computed in whichever space is smaller: the
+    ``(N, N)`` covariance of the observations, or the ``(p, p)`` posterior
+    precision of the weights (by the matrix determinant lemma and the
+    Woodbury identity; ``xtx``, ``X^T X`` if already computed); both give
+    the same value.
     """
     nobs, p = x.shape
-    if nobs <= p:
-        cov = (x * prior_var) @ x.T
+    if nobs < p:
+        xv = x.multiply(prior_var[None, :]) if sparse.issparse(x) else x * prior_var
+        cov = xv @ x.T
+        cov = cov.toarray() if sparse.issparse(cov) else np.asarray(cov)
         cov[np.diag_indices_from(cov)] += noise_var
         chol = np.linalg.cholesky(cov)
-        white = np.linalg.solve(chol, y)
+        white = solve_triangular(chol, y, lower=True)
         quad, logdet = white @ white, 2.0 * np.log(np.diag(chol)).sum()
     else:
-        precision = x.T @ x / noise_var
+        if xtx is None:
+            xtx = x.T @ x
+            xtx = xtx.toarray() if sparse.issparse(xtx) else np.asarray(xtx)
+        precision = xtx / noise_var
         precision[np.diag_indices_from(precision)] += 1.0 / prior_var
         chol = np.linalg.cholesky(precision)
-        half = np.linalg.solve(chol, x.T @ y / noise_var)
+        half = solve_triangular(chol, np.asarray(x.T @ y).ravel() / noise_var, lower=True)
         quad = y @ y / noise_var - half @ half
         logdet = 2.0 * np.log(np.diag(chol)).sum() + np.log(prior_var).sum() + nobs * np.log(noise_var)
     return float(-0.5 * (quad + logdet + nobs * np.log(2.0 * np.pi)))
-
-
-def _chol_solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from scipy.linalg import cho_solve
-
-    return cho_solve((chol, True), b)
