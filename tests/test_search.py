@@ -196,6 +196,16 @@ def test_active_etap_posterior_draws_and_batches(table, tmp_path):
     assert same.trained == batched.trained  # the draws are seeded per step
     with pytest.raises(ValueError, match="ensemble"):
         run(tmp_path / "d.sqlite", ensemble=1)
+    crowded = run(tmp_path / "e.sqlite", batch_size=100)  # more picks than trainings left: only 6 trained
+    assert crowded.n_trainings == 7 and len(crowded.details["rule"]) == 6
+    assert len(crowded.details["expected_improvement"]) == 6
+
+
+def test_active_etap_with_a_posterior_on_the_gain_objective(table, store):
+    result = active_etap_search(OracleTrainer(table), 8, predictor=BayesianETAPPredictor(AFFINITY), budget=2,
+                                objective="gain", store=store, answer="predicted", checkpoints=[1, 8])
+    assert result.n_trainings == 8 and [s.n_trainings for s in result.history] == [1, 8]
+    assert set(result.groups) == set(OPTIMUM)  # the triples are also the groups of largest total gain
 
 
 def test_mtgnet_loop_finds_the_optimum(table, store):
