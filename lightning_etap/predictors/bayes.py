@@ -202,8 +202,9 @@ class BayesianETAPPredictor(BaselinePredictor):
         return BSpline.design_matrix(np.clip(z, lo, hi), knots, degree).toarray()
 
     def _variances(self, prior: dict[str, float]) -> np.ndarray:
-        v = np.empty(self._layout()["size"].stop)
-        for key, part in self._layout().items():
+        layout = self._layout()
+        v = np.empty(layout["size"].stop)
+        for key, part in layout.items():
             v[part] = max(prior[key], 1e-9 * self.scale_) ** 2  # a zero prior: a weight pinned at 0
         return v
 
@@ -241,26 +242,26 @@ class BayesianETAPPredictor(BaselinePredictor):
         if not typical > 0:  # more than half the gains exactly 0
             typical = float(np.mean(np.abs(y)))
         self.scale_ = typical if typical > 0 else 1.0
-        gram = _Gram(x)
+        xtx = (x.T @ x).toarray() if x.shape[0] >= x.shape[1] else None  # weight space: once for the grid
         best = None
         for candidate in grid:
             prior = {k: v * self.scale_ for k, v in candidate.items()}
-            value = gram.log_evidence(y, self._variances(prior), prior["noise"] ** 2)
+            value = log_evidence(x, y, self._variances(prior), prior["noise"] ** 2, xtx=xtx)
             if best is None or value > best[0]:
                 best = (value, prior)
         self.log_evidence_, self.prior_ = float(best[0]), best[1]
         self.train_masks_, self.train_gains_ = masks, np.where(masks, gains, np.nan)
         self.n_observations_ = int(y.size)
-        self.coef_ = self._posterior(x, y)
+        self.coef_ = self._posterior(x, y, xtx)
         return self
 
-    def _posterior(self, x: sparse.csr_matrix, y: np.ndarray) -> np.ndarray:
-        """Factor the posterior (in the smaller of the two spaces); return its mean."""
+    def _posterior(self, x: sparse.csr_matrix, y: np.ndarray, xtx: np.ndarray | None = None) -> np.ndarray:
+        """Factor the posterior (in the smaller of the two spaces); return its mean. ``xtx``: ``X^T X`` if at hand."""
         v, s2 = self._variances(self.prior_), self.prior_["noise"] ** 2
         self._prior_var, self._noise_var = v, s2
         if x.shape[0] >= x.shape[1]:  # weights: precision = X^T X / s2 + V^-1
             self.posterior_space_ = "weights"
-            precision = (x.T @ x).toarray() / s2
+            precision = ((x.T @ x).toarray() if xtx is None else xtx) / s2
             precision[np.diag_indices_from(precision)] += 1.0 / v
             self._chol = np.linalg.cholesky(precision)
             return cho_solve((self._chol, True), x.T @ y / s2)
@@ -358,18 +359,6 @@ class BayesianETAPPredictor(BaselinePredictor):
         noise = np.sqrt(self._noise_var) * rng.standard_normal((self._x.shape[0], k))
         update = self._xv.T @ cho_solve((self._chol, True), self._x @ prior_draw + noise)
         return self.coef_[:, None] + prior_draw - update
-
-
-class _Gram:
-    """The products :func:`log_evidence` needs, computed once for every prior of the grid."""
-
-    def __init__(self, x: sparse.csr_matrix) -> None:
-        self.x = x
-        self.weights = x.shape[0] >= x.shape[1]
-        self.xtx = (x.T @ x).toarray() if self.weights else None
-
-    def log_evidence(self, y: np.ndarray, prior_var: np.ndarray, noise_var: float) -> float:
-        return log_evidence(self.x, y, prior_var, noise_var, xtx=self.xtx)
 
 
 def log_evidence(x, y: np.ndarray, prior_var: np.ndarray, noise_var: float, *, xtx=None) -> float:

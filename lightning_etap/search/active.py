@@ -185,9 +185,10 @@ def active_etap_search(
     """
     check_predictor(predictor)
     posterior = has_posterior(predictor)
+    fits_from = 1 if posterior else 2  # measured groups the predictor needs
     if n_initial is None:
         n_initial = 1 if posterior else 3
-    n_initial = check_count(n_initial, "n_initial", minimum=1 if posterior else 2)
+    n_initial = check_count(n_initial, "n_initial", minimum=fits_from)
     ensemble = check_count((64 if posterior else 8) if ensemble is None else ensemble, "ensemble", minimum=2)
     if callable(batch_size):
         batch = batch_size
@@ -216,14 +217,14 @@ def active_etap_search(
     rules: list[str] = []
 
     def answer_after(k: int):
-        if answer == "predicted" and k >= (1 if posterior else 2):
+        if answer == "predicted" and k >= fits_from:
             model = session.fit(predictor, upto=k)
             return session.predicted_answer(model.predict(session.cands), upto=k)
         found = session.incumbent(upto=k)
         return None if found is None else found[0]
 
     model = None
-    while session.spent >= (1 if posterior else 2):
+    while session.spent >= fits_from:
         model = session.fit(predictor)
         if session.remaining <= 0 or not session.unmeasured.any():
             break
