@@ -35,7 +35,8 @@ def fake_running_matrix(step: int) -> np.ndarray:
 def final_result() -> AffinityResult:
     matrix = np.array([[0.5, -1.25, 2.0], [0.125, np.nan, -3.5], [1e-9, 7.0, -0.75]])
     epochs = np.stack([matrix / 2, matrix])
-    return AffinityResult(TASKS, matrix, epochs, [0, 1], measured_steps=8)
+    halves = np.stack([matrix * 0.9, matrix[::-1]])  # split half: a known Spearman correlation
+    return AffinityResult(TASKS, matrix, epochs, [0, 1], measured_steps=8, half_matrices=halves)
 
 
 class TinyMultiTask(L.LightningModule):
@@ -127,6 +128,8 @@ def test_curves_and_files_for_csv_and_tensorboard(tmp_path):
     assert affinity_rows[1]["affinity/c->a"] == ""  # step 5 is odd: c->a was NaN there, so not logged
 
     result = final_result()
+    halves = [float(r["affinity/split_half"]) for r in rows if r.get("affinity/split_half")]
+    assert halves == [pytest.approx(result.split_half, rel=1e-12)] and result.split_half is not None
     for logger in (csv_logger, tb_logger):
         folder = Path(logger.log_dir)
         png = folder / AffinityDashboard.HEATMAP_FILE
@@ -204,7 +207,7 @@ def test_nonzero_rank_logs_and_writes_nothing(tmp_path):
     trainer.is_global_zero = True  # the same stub on rank zero does log
     dashboard.log_step(trainer, TASKS, fake_running_matrix(5), step=5)
     dashboard.log_final(trainer, final_result())
-    assert rec.calls == [(5, expected_pairs(5))]
+    assert rec.calls == [(5, expected_pairs(5)), (4, {"affinity/split_half": final_result().split_half})]
     assert (tmp_path / AffinityDashboard.MATRIX_FILE).exists()
 
 
@@ -326,6 +329,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert summary["affinity/a->b"] == pytest.approx(expected_pairs(7)["affinity/a->b"])
     assert summary["affinity/matrix"]["_type"] == "table-file"
     assert summary["affinity/heatmap"]["_type"] == "image-file"
+    assert summary["affinity/split_half"] == pytest.approx(final_result().split_half)
 
     # the offline run folder holds the serialized table and the PNG
     tables = list(run_dir.glob("media/table/affinity/matrix*.table.json"))

@@ -34,7 +34,11 @@ from lightning_etap.affinity.scores import (
     task_update_rules,
 )
 
-__all__ = ["AffinityCallback"]
+__all__ = ["SPLIT_HALF_WARN", "AffinityCallback"]
+
+#: below this split-half Spearman correlation (``AffinityResult.split_half``) the end of fit warns that the
+#: ranking of task pairs is not reproducible
+SPLIT_HALF_WARN = 0.5
 
 SharedSpec = str | Sequence[Tensor] | Callable[[nn.Module], Iterable[Tensor]]
 
@@ -182,6 +186,14 @@ class AffinityCallback(Callback):
             :meth:`AffinityResult.load`). Under ``ddp_spawn`` the measurement
             lives in the worker processes, so this is how it reaches the caller.
 
+    Reproducibility: the measured steps are split in turn into two halves
+    (proxy-scored steps too), each reduced like the whole matrix, and
+    ``result.split_half`` is the Spearman correlation of the two halves'
+    off-diagonal entries: near 1 when the ranking of the pairs is settled,
+    near 0 when it is mostly the noise of which steps happened to be
+    measured. Below ``SPLIT_HALF_WARN`` (0.5) the end of fit warns and
+    names the fix (measure more steps). It costs two more ``n x n`` sums.
+
     Gradient accumulation: every micro-batch of a measured step is scored on
     its own live graph and the micro-batch scores are averaged into the step's
     score. A step with a non-finite loss, gradient or score is skipped
@@ -326,7 +338,7 @@ class AffinityCallback(Callback):
         self._task_names = list(self.tasks) if self.tasks is not None else None
         self._acc = None
         if self._task_names is not None:
-            self._acc = AffinityAccumulator(len(self._task_names), self.keep_step_scores)
+            self._acc = AffinityAccumulator(len(self._task_names), self.keep_step_scores, split=True)
         self._measured = 0
         self._skipped = 0
         self._zero_loss: list[int] = [0] * len(self._task_names or [])
@@ -420,7 +432,7 @@ class AffinityCallback(Callback):
             if len(returned) < 2:
                 raise ValueError(f"AffinityCallback needs at least two tasks; the step returned {returned}")
             self._task_names = returned
-            self._acc = AffinityAccumulator(len(returned), self.keep_step_scores)
+            self._acc = AffinityAccumulator(len(returned), self.keep_step_scores, split=True)
             self._zero_loss = [0] * len(returned)
         names = self._task_names
         missing = [t for t in names if t not in losses]
@@ -667,9 +679,25 @@ class AffinityCallback(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._acc is not None and self._measured:
-            self.dashboard.log_final(trainer, self.result)
+            result = self.result
+            self._check_reproducible(result)
+            self.dashboard.log_final(trainer, result)
             if self.save_dir is not None and trainer.is_global_zero:
-                self.result.save(self.save_dir)
+                result.save(self.save_dir)
+
+    def _check_reproducible(self, result: AffinityResult) -> None:
+        """Warn (rank zero) when the two split halves of the measurement rank the pairs differently."""
+        r = result.split_half
+        if r is None or r >= SPLIT_HALF_WARN:
+            return
+        k = self._chosen if self.every_n_steps == "auto" else self.every_n_steps
+        fix = ("measure more steps (a smaller every_n_steps, every_n_steps=1 for all of them) or train longer"
+               if k != 1 else "train longer or on larger batches")
+        schedule = "every step" if k == 1 else f"one step in {k}"
+        rank_zero_warn(f"AffinityCallback: the affinity ranking is not reproducible: the matrices of alternate "
+                       f"measured steps agree at Spearman {r:.2f} ({result.measured_steps} steps measured, "
+                       f"{schedule}), so the ranking of task pairs is mostly noise. To trust it, {fix}; "
+                       "result.split_half holds the figure.", category=RuntimeWarning)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -704,6 +732,7 @@ class AffinityCallback(Callback):
             measured_steps=self._measured,
             skipped_steps=self._skipped,
             zero_loss_skips=dict(zip(self._task_names, self._zero_loss, strict=True)),
+            half_matrices=None if (halves := acc.half_matrices(self.reduction)) is None else halves.numpy(),
             settings={**self.settings, "every_n_steps_chosen": self._chosen,
                       **({"control_variate_chosen": bool(self._cv), "proxy_steps": acc.proxy_steps,
                           "proxy_every": self._proxy_every} if self._cv_possible() else {})},

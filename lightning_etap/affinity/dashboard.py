@@ -72,7 +72,11 @@ class AffinityDashboard:
       no value) and :attr:`CURVES_FILE` (long format ``epoch,source,target,
       value``, every entry of every epoch's mean step matrix) in that
       directory, each written atomically;
-    * a logger with neither is skipped with a warning.
+    * a logger with neither is skipped with a warning;
+    * every logger, also: ``<prefix>/split_half``, the result's split-half
+      reproducibility (:attr:`AffinityResult.split_half
+      <lightning_etap.affinity.result.AffinityResult.split_half>`), as a
+      scalar, when it is defined.
 
     Without matplotlib the heatmap is left out (one warning) and the rest is
     still logged.
@@ -203,10 +207,13 @@ class AffinityDashboard:
             return
         png = self._heatmap_png(result)
         written: set[str] = set()
+        half = {} if result.split_half is None else {f"{self.prefix}/split_half": result.split_half}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, result, png, step=int(trainer.global_step))
+                self._log_wandb(logger, result, png, step=int(trainer.global_step), extra=half)
                 continue
+            if half:
+                logger.log_metrics(half, step=int(trainer.global_step))
             log_dir = getattr(logger, "log_dir", None)
             if log_dir is None:
                 self._warn_once(f"no-dir-{type(logger).__name__}",
@@ -230,12 +237,14 @@ class AffinityDashboard:
             self._warn_once("matplotlib", f"AffinityDashboard: the affinity heatmap was not drawn: {err}")
             return None
 
-    def _log_wandb(self, logger: WandbLogger, result: AffinityResult, png: bytes | None, step: int) -> None:
+    def _log_wandb(self, logger: WandbLogger, result: AffinityResult, png: bytes | None, step: int,
+                   extra: dict[str, float]) -> None:
         import wandb
 
         names = list(result.task_names)
         rows = [[src, *(_json_float(v) for v in row)] for src, row in zip(names, result.matrix.tolist())]
-        metrics: dict[str, Any] = {f"{self.prefix}/matrix": wandb.Table(columns=["source", *names], data=rows)}
+        metrics: dict[str, Any] = {f"{self.prefix}/matrix": wandb.Table(columns=["source", *names], data=rows),
+                                   **extra}
         if png is not None:
             try:
                 from PIL import Image

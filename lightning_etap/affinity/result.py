@@ -45,6 +45,10 @@ class AffinityResult:
             or score (or a zero learning rate under TAG with ``divide_by_lr``).
         zero_loss_skips: task -> number of steps whose column was left out
             because the task's loss was exactly zero (the score divides by it).
+        half_matrices: ``(2, n, n)`` float64, the matrices of the two split
+            halves of the measured steps (alternate steps, each half reduced
+            like ``matrix``), or ``None`` (fewer than two steps measured, or
+            a fit resumed from a checkpoint written before halves existed).
         settings: the callback's settings (method, update, ...).
 
     Example:
@@ -69,6 +73,7 @@ class AffinityResult:
     skipped_steps: int = 0
     zero_loss_skips: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    half_matrices: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         names = tuple(str(t) for t in self.task_names)
@@ -85,6 +90,11 @@ class AffinityResult:
         if self.step_matrices is not None:
             object.__setattr__(self, "step_matrices", np.asarray(self.step_matrices, np.float64).reshape(-1, n, n))
             object.__setattr__(self, "steps", np.asarray(self.steps, dtype=np.int64).reshape(-1))
+        if self.half_matrices is not None:
+            halves = np.asarray(self.half_matrices, dtype=np.float64)
+            if halves.shape != (2, n, n):
+                raise ValueError(f"half_matrices must be 2x{n}x{n} for {n} tasks, got shape {halves.shape}")
+            object.__setattr__(self, "half_matrices", halves)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -127,6 +137,27 @@ class AffinityResult:
         """The group's affinity: the mean over members ``t`` of :meth:`member_scores` (eq. 7)."""
         return float(np.mean(list(self.member_scores(group).values())))
 
+    @property
+    def split_half(self) -> float | None:
+        """How reproducible the ranking of task pairs is: the Spearman correlation between the off-diagonal
+        entries of the two split halves' matrices (:attr:`half_matrices`, entries finite in both).
+
+        Near 1: another run of measured steps would rank the pairs the same way; near 0: the ranking is the
+        noise of which steps were measured. The whole matrix, from twice the steps, is more reproducible than
+        either half (by the Spearman-Brown formula, about ``2r / (1 + r)``). ``None`` without halves, with
+        fewer than three finite pairs, or when a half's entries are all equal.
+        """
+        if self.half_matrices is None or self.n_tasks < 2:
+            return None
+        off = ~np.eye(self.n_tasks, dtype=bool)
+        a, b = self.half_matrices[0][off], self.half_matrices[1][off]
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+            return None
+        from scipy.stats import spearmanr
+
+        return float(spearmanr(a[ok], b[ok]).statistic)
+
     def pairwise(self) -> dict[tuple[str, str], float]:
         """Group score of every pair ``(a, b)`` (task order): ``(z̄[a→b] + z̄[b→a]) / 2``."""
         n = self.n_tasks
@@ -157,6 +188,8 @@ class AffinityResult:
         arrays = {"matrix": self.matrix, "epoch_matrices": self.epoch_matrices, "epochs": self.epochs}
         if self.step_matrices is not None:
             arrays.update(step_matrices=self.step_matrices, steps=self.steps)
+        if self.half_matrices is not None:
+            arrays.update(half_matrices=self.half_matrices)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".affinity-", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -216,6 +249,7 @@ class AffinityResult:
             skipped_steps=int(meta["skipped_steps"]),
             zero_loss_skips={k: int(v) for k, v in meta["zero_loss_skips"].items()},
             settings=dict(meta["settings"]),
+            half_matrices=arrays.get("half_matrices"),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -234,6 +268,7 @@ class AffinityResult:
             and same(self.epochs, other.epochs)
             and same(self.step_matrices, other.step_matrices)
             and same(self.steps, other.steps)
+            and same(self.half_matrices, other.half_matrices)
             and self.measured_steps == other.measured_steps
             and self.skipped_steps == other.skipped_steps
             and self.zero_loss_skips == other.zero_loss_skips
@@ -247,5 +282,7 @@ class AffinityResult:
         finite = self.matrix[np.isfinite(self.matrix)]
         rng = f"[{finite.min():.3g}, {finite.max():.3g}]" if finite.size else "[no finite values]"
         method = self.settings.get("method", "?")
+        r = self.split_half
+        half = "" if r is None else f", split half {r:.2f}"
         return (f"AffinityResult({n} tasks, method={method!r}, {self.measured_steps} steps measured, "
-                f"{self.skipped_steps} skipped, values in {rng})")
+                f"{self.skipped_steps} skipped, values in {rng}{half})")

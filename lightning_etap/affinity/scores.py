@@ -538,14 +538,25 @@ class AffinityAccumulator:
     alike. The proxy follows the batch-to-batch swings of the exact score,
     so the estimate removes most of the sampling noise of measuring every
     k-th step (benchmarks/affinity_overhead.py measures how much).
+
+    **Split halves.** With ``split=True`` the measured steps are also handed,
+    in turn, to two half accumulators (proxy-only steps too, in their own
+    turn), each reduced like the whole with its own control variate.
+    :meth:`half_matrices` gives their two matrices: how far they agree says
+    how reproducible the whole matrix is.
     """
 
     #: measured steps needed before the control variate's slope is used
     MIN_PAIRS = 3
 
-    def __init__(self, n: int, keep_steps: bool = False) -> None:
+    def __init__(self, n: int, keep_steps: bool = False, split: bool = False) -> None:
         self.n = int(n)
         self.keep_steps = keep_steps
+        # split halves: measured steps go to the two halves in turn (so do proxy-only steps), each half an
+        # accumulator of its own with its own control variate, for the split-half reproducibility of the matrix
+        self.halves: list[AffinityAccumulator] | None = [AffinityAccumulator(n), AffinityAccumulator(n)] \
+            if split else None
+        self.routed = [0, 0]  # measured steps and proxy-only steps handed to the halves so far
         self.sums: dict[int, Tensor] = {}
         self.counts: dict[int, Tensor] = {}
         self.steps: list[int] = []
@@ -584,6 +595,9 @@ class AffinityAccumulator:
         if self.keep_steps:
             self.steps.append(-1 if step is None else int(step))
             self.step_scores.append(torch.where(v.unsqueeze(0), s, float("nan")))
+        if self.halves is not None:
+            self.halves[self.routed[0] % 2].add(e, scores, valid, proxy=proxy)
+            self.routed[0] += 1
 
     def add_proxy(self, epoch: int, proxy: Tensor, valid: Tensor) -> None:
         """Add the proxy scores of a step whose exact scores were not measured."""
@@ -595,6 +609,9 @@ class AffinityAccumulator:
         v = valid.detach().cpu()
         self.proxy_sums[e] += torch.where(v.unsqueeze(0), proxy.detach().double().cpu(), 0.0)
         self.proxy_counts[e] += v.double()
+        if self.halves is not None:
+            self.halves[self.routed[1] % 2].add_proxy(e, proxy, valid)
+            self.routed[1] += 1
 
     @property
     def epochs(self) -> list[int]:
@@ -661,8 +678,18 @@ class AffinityAccumulator:
         out = means.sum(0)
         return torch.where((counts_t.sum(0) > 0).unsqueeze(0), out, float("nan"))
 
+    def half_matrices(self, reduction: str = "epoch_mean_sum") -> Tensor | None:
+        """``(2, n, n)``: the matrix of each split half under ``reduction``, or ``None`` without halves (an
+        accumulator made without ``split``, or restored from a checkpoint written before halves existed) or
+        while a half has no measured step."""
+        if self.halves is None or any(not h.sums for h in self.halves):
+            return None
+        return torch.stack([h.matrix(reduction) for h in self.halves])
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "halves": None if self.halves is None else [h.state_dict() for h in self.halves],
+            "routed": list(self.routed),
             "n": self.n,
             "keep_steps": self.keep_steps,
             "epochs": self.epochs,
@@ -690,6 +717,9 @@ class AffinityAccumulator:
             acc.proxy_counts[int(e)] = c.clone().double()
         pairs = state.get("pairs")
         acc.pairs = None if pairs is None else {k: v.clone().double() for k, v in pairs.items()}
+        if state.get("halves") is not None:  # checkpoints written before split halves existed have none
+            acc.halves = [cls.from_state_dict(h) for h in state["halves"]]
+            acc.routed = [int(r) for r in state["routed"]]
         return acc
 
 

@@ -502,7 +502,11 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
     parts.append(f"<p>{aff.measured_steps} training steps measured ({aff.skipped_steps} skipped), method "
                  f"<code>{_e(aff.settings.get('method'))}</code>, reduction "
                  f"<code>{_e(aff.settings.get('reduction'))}</code>. Positive: the source task's update lowers "
-                 "the target task's loss.</p>")
+                 "the target task's loss."
+                 + ("" if aff.split_half is None else
+                    f" Reproducibility: the matrices of alternate measured steps rank the task pairs with Spearman "
+                    f"{aff.split_half:.2f} (1: settled; near 0: noise).")
+                 + "</p>")
     for key in ("affinity_heatmap", "affinity_curves"):
         if key in pngs:
             parts.append(_img(pngs[key], FIGURES[key], key.replace("_", " ")))

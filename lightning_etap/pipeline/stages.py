@@ -161,7 +161,9 @@ class Pipeline:
         affinity.save(self.dir.affinity_dir)
         record = logger_record(logger)
         _close_logger(logger)
-        self._print(f"    {affinity.measured_steps} steps measured over {epochs} epochs; "
+        r = affinity.split_half
+        half = "" if r is None else f" (split-half Spearman {r:.2f})"
+        self._print(f"    {affinity.measured_steps} steps measured over {epochs} epochs{half}; "
                     f"saved to {self.dir.affinity_dir}")
         return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps}
 
