@@ -58,6 +58,10 @@ over fits that long (plain against default only, ``LONG_ROUNDS`` interleaved
 rounds): the 60-step timing fits are too short for a schedule that measures
 every k-th step with k in the tens or hundreds (``long_default_*`` in the
 results). ``--long-only`` adds just those fits to an earlier run's file.
+``--split-half-only`` runs one fit per configuration carrying every mode but
+TAG and adds what each mode says of its own reproducibility
+(``AffinityResult.split_half``) beside its agreement with exact
+(``split_half_fit`` in the results).
 
     python benchmarks/affinity_overhead.py --quick        # digits + wide n=10, a few minutes
     python benchmarks/affinity_overhead.py                # everything (about an hour on 2 busy cores)
@@ -103,8 +107,9 @@ def _status_kb(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", text).group(1))
 
 
-def _build(config: str, data_root: str | None, seed: int):
-    """(dataset, tasks, TrainConfig) of a configuration."""
+def _build(config: str, data_root: str | None, seed: int, rows: int = 4096):
+    """(dataset, tasks, TrainConfig) of a configuration (``rows``: examples of the wide encoder's data, 3/4 of
+    them for training)."""
     import torch
 
     from lightning_etap.data import load_dataset
@@ -116,7 +121,7 @@ def _build(config: str, data_root: str | None, seed: int):
         return ds, list(ds.task_names), get_preset(config)
     n = int(config.removeprefix("wide"))
     g = torch.Generator().manual_seed(seed)
-    d, rows = 128, 4096
+    d = 128
     x = torch.randn(rows, d, generator=g)
     # related tasks, as multi-task learning assumes: task k's direction turns from u towards -u through v as k
     # grows (angle pi k / n) plus a part of its own, so pairs range from closely related to opposed. With
@@ -126,8 +131,9 @@ def _build(config: str, data_root: str | None, seed: int):
     w = (torch.outer(u, angle.cos()) + torch.outer(v, angle.sin()) + 0.4 * torch.randn(d, n, generator=g)) / d**0.5
     y = ((x @ w + 0.5 * torch.randn(rows, n, generator=g)) > 0).float()
     names = [f"t{k}" for k in range(n)]
-    splits = {t: TaskSplits((x[:3072], y[:3072, k:k + 1]), (x[3072:3584], y[3072:3584, k:k + 1]),
-                            (x[3584:], y[3584:, k:k + 1])) for k, t in enumerate(names)}
+    tr, va = rows * 3 // 4, rows * 7 // 8
+    splits = {t: TaskSplits((x[:tr], y[:tr, k:k + 1]), (x[tr:va], y[tr:va, k:k + 1]), (x[va:], y[va:, k:k + 1]))
+              for k, t in enumerate(names)}
     ds = MultiTaskDataset(config, tuple(names), ("binary",) * n, "shared", splits)
     cfg = get_preset("digits").replace(hidden=(1024, 1024, 1024), batch_size=256, lr=0.01, momentum=0.9)
     return ds, names, cfg
@@ -213,6 +219,7 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
                     rec["measured_steps"] = res.measured_steps
                     rec["every_n_steps_chosen"] = res.settings["every_n_steps_chosen"]
                     rec["control_variate"] = res.settings.get("control_variate_chosen", False)
+                    rec["split_half"] = res.split_half
                     if keep_matrix:
                         rec["matrix"] = res.matrix.tolist()
                         if res.step_matrices is not None:
@@ -229,6 +236,7 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
         run(steps, list(cbs.values()), cfg, tasks)
         out.update(steps=steps, modes={m: {"measured_steps": cb.result.measured_steps,
                                            "every_n_steps_chosen": cb.result.settings["every_n_steps_chosen"],
+                                           "split_half": cb.result.split_half,
                                            "matrix": cb.result.matrix.tolist()} for m, cb in cbs.items()})
         exact = cbs["exact"]
         out["modes"]["exact"].update(step_matrices=exact.result.step_matrices.tolist(),
@@ -364,6 +372,10 @@ def main() -> None:
                     help="interleaved rounds of all modes per small configuration, best kept (wide: 1)")
     ap.add_argument("--long-only", action="store_true",
                     help="only the long plain-vs-default fits of the wide configurations, merged into --out")
+    ap.add_argument("--split-half-only", action="store_true",
+                    help="only one fit per configuration carrying every scored mode but TAG: the split-half "
+                         "reproducibility each mode reports (result.split_half) beside its agreement with exact, "
+                         "merged into --out")
     ap.add_argument("--_worker", nargs=3, metavar=("CONFIG", "MEASURE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     steps = args.steps or (30 if args.quick else 300)
@@ -395,6 +407,27 @@ def main() -> None:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     configs = args.configs or (QUICK_CONFIGS if args.quick else CONFIGS)
+    if args.split_half_only:  # what each mode says of its own reproducibility, beside its agreement with exact
+        out = Path(args.out)
+        saved = json.loads(out.read_text())
+        for config in configs:
+            got = call(config, "agreement")
+            if got is None or config not in saved["configs"]:
+                continue
+            modes = got["modes"]
+            figures = {m: {"split_half": _round(rec["split_half"]), "measured_steps": rec["measured_steps"],
+                           "spearman_vs_exact": 1.0 if m == "exact" else
+                           round(spearman_offdiag(rec["matrix"], modes["exact"]["matrix"]), 3)}
+                       for m, rec in modes.items()}
+            saved["configs"][config]["split_half_fit"] = {"steps": got["steps"], "modes": figures,
+                                                          "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                       time.gmtime())}
+            print(f"{config} ({got['steps']} steps): " + ", ".join(
+                f"{m} split half {f['split_half'] if f['split_half'] is not None else '-'} / rho vs exact "
+                f"{f['spearman_vs_exact']}" for m, f in figures.items()), flush=True)
+        out.write_text(json.dumps(saved, indent=2))
+        print(f"wrote {out}")
+        return
     if args.long_only:  # add the amortised default to an earlier full run's figures
         out = Path(args.out)
         saved = json.loads(out.read_text())
@@ -473,6 +506,7 @@ def main() -> None:
             "default_every_n_steps_chosen": t["default"]["every_n_steps_chosen"],
             "default_control_variate": t["default"].get("control_variate", False),
             "exact_reliability": reliability(exact_record),
+            "split_half": {m: _round(agree.get(m, t[m]).get("split_half")) for m in scored},
         }
         long = r["time"].get("long")
         if long is not None:  # the default over a fit as long as the agreement fit
@@ -481,13 +515,14 @@ def main() -> None:
         print(f"\n{config}: n={s['tasks']} ({s['layout']} inputs), encoder {s['hidden']}, batch {s['batch_size']}, "
               f"{s['steps']} steps timed (agreement over {s['agreement_steps']}), plain {cpu['plain']:.2f} s cpu; "
               f"one n x P Jacobian {jac:.1f} MB")
-        print(f"  {'mode':>15s} {'x plain':>8s} {'in fit':>7s} {'rho':>6s} {'steps':>6s} {'+MB':>7s}")
+        print(f"  {'mode':>15s} {'x plain':>8s} {'in fit':>7s} {'rho':>6s} {'split':>6s} {'steps':>6s} {'+MB':>7s}")
         for m in scored:
             rho = s["spearman_vs_exact"].get(m, 1.0)
             fit_ratio = s["ratio_to_plain_in_fit"].get(m)
+            half = s["split_half"].get(m)
             print(f"  {m:>15s} {s['ratio_to_plain_cpu'][m]:8.2f} "
                   f"{'-' if fit_ratio is None else format(fit_ratio, '.2f'):>7s} {rho:6.3f} "
-                  f"{s['measured_steps'][m]:6d} {extra[m]:7.1f}")
+                  f"{'-' if half is None else format(half, '.3f'):>6s} {s['measured_steps'][m]:6d} {extra[m]:7.1f}")
         if "long_steps" in s:
             in_fit = s.get("long_default_in_fit_ratio")
             print(f"  default over a {s['long_steps']}-step fit: {s['long_default_ratio_to_plain_cpu']:.2f}x plain "

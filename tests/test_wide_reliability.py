@@ -1,0 +1,36 @@
+"""benchmarks/wide_reliability.py at a tiny size, so it cannot rot: its figures against the per-step record."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def script():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("wide_reliability", BENCH / "wide_reliability.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.slow
+def test_tiny_fit_reports_consistent_figures(script, tmp_path):
+    # 4 tasks, 512 rows (384 for training: 2 steps an epoch), 24 exact every-step steps of the 3 x 1024 encoder
+    run = script.fit(4, 512, 24, 0)
+    assert run["tasks"] == 4 and run["train_rows"] == 384 and run["epochs"] == 12.0
+    assert len(run["loss_every_50"]) == 1 and np.isfinite(run["loss_first"]) and np.isfinite(run["loss_last"])
+    rel = run["reliability"]
+    assert -1 <= rel["split_half"] <= 1 and set(rel["subsample"]) == {"2", "5", "10", "20"}
+    assert [p["steps"] for p in run["phases"]] == [[0, 24]]  # only the first phase exists in 24 steps
+    assert 0 < run["phases"][0]["mean_abs_offdiag"] and -1 <= run["rho_construction"] <= 1
