@@ -266,7 +266,7 @@ def train_group(
             optimizer and schedule, validation every epoch, the same stopping
             and restoring rules), for ground truth at scale: the reference
             models are so small that the Trainer's per-step bookkeeping is
-            most of their training time (ETTm1: 2-2.6x less CPU time, the same
+            most of their training time (ETTm1: 1.6-2.2x less CPU time, the same
             test losses to the bit on the CPU). It takes no ``callbacks``,
             ``logger`` or Trainer arguments.
         **trainer_kwargs: passed to :class:`lightning.Trainer` (e.g. ``accelerator``).
