@@ -220,6 +220,7 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
                     rec["every_n_steps_chosen"] = res.settings["every_n_steps_chosen"]
                     rec["control_variate"] = res.settings.get("control_variate_chosen", False)
                     rec["split_half"] = res.split_half
+                    rec["split_half_pairs"] = res.split_half_pairs
                     if keep_matrix:
                         rec["matrix"] = res.matrix.tolist()
                         if res.step_matrices is not None:
@@ -237,6 +238,7 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
         out.update(steps=steps, modes={m: {"measured_steps": cb.result.measured_steps,
                                            "every_n_steps_chosen": cb.result.settings["every_n_steps_chosen"],
                                            "split_half": cb.result.split_half,
+                                           "split_half_pairs": cb.result.split_half_pairs,
                                            "matrix": cb.result.matrix.tolist()} for m, cb in cbs.items()})
         exact = cbs["exact"]
         out["modes"]["exact"].update(step_matrices=exact.result.step_matrices.tolist(),
@@ -415,7 +417,8 @@ def main() -> None:
             if got is None or config not in saved["configs"]:
                 continue
             modes = got["modes"]
-            figures = {m: {"split_half": _round(rec["split_half"]), "measured_steps": rec["measured_steps"],
+            figures = {m: {"split_half": _round(rec["split_half"]),
+                           "split_half_pairs": _round(rec["split_half_pairs"]), "measured_steps": rec["measured_steps"],
                            "spearman_vs_exact": 1.0 if m == "exact" else
                            round(spearman_offdiag(rec["matrix"], modes["exact"]["matrix"]), 3)}
                        for m, rec in modes.items()}
@@ -423,7 +426,7 @@ def main() -> None:
                                                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                        time.gmtime())}
             print(f"{config} ({got['steps']} steps): " + ", ".join(
-                f"{m} split half {f['split_half'] if f['split_half'] is not None else '-'} / rho vs exact "
+                f"{m} split half {f['split_half']} (pairs {f['split_half_pairs']}) / rho vs exact "
                 f"{f['spearman_vs_exact']}" for m, f in figures.items()), flush=True)
         out.write_text(json.dumps(saved, indent=2))
         print(f"wrote {out}")

@@ -124,7 +124,8 @@ class Dump(L.Callback):
             "rank": rank,
             "world_size": trainer.world_size,
             "results": {k: {"matrix": cb.result.matrix.tolist(), "measured": cb.result.measured_steps,
-                            "chosen": cb.result.settings["every_n_steps_chosen"]}
+                            "chosen": cb.result.settings["every_n_steps_chosen"],
+                            "halves": None if cb.result.half_matrices is None else cb.result.half_matrices.tolist()}
                         for k, cb in self.callbacks.items()},
             "params": [p.detach().flatten().tolist() for p in pl_module.parameters()],
             "affinity_log_calls": trainer.logger.affinity_calls,

@@ -56,7 +56,13 @@ def test_every_rank_holds_the_global_batch_affinity(runs):
         tol = 1e-4 if name == "tag" else 1e-5  # TAG's 1 - L'/L cancels digits
         np.testing.assert_allclose(res["matrix"], single[0]["results"][name]["matrix"], rtol=tol, atol=1e-9,
                                    err_msg=name)
+        # the split halves too: the same steps in the same halves on every rank and in one process
+        assert res["halves"] == other["halves"], f"{name}: ranks disagree on the split halves"
+        if res["halves"] is not None:
+            np.testing.assert_allclose(res["halves"], single[0]["results"][name]["halves"], rtol=tol, atol=1e-9,
+                                       equal_nan=True, err_msg=name)
     assert ddp[0]["results"]["default"]["measured"] >= 3
+    assert ddp[0]["results"]["every_step"]["halves"] is not None
 
 
 def test_curves_are_logged_by_rank_zero_only(runs):

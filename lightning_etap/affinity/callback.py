@@ -34,11 +34,19 @@ from lightning_etap.affinity.scores import (
     task_update_rules,
 )
 
-__all__ = ["SPLIT_HALF_WARN", "AffinityCallback"]
+__all__ = ["HALF_BLOCK_STEPS", "SPLIT_HALF_WARN", "AffinityCallback", "reproducibility_warning"]
 
 #: below this split-half Spearman correlation (``AffinityResult.split_half``) the end of fit warns that the
-#: ranking of task pairs is not reproducible
-SPLIT_HALF_WARN = 0.5
+#: ranking of task pairs is not reproducible: the whole matrix's reliability, by the Spearman-Brown formula
+#: ``2r / (1 + r)``, is then below 0.5
+SPLIT_HALF_WARN = 1 / 3
+#: the warning needs at least this many tasks (12 off-diagonal entries) and measured steps: with fewer, the
+#: correlation of two halves is too noisy to tell a reproducible matrix from noise
+WARN_MIN_TASKS = 4
+WARN_MIN_STEPS = 4
+#: the split halves take alternate blocks of measured steps spanning about this many optimizer steps (at least
+#: one measured step), so that neighbouring steps, which share the optimizer's state, fall in the same half
+HALF_BLOCK_STEPS = 10
 
 SharedSpec = str | Sequence[Tensor] | Callable[[nn.Module], Iterable[Tensor]]
 
@@ -186,13 +194,18 @@ class AffinityCallback(Callback):
             :meth:`AffinityResult.load`). Under ``ddp_spawn`` the measurement
             lives in the worker processes, so this is how it reaches the caller.
 
-    Reproducibility: the measured steps are split in turn into two halves
-    (proxy-scored steps too), each reduced like the whole matrix, and
-    ``result.split_half`` is the Spearman correlation of the two halves'
-    off-diagonal entries: near 1 when the ranking of the pairs is settled,
+    Reproducibility: the measured steps are split into two halves
+    (proxy-scored steps go with the measured step before them), each reduced
+    like the whole matrix, and ``result.split_half`` is the Spearman
+    correlation of the two halves' off-diagonal entries
+    (``result.split_half_pairs``: of what is left after each task's row and
+    column effects): near 1 when the ranking of the pairs is settled,
     near 0 when it is mostly the noise of which steps happened to be
-    measured. Below ``SPLIT_HALF_WARN`` (0.5) the end of fit warns and
-    names the fix (measure more steps). It costs two more ``n x n`` sums.
+    measured. Below ``SPLIT_HALF_WARN`` (1/3: the whole matrix's
+    reliability, about ``2r / (1 + r)``, below 0.5), with at least 4 tasks
+    and 4 measured steps, the end of fit warns and names the fix (measure
+    more steps). The halves take alternate blocks of measured steps spanning
+    about 10 optimizer steps. It costs two more ``n x n`` sums.
 
     Gradient accumulation: every micro-batch of a measured step is scored on
     its own live graph and the micro-batch scores are averaged into the step's
@@ -670,6 +683,8 @@ class AffinityCallback(Callback):
             proxy, _ = mean([(p, v) for _, v, p in pending])
         for j in torch.nonzero(~valid).flatten().tolist():
             self._zero_loss[j] += 1
+        k = self._chosen if self.every_n_steps == "auto" else self.every_n_steps
+        self._acc.block = max(1, math.ceil(HALF_BLOCK_STEPS / (k or 1)))
         self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step, proxy=proxy)
         self._measured += 1
         if self.dashboard.is_due(trainer, trainer.global_step):
@@ -687,17 +702,11 @@ class AffinityCallback(Callback):
 
     def _check_reproducible(self, result: AffinityResult) -> None:
         """Warn (rank zero) when the two split halves of the measurement rank the pairs differently."""
-        r = result.split_half
-        if r is None or r >= SPLIT_HALF_WARN:
-            return
-        k = self._chosen if self.every_n_steps == "auto" else self.every_n_steps
-        fix = ("measure more steps (a smaller every_n_steps, every_n_steps=1 for all of them) or train longer"
-               if k != 1 else "train longer or on larger batches")
-        schedule = "every step" if k == 1 else f"one step in {k}"
-        rank_zero_warn(f"AffinityCallback: the affinity ranking is not reproducible: the matrices of alternate "
-                       f"measured steps agree at Spearman {r:.2f} ({result.measured_steps} steps measured, "
-                       f"{schedule}), so the ranking of task pairs is mostly noise. To trust it, {fix}; "
-                       "result.split_half holds the figure.", category=RuntimeWarning)
+        auto = self.every_n_steps == "auto"
+        message = reproducibility_warning(result.split_half, result.measured_steps, result.n_tasks,
+                                          self._chosen if auto else self.every_n_steps, auto)
+        if message is not None:
+            rank_zero_warn(message, category=RuntimeWarning)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -771,6 +780,9 @@ class AffinityCallback(Callback):
         if state_dict.get("accumulator") is not None:
             self._task_names = list(names)
             self._acc = AffinityAccumulator.from_state_dict(state_dict["accumulator"])
+            if self._acc.halves is None:
+                self._warn_once("no-halves", "AffinityCallback: this checkpoint was written before split halves "
+                                "existed, so result.split_half stays None for the rest of this fit")
             self._measured = int(state_dict["measured_steps"])
             self._skipped = int(state_dict["skipped_steps"])
             self._zero_loss = [int(v) for v in state_dict["zero_loss_skips"]]
@@ -785,6 +797,33 @@ class AffinityCallback(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+def reproducibility_warning(split_half: float | None, measured_steps: int, n_tasks: int, every: int | None,
+                            auto: bool) -> str | None:
+    """The end-of-fit warning for a matrix whose ranking is not reproducible, or ``None``.
+
+    It warns when the split-half Spearman correlation is below :data:`SPLIT_HALF_WARN` with at least
+    :data:`WARN_MIN_TASKS` tasks and :data:`WARN_MIN_STEPS` measured steps, and names the fix for the
+    schedule: ``every`` is the interval measured (``None`` or 1: every step), ``auto`` whether the callback
+    chose it.
+    """
+    if split_half is None or split_half >= SPLIT_HALF_WARN or n_tasks < WARN_MIN_TASKS \
+            or measured_steps < WARN_MIN_STEPS:
+        return None
+    k = every or 1
+    if k == 1:
+        schedule, fix = "every step", "train longer or on larger batches"
+    elif auto:
+        schedule, fix = (f"one step in {k}, chosen by every_n_steps='auto'",
+                         f"raise overhead (now measuring one step in {k}) or pass a smaller integer every_n_steps")
+    else:
+        schedule, fix = f"one step in {k}", "pass a smaller every_n_steps (1 measures every step) or train longer"
+    whole = 2 * split_half / (1 + split_half) if split_half > 0 else None
+    reliability = "" if whole is None else f"; the whole matrix's reliability is about {whole:.2f}"
+    return (f"AffinityCallback: the affinity ranking is not reproducible: two halves of the measured steps rank "
+            f"the task pairs with Spearman {split_half:.2f}{reliability} ({measured_steps} steps measured, "
+            f"{schedule}), so the ranking is mostly noise. To trust it, {fix}; result.split_half holds the figure.")
+
+
 class _StepTap:
     """One wrapper around a module's ``training_step`` shared by every affinity callback of the fit.
 

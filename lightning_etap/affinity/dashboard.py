@@ -73,10 +73,11 @@ class AffinityDashboard:
       value``, every entry of every epoch's mean step matrix) in that
       directory, each written atomically;
     * a logger with neither is skipped with a warning;
-    * every logger, also: ``<prefix>/split_half``, the result's split-half
-      reproducibility (:attr:`AffinityResult.split_half
-      <lightning_etap.affinity.result.AffinityResult.split_half>`), as a
-      scalar, when it is defined.
+    * every logger, also: ``<prefix>/split_half`` and
+      ``<prefix>/split_half_pairs``, the result's split-half reproducibility
+      (:attr:`AffinityResult.split_half
+      <lightning_etap.affinity.result.AffinityResult.split_half>`), as
+      scalars, when they are defined.
 
     Without matplotlib the heatmap is left out (one warning) and the rest is
     still logged.
@@ -207,7 +208,8 @@ class AffinityDashboard:
             return
         png = self._heatmap_png(result)
         written: set[str] = set()
-        half = {} if result.split_half is None else {f"{self.prefix}/split_half": result.split_half}
+        half = {f"{self.prefix}/{key}": value for key in ("split_half", "split_half_pairs")
+                if (value := getattr(result, key)) is not None}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, result, png, step=int(trainer.global_step), extra=half)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,21 @@ import numpy as np
 from lightning_etap.affinity.scores import group_affinity
 
 __all__ = ["AffinityResult"]
+
+
+def _spearman_finite(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman correlation over the entries finite in both; ``None`` with fewer than three such entries or
+    when either side is constant (to rounding)."""
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return None
+    a, b = a[ok], b[ok]
+    for x in (a, b):
+        if np.ptp(x) <= 1e-12 * max(float(np.max(np.abs(x))), 1e-300):
+            return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 _FORMAT = "lightning-etap/affinity-result"
 _VERSION = 1
@@ -49,6 +65,7 @@ class AffinityResult:
             halves of the measured steps (alternate steps, each half reduced
             like ``matrix``), or ``None`` (fewer than two steps measured, or
             a fit resumed from a checkpoint written before halves existed).
+            How far they agree: :attr:`split_half`, :attr:`split_half_pairs`.
         settings: the callback's settings (method, update, ...).
 
     Example:
@@ -137,26 +154,48 @@ class AffinityResult:
         """The group's affinity: the mean over members ``t`` of :meth:`member_scores` (eq. 7)."""
         return float(np.mean(list(self.member_scores(group).values())))
 
-    @property
+    @functools.cached_property
     def split_half(self) -> float | None:
-        """How reproducible the ranking of task pairs is: the Spearman correlation between the off-diagonal
-        entries of the two split halves' matrices (:attr:`half_matrices`, entries finite in both).
+        """How reproducible the ranking of the matrix's entries is: the Spearman correlation between the
+        off-diagonal entries of the two split halves' matrices (:attr:`half_matrices`, entries finite in both).
 
-        Near 1: another run of measured steps would rank the pairs the same way; near 0: the ranking is the
-        noise of which steps were measured. The whole matrix, from twice the steps, is more reproducible than
-        either half (by the Spearman-Brown formula, about ``2r / (1 + r)``). ``None`` without halves, with
-        fewer than three finite pairs, or when a half's entries are all equal.
+        Near 1: other measured steps would rank the entries the same way; near 0: the ranking is the noise of
+        which steps were measured. The whole matrix, from twice the steps, is more reproducible than either
+        half (roughly, for ``r > 0``, ``2r / (1 + r)`` by the Spearman-Brown formula). The ranking of the
+        entries includes each task's own effects (a source whose updates are large, a target whose loss is
+        small), which are often the steadiest part; :attr:`split_half_pairs` leaves them out. ``None``
+        without halves, with fewer than three finite entries (two tasks), or when a half's entries are all
+        equal.
         """
-        if self.half_matrices is None or self.n_tasks < 2:
+        if self.half_matrices is None:
             return None
         off = ~np.eye(self.n_tasks, dtype=bool)
-        a, b = self.half_matrices[0][off], self.half_matrices[1][off]
-        ok = np.isfinite(a) & np.isfinite(b)
-        if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-            return None
-        from scipy.stats import spearmanr
+        return _spearman_finite(self.half_matrices[0][off], self.half_matrices[1][off])
 
-        return float(spearmanr(a[ok], b[ok]).statistic)
+    @functools.cached_property
+    def split_half_pairs(self) -> float | None:
+        """:attr:`split_half` of what is specific to each pair: the Spearman correlation between the two
+        halves' off-diagonal entries after removing, from each half, its least-squares fit of a level plus
+        a row (source task) and a column (target task) effect.
+
+        High when the halves agree on which *pairs* go well together beyond each task's own tendency; near
+        0 when only the per-task effects are reproducible. ``None`` as for :attr:`split_half`, and with
+        fewer than four tasks (the residuals of three tasks' six entries have one degree of freedom).
+        """
+        if self.half_matrices is None or self.n_tasks < 4:
+            return None
+        rows, cols = np.nonzero(~np.eye(self.n_tasks, dtype=bool))
+        residuals = []
+        for half in self.half_matrices:
+            values = half[rows, cols]
+            ok = np.isfinite(values)
+            design = np.zeros((len(values), 1 + 2 * self.n_tasks))
+            design[:, 0] = 1.0
+            design[np.arange(len(values)), 1 + rows] = 1.0
+            design[np.arange(len(values)), 1 + self.n_tasks + cols] = 1.0
+            coef = np.linalg.lstsq(design[ok], values[ok], rcond=None)[0]
+            residuals.append(np.where(ok, values - design @ coef, np.nan))
+        return _spearman_finite(*residuals)
 
     def pairwise(self) -> dict[tuple[str, str], float]:
         """Group score of every pair ``(a, b)`` (task order): ``(z̄[a→b] + z̄[b→a]) / 2``."""

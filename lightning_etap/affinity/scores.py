@@ -539,11 +539,14 @@ class AffinityAccumulator:
     so the estimate removes most of the sampling noise of measuring every
     k-th step (benchmarks/affinity_overhead.py measures how much).
 
-    **Split halves.** With ``split=True`` the measured steps are also handed,
-    in turn, to two half accumulators (proxy-only steps too, in their own
-    turn), each reduced like the whole with its own control variate.
-    :meth:`half_matrices` gives their two matrices: how far they agree says
-    how reproducible the whole matrix is.
+    **Split halves.** With ``split=True`` the measured steps are also handed
+    to two half accumulators in alternate blocks of :attr:`block`
+    consecutive measured steps (blocks, so that neighbouring steps, which
+    share the optimizer's state and nearly the same parameters, do not land
+    in opposite halves); a proxy-only step goes to the half of the measured
+    step before it. Each half is reduced like the whole with its own
+    control variate. :meth:`half_matrices` gives their two matrices: how far
+    they agree says how reproducible the whole matrix is.
     """
 
     #: measured steps needed before the control variate's slope is used
@@ -552,11 +555,14 @@ class AffinityAccumulator:
     def __init__(self, n: int, keep_steps: bool = False, split: bool = False) -> None:
         self.n = int(n)
         self.keep_steps = keep_steps
-        # split halves: measured steps go to the two halves in turn (so do proxy-only steps), each half an
+        # split halves: alternate blocks of measured steps (and the proxy-only steps after them), each half an
         # accumulator of its own with its own control variate, for the split-half reproducibility of the matrix
         self.halves: list[AffinityAccumulator] | None = [AffinityAccumulator(n), AffinityAccumulator(n)] \
             if split else None
-        self.routed = [0, 0]  # measured steps and proxy-only steps handed to the halves so far
+        self.block = 1  # measured steps per block of a half (the callback sets it from its schedule)
+        self.half = 0  # the half receiving the current block
+        self.in_block = 0  # measured steps of the current block so far
+        self.half_steps = [0, 0]  # measured steps in each half
         self.sums: dict[int, Tensor] = {}
         self.counts: dict[int, Tensor] = {}
         self.steps: list[int] = []
@@ -596,8 +602,11 @@ class AffinityAccumulator:
             self.steps.append(-1 if step is None else int(step))
             self.step_scores.append(torch.where(v.unsqueeze(0), s, float("nan")))
         if self.halves is not None:
-            self.halves[self.routed[0] % 2].add(e, scores, valid, proxy=proxy)
-            self.routed[0] += 1
+            if self.in_block >= self.block:
+                self.half, self.in_block = 1 - self.half, 0
+            self.halves[self.half].add(e, scores, valid, proxy=proxy)
+            self.in_block += 1
+            self.half_steps[self.half] += 1
 
     def add_proxy(self, epoch: int, proxy: Tensor, valid: Tensor) -> None:
         """Add the proxy scores of a step whose exact scores were not measured."""
@@ -610,8 +619,7 @@ class AffinityAccumulator:
         self.proxy_sums[e] += torch.where(v.unsqueeze(0), proxy.detach().double().cpu(), 0.0)
         self.proxy_counts[e] += v.double()
         if self.halves is not None:
-            self.halves[self.routed[1] % 2].add_proxy(e, proxy, valid)
-            self.routed[1] += 1
+            self.halves[self.half].add_proxy(e, proxy, valid)
 
     @property
     def epochs(self) -> list[int]:
@@ -682,14 +690,15 @@ class AffinityAccumulator:
         """``(2, n, n)``: the matrix of each split half under ``reduction``, or ``None`` without halves (an
         accumulator made without ``split``, or restored from a checkpoint written before halves existed) or
         while a half has no measured step."""
-        if self.halves is None or any(not h.sums for h in self.halves):
+        if self.halves is None or min(self.half_steps) == 0:
             return None
         return torch.stack([h.matrix(reduction) for h in self.halves])
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "halves": None if self.halves is None else [h.state_dict() for h in self.halves],
-            "routed": list(self.routed),
+            "half_routing": {"block": self.block, "half": self.half, "in_block": self.in_block,
+                             "half_steps": list(self.half_steps)},
             "n": self.n,
             "keep_steps": self.keep_steps,
             "epochs": self.epochs,
@@ -719,7 +728,9 @@ class AffinityAccumulator:
         acc.pairs = None if pairs is None else {k: v.clone().double() for k, v in pairs.items()}
         if state.get("halves") is not None:  # checkpoints written before split halves existed have none
             acc.halves = [cls.from_state_dict(h) for h in state["halves"]]
-            acc.routed = [int(r) for r in state["routed"]]
+            routing = state["half_routing"]
+            acc.block, acc.half, acc.in_block = int(routing["block"]), int(routing["half"]), int(routing["in_block"])
+            acc.half_steps = [int(s) for s in routing["half_steps"]]
         return acc
 
 

@@ -504,8 +504,12 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
                  f"<code>{_e(aff.settings.get('reduction'))}</code>. Positive: the source task's update lowers "
                  "the target task's loss."
                  + ("" if aff.split_half is None else
-                    f" Reproducibility: the matrices of alternate measured steps rank the task pairs with Spearman "
-                    f"{aff.split_half:.2f} (1: settled; near 0: noise).")
+                    f" Reproducibility: two halves of the measured steps rank the matrix's entries with Spearman "
+                    f"{aff.split_half:.2f} (1: settled; near 0: noise)"
+                    + ("" if aff.split_half_pairs is None else
+                       f", and what is specific to each pair, beyond each task's own row and column effects, "
+                       f"with {aff.split_half_pairs:.2f}")
+                    + ".")
                  + "</p>")
     for key in ("affinity_heatmap", "affinity_curves"):
         if key in pngs:

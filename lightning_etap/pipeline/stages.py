@@ -161,8 +161,9 @@ class Pipeline:
         affinity.save(self.dir.affinity_dir)
         record = logger_record(logger)
         _close_logger(logger)
-        r = affinity.split_half
-        half = "" if r is None else f" (split-half Spearman {r:.2f})"
+        r, pairs = affinity.split_half, affinity.split_half_pairs
+        half = "" if r is None else f" (split-half Spearman {r:.2f}" + (
+            "" if pairs is None else f", {pairs:.2f} beyond each task's own effects") + ")"
         self._print(f"    {affinity.measured_steps} steps measured over {epochs} epochs{half}; "
                     f"saved to {self.dir.affinity_dir}")
         return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps}
