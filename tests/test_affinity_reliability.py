@@ -201,3 +201,17 @@ def test_end_of_fit_warns_when_the_halves_disagree(monkeypatch, threshold, warns
         assert f"Spearman {cb.result.split_half:.2f}" in messages[0] and "one step in 2" in messages[0]
     else:
         assert messages == []
+
+
+def test_skipped_steps_reach_neither_half():
+    cb = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True)
+    with pytest.warns(RuntimeWarning, match="skipping a step"):
+        fit(TinyMTL(nan_steps={3, 12}), tiny_loader(n=120), [cb], max_epochs=2)  # 30 steps, two skipped
+    res = cb.result
+    assert res.skipped_steps == 2 and res.measured_steps == 28 and sum(cb._acc.half_steps) == 28
+    # blocks of 10 measured steps, counted over the steps that were scored
+    half = block_halves(res.measured_steps, 10)
+    epochs = res.steps // 15
+    for h in (0, 1):
+        np.testing.assert_allclose(res.half_matrices[h],
+                                   epoch_mean_sum(res.step_matrices[half == h], epochs[half == h]), rtol=1e-12)
