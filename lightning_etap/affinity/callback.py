@@ -683,8 +683,7 @@ class AffinityCallback(Callback):
             proxy, _ = mean([(p, v) for _, v, p in pending])
         for j in torch.nonzero(~valid).flatten().tolist():
             self._zero_loss[j] += 1
-        k = self._chosen if self.every_n_steps == "auto" else self.every_n_steps
-        self._acc.block = max(1, math.ceil(HALF_BLOCK_STEPS / (k or 1)))
+        self._acc.block = max(1, math.ceil(HALF_BLOCK_STEPS / (self._chosen or 1)))
         self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step, proxy=proxy)
         self._measured += 1
         if self.dashboard.is_due(trainer, trainer.global_step):
@@ -702,9 +701,8 @@ class AffinityCallback(Callback):
 
     def _check_reproducible(self, result: AffinityResult) -> None:
         """Warn (rank zero) when the two split halves of the measurement rank the pairs differently."""
-        auto = self.every_n_steps == "auto"
-        message = reproducibility_warning(result.split_half, result.measured_steps, result.n_tasks,
-                                          self._chosen if auto else self.every_n_steps, auto)
+        message = reproducibility_warning(result.split_half, result.measured_steps, result.n_tasks, self._chosen,
+                                          self.every_n_steps == "auto")
         if message is not None:
             rank_zero_warn(message, category=RuntimeWarning)
 
