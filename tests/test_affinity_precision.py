@@ -83,6 +83,20 @@ def test_bf16_training_is_untouched_and_scores_match_float32():
     np.testing.assert_allclose(a[0], ref.result.step_matrices[0], rtol=0.05, atol=0.01 * np.abs(b[0]).max())
 
 
+def test_tag_lookahead_under_bf16_compares_losses_of_one_precision():
+    # the step's losses come from its bf16 autocast forward, the lookahead's from a float32 forward outside it:
+    # TAG's ratio must take both from the same forward, or it measures bf16 rounding instead of the update
+    plain = fit([], precision="bf16-mixed")
+    tag = AffinityCallback("encoder", method="tag", every_n_steps=1, keep_step_scores=True)
+    measured = fit([tag], precision="bf16-mixed")
+    torch.testing.assert_close(params(plain), params(measured), rtol=0, atol=0)
+    ref = AffinityCallback("encoder", method="tag", every_n_steps=1, keep_step_scores=True)
+    fit([ref], max_steps=1)  # step 0 starts from the same parameters in float32
+    a, b = tag.result.step_matrices[0], ref.result.step_matrices[0]
+    assert tag.result.measured_steps == 8 and np.isfinite(tag.result.step_matrices).all()
+    np.testing.assert_allclose(a, b, rtol=0.02, atol=1e-3 * np.abs(b).max())
+
+
 @pytest.mark.parametrize("scale", [2.0**4, 2.0**12])
 def test_fp16_loss_scale_is_divided_out(scale):
     def plugin():

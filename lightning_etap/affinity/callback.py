@@ -59,6 +59,8 @@ _CONTRACT = (
 
 #: > 0 while a TAG lookahead re-runs a training step
 _LOOKAHEAD = [0]
+#: Trainer precisions whose training forward matches a forward outside the precision context (TAG's lookahead)
+_FULL_PRECISION = frozenset({"32-true", "64-true", "32", "64"})
 
 
 @dataclass
@@ -618,7 +620,11 @@ class AffinityCallback(Callback):
         if not all(bool(torch.isfinite(u).all()) for u in updates):
             self._bad_step("a non-finite gradient or update")
             return
-        self._tag_state = (names, values, updates, lr, cap, reduce)
+        # under reduced precision the step's own losses came from its autocast / half-precision forward, the
+        # lookahead's from a forward outside it: their ratio would measure the rounding, not the update. Then
+        # the reference losses are recomputed by the lookahead's own forward (one more forward per step).
+        same = str(trainer.precision) in _FULL_PRECISION
+        self._tag_state = (names, values if same else None, updates, lr, cap, reduce)
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -636,6 +642,11 @@ class AffinityCallback(Callback):
         try:
             with torch.no_grad(), _silenced_logging(pl_module), \
                     preserved_module_state(pl_module, cap.rng_state) as reset:
+                if before is None:  # reduced precision: the reference losses from the lookahead's own forward
+                    reset()
+                    before = evaluate().double()
+                    if reduce is not None:
+                        before = reduce(before)
                 after = lookahead_task_losses(self._params, updates, evaluate, reset)
         finally:
             _LOOKAHEAD[0] -= 1
