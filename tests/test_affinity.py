@@ -595,6 +595,45 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_matrix(tmp_path):
         AffinityCallback("encoder", update="gradient").load_state_dict(full.state_dict())
 
 
+def test_resume_with_other_settings_is_refused_and_with_another_engine_continues(tmp_path):
+    # Lightning passes a callback its state only under the same state_key, which holds the settings
+    tasks = ["digit_2", "digit_5", "digit_8"]
+    data = DigitsData(tasks)
+
+    def run(callbacks, max_epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        model = MultiTaskMLP(16, tasks, hidden=(8,), lr=0.05, momentum=0.9)
+        L.seed_everything(0, verbose=False)
+        with quiet_lightning(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+                                default_root_dir=tmp_path)
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught]
+
+    full = AffinityCallback("encoder", every_n_steps=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    run([full, ckpt], 2)
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    for changed in ({"every_n_steps": 1}, {"method": "tag"}, {"every_n_steps": 2, "update": "optimizer"}):
+        with pytest.raises(ValueError, match="other settings") as err:
+            run([AffinityCallback("encoder", **changed)], 2, ckpt_path=path)
+        assert "resume with the checkpoint's settings" in str(err.value) and "del ckpt['callbacks']" in str(err.value)
+    other_engine = AffinityCallback("encoder", every_n_steps=2, engine="autograd")  # same numbers, other state_key
+    run([other_engine], 2, ckpt_path=path)
+    assert other_engine.result.measured_steps == full.result.measured_steps
+    np.testing.assert_allclose(other_engine.result.matrix, full.result.matrix, rtol=1e-9, atol=1e-12)
+    # the removal the error message suggests lets a new measurement start from the checkpoint
+    state = torch.load(path, weights_only=False)
+    state["callbacks"] = {k: v for k, v in state["callbacks"].items() if not k.startswith("AffinityCallback")}
+    torch.save(state, tmp_path / "stripped.ckpt")
+    fresh = AffinityCallback("encoder", every_n_steps=1)
+    messages = run([fresh], 2, ckpt_path=tmp_path / "stripped.ckpt")
+    assert any("holds no measurement for this callback" in m for m in messages)
+    assert fresh.result.epochs.tolist() == [1] and fresh.result.measured_steps > 0  # the second epoch only
+
+
 # ---------------------------------------------------------------------- the result object
 def hand_result(**kw):
     m = np.array([[9.0, 1.0, 2.0], [3.0, 9.0, -4.0], [5.0, 0.5, 9.0]])

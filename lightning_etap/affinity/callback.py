@@ -776,9 +776,38 @@ class AffinityCallback(Callback):
         }
 
     @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Lightning hands a callback its state only under an identical state_key, which holds the settings: a
+        # measurement saved with other settings would be dropped with a generic warning and restart silently
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # load_state_dict receives it
+        saved = {k: v for k, v in states.items() if _is_measurement(v)}
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, AffinityCallback)}
+        unclaimed = {k: v for k, v in saved.items() if k not in claimed}
+        if not unclaimed:
+            rank_zero_warn("AffinityCallback: the checkpoint holds no measurement for this callback; it measures "
+                           f"only the steps from here on (step {checkpoint.get('global_step', '?')})",
+                           category=RuntimeWarning)
+            return
+        for state in unclaimed.values():
+            if not _settings_diff(state.get("settings", {}), self.settings):  # e.g. another engine, same numbers
+                self.load_state_dict(state)
+                return
+        key, state = next(iter(unclaimed.items()))
+        diff = _settings_diff(state.get("settings", {}), self.settings)
+        raise ValueError(
+            f"AffinityCallback: the checkpoint's affinity measurement was made with other settings {diff} "
+            "(checkpoint value, this callback's); resume with the checkpoint's settings to continue it. To start "
+            "a new measurement from this checkpoint instead, remove the old one from it first: "
+            "ckpt = torch.load(path, weights_only=False); "
+            f"del ckpt['callbacks'][{key!r}]; torch.save(ckpt, path)"
+        )
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("settings", {})
-        diff = {k: (saved.get(k), v) for k, v in self.settings.items() if k in saved and saved[k] != v}
+        diff = _settings_diff(state_dict.get("settings", {}), self.settings)
         if diff:
             raise ValueError(f"AffinityCallback: checkpoint was measured with other settings {diff} "
                              "(checkpoint value, current value)")
@@ -806,6 +835,16 @@ class AffinityCallback(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+def _is_measurement(state: Any) -> bool:
+    """Whether a checkpoint's callback state is an :class:`AffinityCallback` measurement."""
+    return isinstance(state, Mapping) and {"version", "settings", "task_names", "accumulator"} <= set(state)
+
+
+def _settings_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (saved value, current value)}`` for the settings both name and that differ."""
+    return {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+
+
 def reproducibility_warning(split_half: float | None, measured_steps: int, n_tasks: int, every: int | None,
                             auto: bool) -> str | None:
     """The end-of-fit warning for a matrix whose ranking is not reproducible, or ``None``.
