@@ -504,10 +504,70 @@ class ReturnsTensor(TinyMTL):
         return sum(self.task_losses(batch).values())
 
 
+class IntKeys(TinyMTL):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        return {"loss": out["loss"], "task_losses": dict(enumerate(out["task_losses"].values()))}
+
+
+class RenamesAtStep2(TinyMTL):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if batch_idx == 2:
+            losses = dict(out["task_losses"])
+            losses["renamed"] = losses.pop(TASKS[-1])
+            out = {"loss": out["loss"], "task_losses": losses}
+        return out
+
+
+class EncoderOffPath(TinyMTL):
+    """Has an ``encoder`` the task losses never pass through (they use ``trunk``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+
+    def task_losses(self, batch):
+        x, y = batch
+        h = self.trunk(x)
+        return {t: F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, (t, head) in enumerate(zip(TASKS, self.heads, strict=True))}
+
+
+class RowsPerTask(TinyMTL):
+    """Per-task inputs in one batch: task k owns rows k, k + 3, ..."""
+
+    def task_losses(self, batch):
+        x, y = batch
+        h = self.encoder(x)
+        return {t: F.mse_loss(head(h[k::3]).squeeze(-1), y[k::3, k])
+                for k, (t, head) in enumerate(zip(TASKS, self.heads, strict=True))}
+
+
 class Manual(TinyMTL):
     def __init__(self):
         super().__init__()
         self.automatic_optimization = False
+
+
+@pytest.mark.parametrize("engine", ["fast", "autograd"])
+def test_a_shared_module_off_the_loss_path_warns(engine):
+    with pytest.warns(RuntimeWarning, match="no task loss has a gradient on the shared parameters"):
+        fit(EncoderOffPath(), tiny_loader(), [cb := AffinityCallback("encoder", every_n_steps=1, engine=engine)],
+            max_epochs=1)
+    assert not cb.result.matrix.any()
+    with pytest.warns(RuntimeWarning, match="no task loss has a gradient on the shared parameters"):
+        fit(EncoderOffPath(), tiny_loader(), [AffinityCallback("encoder", every_n_steps=1, method="tag")],
+            max_epochs=1)
+
+
+def test_representation_scope_with_per_task_rows_warns_and_the_shared_scope_does_not():
+    with pytest.warns(RuntimeWarning, match="never share a row: use scope='shared'"):
+        fit(RowsPerTask(), tiny_loader(), [AffinityCallback("encoder", every_n_steps=1, scope="representation")],
+            max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*exactly 0.*")
+        fit(RowsPerTask(), tiny_loader(), [cb := AffinityCallback("encoder", every_n_steps=1)], max_epochs=1)
+    assert (cb.result.matrix[~np.eye(3, dtype=bool)] != 0).all()
 
 
 def test_errors_are_clear():
@@ -525,8 +585,17 @@ def test_errors_are_clear():
     assert "training_step" not in bad.__dict__  # a failed fit leaves the module unwrapped
     with pytest.raises(ValueError, match=r"\['zzz'\].*not in this step's task_losses"):
         fit(TinyMTL(), tiny_loader(), [AffinityCallback(tasks=["a", "zzz"])], max_epochs=1)
+    with pytest.raises(TypeError, match=r"keys of task_losses must be task names \(str\); got 0 \(int\)"):
+        fit(IntKeys(), tiny_loader(), [AffinityCallback()], max_epochs=1)
+    # names are checked at every step, not only at measured ones (steps 1-3 are not measured)
+    with pytest.raises(ValueError, match=r"\['c'\] named in the first step's task_losses are not in this step's.*'renamed'"):
+        fit(RenamesAtStep2(), tiny_loader(), [AffinityCallback(every_n_steps=4)], max_epochs=1)
     with pytest.raises(ValueError, match="no submodule 'backbone'.*encoder"):
         fit(TinyMTL(), tiny_loader(), [AffinityCallback("backbone")], max_epochs=1)
+    with pytest.raises(ValueError, match=r"'encoder.0.weight' is a parameter: pass shared=\[module.get_parameter"):
+        fit(TinyMTL(), tiny_loader(), [AffinityCallback("encoder.0.weight")], max_epochs=1)
+    with pytest.raises(TypeError, match="shared must be a submodule name.*got int 123"):
+        AffinityCallback(123)
     frozen = TinyMTL()
     frozen.encoder.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):

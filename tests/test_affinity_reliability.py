@@ -175,7 +175,12 @@ def test_warning_rule():
     assert reproducibility_warning(None, 50, 10, 1, False) is None
     assert reproducibility_warning(0.34, 50, 10, 1, False) is None  # whole-matrix reliability above 0.5
     assert reproducibility_warning(0.2, 50, 3, 1, False) is None  # three tasks: too few entries to tell
-    assert reproducibility_warning(0.2, 3, 10, 1, False) is None  # three measured steps: too few
+    few = reproducibility_warning(0.9, 3, 10, 1, False)  # three measured steps: too few, whatever the halves say
+    assert "only 3 step(s) measured (every step)" in few and "train longer" in few
+    few = reproducibility_warning(0.5, 2, 6, 17, True)
+    assert "only 2 step(s) measured (one step in 17, chosen by every_n_steps='auto')" in few
+    assert "pass a smaller every_n_steps for a fit this short" in few
+    assert reproducibility_warning(None, 0, 6, 17, True) is None  # nothing measured: result raises anyway
     every = reproducibility_warning(0.3, 50, 10, 1, False)
     assert "Spearman 0.30" in every and "about 0.46" in every and "every step" in every
     assert "train longer or on larger batches" in every

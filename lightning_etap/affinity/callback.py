@@ -59,6 +59,9 @@ _CONTRACT = (
 
 #: > 0 while a TAG lookahead re-runs a training step
 _LOOKAHEAD = [0]
+_NO_GRADIENT = ("AffinityCallback: at step {step} no task loss has a gradient on the shared parameters (every "
+                "per-task gradient is 0), so the matrix stays 0: check that shared= names the part of the model the "
+                "task losses pass through")
 #: Trainer precisions whose training forward matches a forward outside the precision context (TAG's lookahead)
 _FULL_PRECISION = frozenset({"32-true", "64-true", "32", "64"})
 
@@ -178,8 +181,9 @@ class AffinityCallback(Callback):
             cost dominates), scoring every unmeasured step when it costs at
             most half of ``overhead`` and every other one otherwise, so that
             it adds at most half of ``overhead`` on top of the measured
-            steps'. Off with an integer schedule. ``True``: always
-            (needs ``method="etap"``, ``scope="shared"``, ``engine="fast"`` and
+            steps'. Off with an integer schedule. ``True``: always on, at
+            every unmeasured step with an integer schedule, at every or every
+            other one as the cost model chooses under ``"auto"`` (needs ``method="etap"``, ``scope="shared"``, ``engine="fast"`` and
             a shared submodule). Recorded in
             ``result.settings["control_variate_chosen"]``, ``["proxy_every"]``
             and ``["proxy_steps"]``.
@@ -298,6 +302,9 @@ class AffinityCallback(Callback):
                 raise ValueError(f"affinity needs at least two tasks, got {names}")
             tasks = names
         if not (isinstance(shared, str) or callable(shared)):
+            if not isinstance(shared, Iterable) or isinstance(shared, Tensor):
+                raise TypeError(f"shared must be a submodule name, a non-empty list of parameters or a callable "
+                                f"module -> parameters, got {type(shared).__name__} {shared!r:.80}")
             shared = list(shared)
             if not shared or not all(isinstance(p, Tensor) for p in shared):
                 raise ValueError("shared must be a submodule name, a non-empty list of parameters or a callable")
@@ -438,28 +445,41 @@ class AffinityCallback(Callback):
         losses = out["task_losses"]
         if not isinstance(losses, Mapping) or not losses:
             raise ValueError(f"AffinityCallback: 'task_losses' is {type(losses).__name__}; {_CONTRACT}")
+        for key in losses:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"AffinityCallback: the keys of task_losses must be task names (str); got {key!r} "
+                    f"({type(key).__name__}). Name the tasks, e.g. {{f'task_{{i}}': loss for i, loss in "
+                    "enumerate(per_task_losses)}"
+                )
+        if self._task_names is not None:  # every step, measured or not
+            self._check_names(losses)
         self._captured = _Captured(losses, args, kwargs, rng)
 
     # ------------------------------------------------------------------ per step
-    def _ordered_losses(self, losses: Mapping[str, Tensor]) -> tuple[list[str], Tensor, list[Tensor]]:
-        returned = [str(t) for t in losses]
-        if self._task_names is None:
-            if len(returned) < 2:
-                raise ValueError(f"AffinityCallback needs at least two tasks; the step returned {returned}")
-            self._task_names = returned
-            self._acc = AffinityAccumulator(len(returned), self.keep_step_scores, split=True)
-            self._zero_loss = [0] * len(returned)
+    def _check_names(self, losses: Mapping[str, Tensor]) -> None:
+        """The step returned every measured task (and, without ``tasks=``, no other)."""
         names = self._task_names
         missing = [t for t in names if t not in losses]
         if missing:
             where = "in tasks" if self.tasks is not None else "in the first step's task_losses"
             raise ValueError(
                 f"AffinityCallback: task(s) {missing} named {where} are not in this step's task_losses "
-                f"(it returned {returned}); every step must return every measured task"
+                f"(it returned {list(losses)}); every step must return every measured task"
             )
-        if self.tasks is None and len(returned) != len(names):
-            extra = [t for t in returned if t not in names]
+        if self.tasks is None and len(losses) != len(names):
+            extra = [t for t in losses if t not in names]
             raise ValueError(f"AffinityCallback: unknown task(s) {extra} in task_losses; measured tasks are {names}")
+
+    def _ordered_losses(self, losses: Mapping[str, Tensor]) -> tuple[list[str], Tensor, list[Tensor]]:
+        if self._task_names is None:
+            returned = list(losses)
+            if len(returned) < 2:
+                raise ValueError(f"AffinityCallback needs at least two tasks; the step returned {returned}")
+            self._task_names = returned
+            self._acc = AffinityAccumulator(len(returned), self.keep_step_scores, split=True)
+            self._zero_loss = [0] * len(returned)
+        names = self._task_names
         values = []
         for t in names:
             v = losses[t]
@@ -599,6 +619,7 @@ class AffinityCallback(Callback):
                 products = step_products(losses, self._params, rules, self._blocks, self._gradients,
                                          grad_scale=scale, all_reduce=reduce)
             self._decide_interval(trainer, len(names))
+            self._check_products(products, trainer.global_step)
             scores, valid = step_scores(products, values, self.normalize_by_loss)
             proxy_scores = step_scores(proxy, values, self.normalize_by_loss)[0] if proxy is not None else None
             self._add_micro(scores, valid, proxy_scores)
@@ -617,6 +638,8 @@ class AffinityCallback(Callback):
                 grads = reduce(grads.contiguous())
             updates[k] = apply_update(rules[k], grads)
         self._decide_interval(trainer, len(names))
+        if not any(bool(u.any()) for u in updates):
+            self._warn_once("no-gradient", _NO_GRADIENT.format(step=trainer.global_step))
         if not all(bool(torch.isfinite(u).all()) for u in updates):
             self._bad_step("a non-finite gradient or update")
             return
@@ -654,6 +677,18 @@ class AffinityCallback(Callback):
             after = reduce(after)
         scores, valid = tag_step_scores(before, after, lr)
         self._add_micro(scores, valid)
+
+    def _check_products(self, products: Tensor, step: int) -> None:
+        """Warn once when a measured step's products cannot carry any affinity (all zero, or none across tasks)."""
+        nonzero = products != 0
+        if not bool(nonzero.any()):
+            self._warn_once("no-gradient", _NO_GRADIENT.format(step=step))
+        elif not bool(nonzero.fill_diagonal_(False).any()):
+            hint = ("with per-task inputs (each example belongs to one task) the gradients w.r.t. the "
+                    "representation never share a row: use scope='shared'" if self.scope == "representation" else
+                    "the tasks use disjoint parts of the shared parameters")
+            self._warn_once("no-overlap", f"AffinityCallback: at step {step} every product between two different "
+                            f"tasks' gradients is exactly 0, so the matrix says nothing about how they interact; {hint}")
 
     def _add_micro(self, scores: Tensor, valid: Tensor, proxy: Tensor | bool | None = None) -> None:
         """Queue a micro-batch's scores (``proxy``: its proxy scores, or ``True`` when ``scores`` are proxy scores)."""
@@ -849,14 +884,11 @@ def reproducibility_warning(split_half: float | None, measured_steps: int, n_tas
                             auto: bool) -> str | None:
     """The end-of-fit warning for a matrix whose ranking is not reproducible, or ``None``.
 
-    It warns when the split-half Spearman correlation is below :data:`SPLIT_HALF_WARN` with at least
-    :data:`WARN_MIN_TASKS` tasks and :data:`WARN_MIN_STEPS` measured steps, and names the fix for the
-    schedule: ``every`` is the interval measured (``None`` or 1: every step), ``auto`` whether the callback
-    chose it.
+    It warns when fewer than :data:`WARN_MIN_STEPS` steps were measured (too few to trust or to judge), and
+    when the split-half Spearman correlation is below :data:`SPLIT_HALF_WARN` with at least
+    :data:`WARN_MIN_TASKS` tasks, and names the fix for the schedule: ``every`` is the interval measured
+    (``None`` or 1: every step), ``auto`` whether the callback chose it.
     """
-    if split_half is None or split_half >= SPLIT_HALF_WARN or n_tasks < WARN_MIN_TASKS \
-            or measured_steps < WARN_MIN_STEPS:
-        return None
     k = every or 1
     if k == 1:
         schedule, fix = "every step", "train longer or on larger batches"
@@ -865,6 +897,14 @@ def reproducibility_warning(split_half: float | None, measured_steps: int, n_tas
                          f"raise overhead (now measuring one step in {k}) or pass a smaller integer every_n_steps")
     else:
         schedule, fix = f"one step in {k}", "pass a smaller every_n_steps (1 measures every step) or train longer"
+    if measured_steps < WARN_MIN_STEPS:
+        if measured_steps == 0:
+            return None
+        few = "train longer" if k == 1 else "pass a smaller every_n_steps for a fit this short (1 measures every step)"
+        return (f"AffinityCallback: only {measured_steps} step(s) measured ({schedule}): the matrix rests on "
+                f"{measured_steps} batch(es), too few to trust or to judge its reproducibility. To trust it, {few}.")
+    if split_half is None or split_half >= SPLIT_HALF_WARN or n_tasks < WARN_MIN_TASKS:
+        return None
     whole = 2 * split_half / (1 + split_half) if split_half > 0 else None
     reliability = "" if whole is None else f"; the whole matrix's reliability is about {whole:.2f}"
     return (f"AffinityCallback: the affinity ranking is not reproducible: two halves of the measured steps rank "
@@ -929,8 +969,12 @@ def _resolve_shared(pl_module: nn.Module, shared: SharedSpec) -> list[Tensor]:
             sub = pl_module.get_submodule(shared)
         except AttributeError:
             children = [name for name, _ in pl_module.named_children()]
+            hint = ""
+            if shared in dict(pl_module.named_parameters()):
+                hint = f" ({shared!r} is a parameter: pass shared=[module.get_parameter({shared!r})])"
             raise ValueError(
-                f"AffinityCallback: the module has no submodule {shared!r}; its submodules are {children}. "
+                f"AffinityCallback: the module has no submodule {shared!r}{hint}; its submodules are {children} "
+                "(a dotted path reaches nested ones, e.g. 'encoder.blocks'). "
                 "Pass shared= a submodule name, a list of parameters or a callable module -> parameters"
             ) from None
         params = list(sub.parameters())
