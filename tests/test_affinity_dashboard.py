@@ -272,10 +272,17 @@ def test_heatmap_figure_layout(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == list(TASKS)
     image = ax.get_images()[0]
     assert image.norm.vmin == -7.0 and image.norm.vmax == 7.0  # centred at 0, symmetric around the largest |value|
+    assert image.get_array().mask.diagonal().all() and not image.get_array().mask[0, 1]  # the diagonal is grey
     assert image.get_cmap().name.startswith("RdBu")
     texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
     assert texts[(0, 1)] == "-1.2" and texts[(2, 1)] == "7" and (1, 1) not in texts  # NaN cell unlabelled
     assert len(texts) == 8
+
+    assert texts[(0, 0)] == "0.5"  # the diagonal keeps its value in writing
+    selfish = result.matrix.copy()
+    np.fill_diagonal(selfish, 250.0)  # a task's effect on itself, typically far larger than any pair's
+    norm = _heatmap_figure(selfish, result.task_names).axes[0].get_images()[0].norm
+    assert norm.vmax == 7.0  # the colours still span the pairs
 
     big = np.arange(13 * 13, dtype=float).reshape(13, 13) - 80
     assert len(_heatmap_figure(big, [f"t{i}" for i in range(13)]).axes[0].texts) == 0  # n > 12: no annotations

@@ -334,7 +334,10 @@ def _heatmap_figure(matrix: np.ndarray, names: Sequence[str], title: str | None 
     n = len(names)
     if matrix.shape != (n, n):
         raise ValueError(f"the matrix must be {n}x{n} for tasks {list(names)}, got shape {matrix.shape}")
-    finite = np.isfinite(matrix)
+    # colours span the off-diagonal entries, the pairs that matter: a task's effect on itself (the diagonal) is
+    # typically far larger and would wash them all out, so the diagonal is drawn grey, its values written in it
+    diagonal = np.eye(n, dtype=bool)
+    finite = np.isfinite(matrix) & ~diagonal
     limit = float(np.abs(matrix[finite]).max()) if finite.any() else 0.0
     limit = limit if limit > 0 else 1.0
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.85")
@@ -344,7 +347,8 @@ def _heatmap_figure(matrix: np.ndarray, names: Sequence[str], title: str | None 
     fig = Figure(figsize=(side + 1.2, side), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, interpolation="nearest")
+    image = ax.imshow(np.ma.masked_where(diagonal | ~np.isfinite(matrix), matrix), cmap=cmap, norm=norm,
+                      interpolation="nearest")
     ax.set_xticks(range(n), labels=list(names), rotation=45 if max(map(len, names), default=0) > 3 else 0,
                   ha="right" if max(map(len, names), default=0) > 3 else "center")
     ax.set_yticks(range(n), labels=list(names))
@@ -352,16 +356,16 @@ def _heatmap_figure(matrix: np.ndarray, names: Sequence[str], title: str | None 
     ax.set_ylabel("source task (whose update)")
     if title:
         ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="affinity z[source → target]", shrink=0.85)
+    fig.colorbar(image, ax=ax, label="affinity z[source → target] (diagonal: grey)", shrink=0.85)
     if n <= ANNOTATE_MAX_TASKS:
         for i in range(n):
             for j in range(n):
                 value = matrix[i, j]
                 if not math.isfinite(value):
                     continue
-                dark = abs(value) / limit > 0.6
+                dark = i != j and abs(value) / limit > 0.6
                 ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=8,
-                        color="white" if dark else "black")
+                        color="white" if dark else "black", style="italic" if i == j else "normal")
     return fig
 
 

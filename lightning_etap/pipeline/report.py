@@ -249,8 +249,8 @@ def _plot_selection(data: dict[str, Any], path: Path) -> Path:
                 title = f"budget {entry['budget']}: {what}\nmeasured {_pct(rec['mean_gain'])}/task"
             ax.set_title(title, fontsize=9)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="gain of the task in the group, % (predicted for ETAP, measured for "
-                     "the optimum)", shrink=0.6, extend="both")
+        fig.colorbar(image, ax=axes, label="task's gain in the group, %\n(ETAP: predicted; optimum: measured)",
+                     shrink=0.8, extend="both")
     return _save(fig, path)
 
 
