@@ -183,8 +183,9 @@ class AffinityCallback(Callback):
             it adds at most half of ``overhead`` on top of the measured
             steps'. Off with an integer schedule. ``True``: always on, at
             every unmeasured step with an integer schedule, at every or every
-            other one as the cost model chooses under ``"auto"`` (needs ``method="etap"``, ``scope="shared"``, ``engine="fast"`` and
-            a shared submodule). Recorded in
+            other one as the cost model chooses under ``"auto"`` (needs
+            ``method="etap"``, ``scope="shared"``, ``engine="fast"`` and a
+            shared submodule). Recorded in
             ``result.settings["control_variate_chosen"]``, ``["proxy_every"]``
             and ``["proxy_steps"]``.
         keep_step_scores: also keep every measured step's matrix (``result.step_matrices``).
