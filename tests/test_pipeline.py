@@ -167,6 +167,33 @@ def test_resume_after_the_gains_stage_trains_nothing(tmp_path, capsys, monkeypat
     assert "budget 2: ETAP chooses" in text
 
 
+def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatch):
+    """A forced redo that dies after wiping the store must not leave the old "done" record behind."""
+    out = tmp_path / "run"
+    assert main(["affinity", *TINY, "-o", str(out)]) == 0
+    assert main(["gains", "-o", str(out), "--no-progress"]) == 0
+    before = _measured(out)
+    capsys.readouterr()
+
+    import lightning_etap.groundtruth as groundtruth
+
+    real = groundtruth.collect_gains
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed mid-collection")
+
+    monkeypatch.setattr(groundtruth, "collect_gains", dies)
+    with pytest.raises(RuntimeError, match="killed mid-collection"):
+        main(["gains", "--force", "-o", str(out), "--no-progress"])
+    assert "gains" not in json.loads((out / "stages.json").read_text())  # not "done" over a wiped store
+    monkeypatch.setattr(groundtruth, "collect_gains", real)
+    code, text, err = _run(["run", "-o", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[1/5] affinity: up to date" in text and "[2/5] gains: done" in text
+    after = _measured(out)
+    assert sorted(after.groups) == sorted(before.groups)
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_retraining(tmp_path):
     """SIGKILL in the middle of the gains stage; the rerun trains only what was not committed."""

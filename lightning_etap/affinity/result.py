@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_etap._atomic import atomic_write_bytes, atomic_write_text
 from lightning_etap.affinity.scores import group_affinity
 
 __all__ = ["AffinityResult"]
@@ -229,15 +229,11 @@ class AffinityResult:
             arrays.update(step_matrices=self.step_matrices, steps=self.steps)
         if self.half_matrices is not None:
             arrays.update(half_matrices=self.half_matrices)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".affinity-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-            os.replace(tmp, folder / "affinity.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        atomic_write_bytes(folder / "affinity.npz", data)
         meta = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -249,14 +245,7 @@ class AffinityResult:
             "has_steps": self.step_matrices is not None,
             "arrays_sha256": digest,
         }
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".affinity-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(meta, indent=2, sort_keys=True))
-            os.replace(tmp, folder / "affinity.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(folder / "affinity.json", json.dumps(meta, indent=2, sort_keys=True))
         return folder
 
     @classmethod

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_etap._atomic import atomic_file
 from lightning_etap.groundtruth.sampling import canonical_group, group_key
 
 __all__ = ["GroupGains", "SeedSpread"]
@@ -301,8 +302,7 @@ class GroupGains:
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write :meth:`records` to a CSV file (standard library only)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
+        with atomic_file(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(_RECORD_COLUMNS))
             writer.writeheader()
             writer.writerows(self.records())

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.config import PipelineConfig
 from lightning_etap.pipeline.rundir import RunDirectory
 
@@ -115,7 +116,8 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=110)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     return path
 
 
@@ -591,7 +593,7 @@ def write_report(run: RunDirectory, config: PipelineConfig | None = None) -> dic
     }
     # the report's own time is not known yet: the timings figure shows the stages before it
     pngs["timings"] = _plot_timings(data, folder / "timings.png")
-    (folder / "index.html").write_text(_html(data, quality, pngs))
-    (folder / "quality.json").write_text(json.dumps(
+    atomic_write_text(folder / "index.html", _html(data, quality, pngs))
+    atomic_write_text(folder / "quality.json", json.dumps(
         {k: {m: (None if not math.isfinite(v) else v) for m, v in q.items()} for k, q in quality.items()}, indent=1))
     return pngs

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lightning_etap._atomic import atomic_write_text as _atomic_write_text
 from lightning_etap.pipeline.config import IDENTITY_KEYS, PipelineConfig, read_yaml
 from lightning_etap.pipeline.errors import UserError
 
@@ -53,17 +54,6 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "select": ("budgets", "singleton_gain", "selection_time_limit"),
     "report": (),
 }
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunDirectory:

@@ -31,6 +31,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.components import Workspace, logger_record
 from lightning_etap.pipeline.config import PipelineConfig
 from lightning_etap.pipeline.errors import UserError
@@ -103,6 +104,9 @@ class Pipeline:
         self.dir.require(STAGES[stage], self.config, stage)
         if status == "stale" and not force:
             self._print(f"{label}: redoing ({self.dir.stale_reason(stage, self.config)})")
+        # the old record goes before the stage touches its outputs: a redo that is interrupted must leave the
+        # stage to do (it resumes from what it kept, e.g. the gain store), never "done" over half-replaced files
+        self.dir.forget_stage(stage)
         start = time.perf_counter()
         parts, extra = getattr(self, f"_{stage}")(label, force)
         seconds = time.perf_counter() - start
@@ -181,12 +185,12 @@ class Pipeline:
         if measure:
             seen = set(train)
             heldout = [g for g in masks_to_groups(ws.candidates(names), names) if g not in seen]
-        if force:
-            for suffix in ("", "-wal", "-shm"):
+        if force:  # the write-ahead log and its index go first: a main file never outlives its log's removal
+            for suffix in ("-wal", "-shm", ""):
                 (self.dir.store_path.parent / (self.dir.store_path.name + suffix)).unlink(missing_ok=True)
         groups = {"task_names": list(names), "train": [list(g) for g in train],
                   "heldout": [list(g) for g in heldout], "measure_all": measure}
-        self.dir.groups_path.write_text(json.dumps(groups, indent=1))
+        atomic_write_text(self.dir.groups_path, json.dumps(groups, indent=1))
         trainer = ws.group_trainer()
         executor = ws.executor()
         parts = {}
@@ -226,8 +230,9 @@ class Pipeline:
         candidates = self.workspace.candidates(names)
         predicted = predictor.predict(candidates)
         cv = cross_validated(predictor, train.masks, train.gains, progress=self.workspace.progress)
-        np.savez(self.dir.predictions_path, task_names=np.array(names), candidates=candidates,
-                 predicted=predicted, train_masks=train.masks, train_measured=train.gains, train_cv=cv)
+        with atomic_file(self.dir.predictions_path) as f:
+            np.savez(f, task_names=np.array(names), candidates=candidates, predicted=predicted,
+                     train_masks=train.masks, train_measured=train.gains, train_cv=cv)
         return {}, {"n_candidates": int(candidates.shape[0])}
 
     # ------------------------------------------------------------------ 4. select
@@ -272,7 +277,7 @@ class Pipeline:
             "all_tasks": everyone,
             "budgets": results,
         }
-        self.dir.selection_path.write_text(json.dumps(_json_ready(payload), indent=1))
+        atomic_write_text(self.dir.selection_path, json.dumps(_json_ready(payload), indent=1))
         return {}, {}
 
     # ------------------------------------------------------------------ 5. report

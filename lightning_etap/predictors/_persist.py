@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_etap._atomic import atomic_file, atomic_write_text
+
 __all__ = [
     "array_from_json",
     "read_document",
@@ -71,8 +73,7 @@ def write_document(path: str | Path, kind: str, params: dict, fitted: dict, libr
         "params": to_json(params),
         "fitted": to_json(fitted),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, allow_nan=False, indent=1))
+    atomic_write_text(path, json.dumps(doc, allow_nan=False, indent=1))
     return path
 
 
@@ -112,8 +113,7 @@ def write_npz_document(
         **to_json(header),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, __header__=np.array(json.dumps(doc, allow_nan=False)), **arrays)
     return path
 
