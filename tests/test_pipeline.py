@@ -194,6 +194,30 @@ def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatc
     assert sorted(after.groups) == sorted(before.groups)
 
 
+@pytest.mark.parametrize("name, writer", [("groups.json", "gains"), ("selection.json", "select"),
+                                          ("predictions.npz", "predict"), ("gains.sqlite", "gains"),
+                                          ("affinity/affinity.npz", "affinity")])
+def test_a_damaged_file_is_a_one_line_error_naming_it_and_the_fix(tiny_run, tmp_path, capsys, name, writer):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    path = run / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # truncated, as a full disk or a copy cut short leaves it
+    code, _, err = _run(["report", "--force", "-o", str(run), "--no-progress"], capsys)
+    assert code == 2, err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "cannot read" in line and name.split("/")[0] in line
+    assert f"lightning-etap {writer} --force --output {run}" in line
+
+
+def test_an_empty_saved_config_is_named(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    (run / "config.yaml").write_text("")
+    code, _, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 2 and "config.yaml is empty or damaged" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_retraining(tmp_path):
     """SIGKILL in the middle of the gains stage; the rerun trains only what was not committed."""

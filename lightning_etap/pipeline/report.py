@@ -52,13 +52,16 @@ def _load(run: RunDirectory) -> dict[str, Any]:
     from lightning_etap.groundtruth import GainStore, GroupGains
 
     config = PipelineConfig.from_dict(run.saved_config() or {}, str(run.config_path))
-    affinity = AffinityResult.load(run.affinity_dir)
-    groups = json.loads(run.groups_path.read_text())
-    with np.load(run.predictions_path, allow_pickle=False) as data:
+    with run.reading(run.affinity_dir):
+        affinity = AffinityResult.load(run.affinity_dir)
+    with run.reading(run.groups_path):
+        groups = json.loads(run.groups_path.read_text())
+    with run.reading(run.predictions_path), np.load(run.predictions_path, allow_pickle=False) as data:
         predictions = {k: data[k] for k in data.files}
-    with GainStore(run.store_path) as store:
+    with run.reading(run.store_path), GainStore(run.store_path) as store:
         measured = GroupGains.from_store(store, seeds=config.seeds).mean_over_seeds()
-    selection = json.loads(run.selection_path.read_text())
+    with run.reading(run.selection_path):
+        selection = json.loads(run.selection_path.read_text())
     return {
         "config": config, "affinity": affinity, "groups": groups, "predictions": predictions,
         "measured": measured, "selection": selection, "timings": run.timings(),

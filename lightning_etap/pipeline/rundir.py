@@ -22,11 +22,14 @@ stage makes every stage after it out of date.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import tempfile
 import uuid
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,28 @@ class RunDirectory:
     def __repr__(self) -> str:
         return f"RunDirectory({str(self.path)!r})"
 
+    #: the stage that writes each file a stage reads (for the message when one is damaged)
+    _WRITERS = {"affinity": "affinity", "groups.json": "gains", "gains.sqlite": "gains",
+                "predictions.npz": "predict", "selection.json": "select"}
+
+    @contextlib.contextmanager
+    def reading(self, path: Path) -> Iterator[None]:
+        """Turn a failure to read one of the run's files into a :class:`UserError` that names it and the fix.
+
+        A truncated JSON, a damaged archive or database, or a missing file:
+        the message names the file and the command that writes it again.
+        """
+        try:
+            yield
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, sqlite3.DatabaseError) as err:
+            stage = self._WRITERS.get(Path(path).name)
+            fix = (f"redo the stage that writes it: `lightning-etap {stage} --force --output {self.path}`"
+                   if stage else "delete it and rerun")
+            what = "missing" if isinstance(err, FileNotFoundError) else "damaged"
+            raise UserError(f"cannot read {path}: {what} ({type(err).__name__}: {err}); {fix}") from None
+
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> None:
         """Create the folder and check that it is writable.
@@ -114,6 +139,10 @@ class RunDirectory:
         saved = self.saved_config()
         if saved is None:
             return
+        if not isinstance(saved, dict) or "dataset" not in saved:
+            raise UserError(f"{self.config_path} is empty or damaged (no dataset in it); delete it and rerun: it "
+                            "is written again from this command's settings, and every stage whose inputs differ "
+                            "is redone")
         old = PipelineConfig.from_dict(saved, f"{self.config_path}").identity()
         new = config.identity()
         diff = [k for k in IDENTITY_KEYS if old[k] != new[k]]

@@ -305,7 +305,8 @@ class Pipeline:
             if self.config.logger == "wandb":
                 import wandb
 
-                selection = json.loads(self.dir.selection_path.read_text())
+                with self.dir.reading(self.dir.selection_path):
+                    selection = json.loads(self.dir.selection_path.read_text())
                 logger.experiment.log({f"report/{name}": wandb.Image(str(path)) for name, path in pngs.items()})
                 rows = [[e["budget"], "; ".join(" + ".join(g) for g in e["etap"]["groups"]),
                          e["etap"]["objective"], e["etap"]["measured"]["objective"],
@@ -326,15 +327,18 @@ class Pipeline:
     def _load_inputs(self, predictions: bool = False):
         from lightning_etap.affinity import AffinityResult
 
-        affinity = AffinityResult.load(self.dir.affinity_dir)
-        groups = json.loads(self.dir.groups_path.read_text())
+        with self.dir.reading(self.dir.affinity_dir):
+            affinity = AffinityResult.load(self.dir.affinity_dir)
+        with self.dir.reading(self.dir.groups_path):
+            groups = json.loads(self.dir.groups_path.read_text())
         names = tuple(groups["task_names"])
         if tuple(affinity.task_names) != names:
             raise UserError(f"the affinity was measured on tasks {list(affinity.task_names)} but the groups "
                             f"are over {list(names)}; redo both stages with --force")
         loaded = None
         if predictions:
-            with np.load(self.dir.predictions_path, allow_pickle=False) as data:
+            with self.dir.reading(self.dir.predictions_path), \
+                    np.load(self.dir.predictions_path, allow_pickle=False) as data:
                 loaded = {k: data[k] for k in data.files}
         return affinity, names, groups, loaded
 
@@ -342,7 +346,7 @@ class Pipeline:
         """Measured gains (mean over the config's seeds) of ``groups``, or of every finished group."""
         from lightning_etap.groundtruth import GainStore, GroupGains
 
-        with GainStore(self.dir.store_path) as store:
+        with self.dir.reading(self.dir.store_path), GainStore(self.dir.store_path) as store:
             try:
                 gains = GroupGains.from_store(store, groups=groups, seeds=self.config.seeds)
             except ValueError as err:
