@@ -117,7 +117,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             pipeline.run(force=args.force)
         else:
             pipeline.run_stage(args.command, force=args.force)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Lightning handles Ctrl-C inside a fit itself: it shuts down and raises SystemExit(1) while handling the
+        # KeyboardInterrupt, which stays on the exception as its context
+        if isinstance(stop, SystemExit) and not isinstance(stop.__context__, KeyboardInterrupt):
+            raise
         print(f"lightning-etap: interrupted; finished work is kept in {pipeline.dir.path}: rerun the same command "
               "to resume", file=sys.stderr)
         return 130

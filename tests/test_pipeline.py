@@ -219,6 +219,29 @@ def test_an_empty_saved_config_is_named(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_the_affinity_fit_says_how_to_resume(tmp_path):
+    """Lightning handles Ctrl-C inside a fit itself (exit status 1, nothing said); the command still says it."""
+    out = tmp_path / "run"
+    config = tmp_path / "long.yaml"  # a fit that early stopping does not end before the interrupt
+    config.write_text(f"dataset: digits\ntasks: {TASKS}\nrecipe: {{max_epochs: 100000, patience: 100000}}\n")
+    argv = [sys.executable, "-m", "lightning_etap.cli", "affinity", "-c", str(config), "--no-progress",
+            "-o", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "all-task fit" not in line:  # the fit has started
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; finished work is kept" in err and "rerun the same command" in err
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_retraining(tmp_path):
     """SIGKILL in the middle of the gains stage; the rerun trains only what was not committed."""
     out = tmp_path / "run"
