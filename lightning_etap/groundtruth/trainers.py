@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -237,7 +238,9 @@ class FactoryGroupTrainer:
         trainer_kwargs: :class:`lightning.Trainer` arguments over quiet CPU
             defaults (no logger, checkpoints, progress bar). ``callbacks`` are
             deep-copied for every job, so stateful ones (early stopping)
-            start fresh.
+            start fresh. They are part of the fingerprint: JSON values as
+            they are, other objects (a profiler, a strategy) by class and
+            ``repr`` (without memory addresses).
         test_losses: the test-loss extractor, ``(module, trainer, tasks) -> {task: loss}``.
         threads: torch threads while training (``None``: unchanged).
 
@@ -287,10 +290,6 @@ class FactoryGroupTrainer:
 
     def fingerprint(self) -> dict[str, Any]:
         kwargs = {k: v for k, v in self.trainer_kwargs.items() if k != "callbacks"}
-        try:
-            kwargs = normalize_json(kwargs, "trainer_kwargs")
-        except TypeError:
-            kwargs = {k: repr(v) for k, v in kwargs.items()}
         return normalize_json({
             "trainer": "lightning_etap.FactoryGroupTrainer",
             "library_version": _library_version(),
@@ -299,7 +298,7 @@ class FactoryGroupTrainer:
             "model_factory": _qualname(self.model_factory),
             "datamodule_factory": _qualname(self.datamodule_factory),
             "test_losses": _qualname(self.test_losses),
-            "trainer_kwargs": kwargs,
+            "trainer_kwargs": _describe(kwargs, "trainer_kwargs"),
             "callbacks": [type(c).__name__ for c in self.trainer_kwargs.get("callbacks", [])],
         })
 
@@ -331,6 +330,29 @@ class FactoryGroupTrainer:
             out.append(GroupOutcome(group=tasks, seed=int(seed), test_losses=dict(losses),
                                     epochs=int(trainer.current_epoch), seconds=time.perf_counter() - start))
         return out
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(value: Any, where: str) -> Any:
+    """``value`` as JSON data that is the same in every process.
+
+    JSON data stays as it is; any other object (a profiler, a strategy, a
+    plugin) becomes its qualified class name and its ``repr`` without memory
+    addresses, so that the fingerprint does not change from one process to
+    the next (settings the ``repr`` does not show are not in it: put those in
+    ``fingerprint``).
+    """
+    if isinstance(value, dict):
+        return {str(k): _describe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    try:
+        return normalize_json(value, where)
+    except TypeError:
+        cls = type(value)
+        return {"class": f"{cls.__module__}.{cls.__qualname__}", "repr": _ADDRESS.sub("", repr(value))}
 
 
 def _qualname(fn: Any) -> str:
