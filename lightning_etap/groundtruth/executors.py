@@ -9,6 +9,13 @@ calling process, writes every result.
 
 The trainer is shipped to each worker once (a pool initializer, or one Ray
 object), and a dataset is loaded once per worker process, not per job.
+
+Interrupting (Ctrl-C, i.e. ``KeyboardInterrupt`` while an executor waits):
+chunks not started are cancelled, the results that have already come back
+are still yielded (so the collector stores them), running chunks are stopped
+instead of waited for, and then the ``KeyboardInterrupt`` is raised again.
+A consumer that stops early (closes the generator) stops the running chunks
+the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import threading
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -95,8 +103,27 @@ class InProcessExecutor:
 _WORKER_TRAINER: Any = None
 
 
+def _exit_with_parent() -> None:
+    """End this worker process when the process that started the pool dies (even by SIGKILL).
+
+    ``multiprocessing`` gives every spawn / forkserver child a sentinel that
+    becomes ready when its parent is gone; without this watch an idle worker
+    would wait for work forever.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's end of the sentinel pipe closes
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lightning-etap-parent-watch", daemon=True).start()
+
+
 def _pool_init(trainer_bytes: bytes, threads: int | None) -> None:
     global _WORKER_TRAINER
+    _exit_with_parent()
     _limit_threads(threads)  # before unpickling, which may import torch
     _WORKER_TRAINER = pickle.loads(trainer_bytes)
     _limit_threads(threads)
@@ -127,7 +154,10 @@ class ProcessPoolExecutor:
     it must be picklable (a :class:`LightningGroupTrainer` is; factories of a
     :class:`FactoryGroupTrainer` must be module-level functions). If a worker
     process dies (killed, out of memory), its chunks come back as errors and
-    the pool is restarted for the rest.
+    the pool is restarted for the rest. On Ctrl-C the finished results are
+    handed back and the worker processes are terminated (running jobs are
+    lost, not waited for); workers also exit when the process that started
+    them dies.
 
     As with any spawn / forkserver pool, a script that uses it must start
     its work under ``if __name__ == "__main__":``.
@@ -188,8 +218,9 @@ class ProcessPoolExecutor:
             return []
         broken: list[tuple[Job, ...]] = []
         pool = self._pool(payload, ctx, self.workers)
+        futures: dict[cf.Future, tuple[Job, ...]] = {}
+        finished_normally = False
         try:
-            futures: dict[cf.Future, tuple[Job, ...]] = {}
             upcoming: tuple[Job, ...] | None = first
             while True:
                 while upcoming is not None and not broken and len(futures) < 2 * self.workers:
@@ -213,12 +244,27 @@ class ProcessPoolExecutor:
                     yield result
             if upcoming is not None:  # read from the stream but never submitted
                 broken.append(upcoming)
+            finished_normally = True
+        except (KeyboardInterrupt, SystemExit):
+            # Interrupted while waiting: hand back what has finished, stop the rest, then re-raise.
+            for future in futures:
+                future.cancel()
+            done = [(f, chunk) for f, chunk in futures.items() if f.done() and not f.cancelled()]
+            _stop(pool)
+            for future, _ in done:
+                if future.exception() is None:  # else the worker died or was interrupted: nothing to store
+                    yield future.result()
+            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if finished_normally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            else:  # interrupted, closed by the consumer, or an error: do not wait for running jobs
+                _stop(pool)
         return broken
 
     def _isolated(self, payload: bytes, ctx, todo: list[tuple[Job, ...]]):
         pool = None
+        finished_normally = False
         try:
             for chunk in todo:
                 pool = pool or self._pool(payload, ctx, 1)
@@ -233,12 +279,29 @@ class ProcessPoolExecutor:
                 except Exception as e:
                     result = ChunkResult(chunk, None, _error_text(e))
                 yield result
+            finished_normally = True
         finally:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                if finished_normally:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                else:
+                    _stop(pool)
 
     def __repr__(self) -> str:
         return f"ProcessPoolExecutor(workers={self.workers}, context={self.context!r})"
+
+
+def _stop(pool: cf.ProcessPoolExecutor) -> None:
+    """Shut ``pool`` down now: cancel what has not started and terminate the worker processes."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
 
 
 # ---------------------------------------------------------------- ray
@@ -263,7 +326,8 @@ class RayExecutor:
     Every chunk is one Ray task asking for ``num_cpus`` CPUs. Workers on other
     nodes only train; the collector in the driver process writes the store,
     so the store file never has to be shared between nodes. Each Ray worker
-    process keeps its loaded dataset between tasks.
+    process keeps its loaded dataset between tasks. On Ctrl-C the finished
+    results are handed back and the other tasks are cancelled.
 
     Args:
         address: the cluster to connect to (``"auto"``, ``"ray://host:10001"``)
@@ -316,20 +380,44 @@ class RayExecutor:
         remote = ray.remote(num_cpus=self.num_cpus, max_retries=0)(_ray_run)
         trainer_ref = ray.put(trainer)
         pending: dict[Any, tuple[Job, ...]] = {remote.remote(trainer_ref, first, threads): first}
-        while pending:
-            while len(pending) < limit:
-                chunk = next(stream, None)
-                if chunk is None:
-                    break
-                pending[remote.remote(trainer_ref, chunk, threads)] = chunk
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                chunk = pending.pop(ref)
+
+        def cancel(refs) -> None:
+            for ref in refs:
+                pending.pop(ref, None)
                 try:
-                    result = ray.get(ref)
-                except Exception as e:  # a dead worker or node: RayTaskError, WorkerCrashedError, ...
-                    result = ChunkResult(chunk, None, _error_text(e))
+                    ray.cancel(ref)  # a running task gets a KeyboardInterrupt; a queued one never starts
+                except Exception:  # already finished, or the cluster is gone
+                    pass
+
+        try:
+            while pending:
+                while len(pending) < limit:
+                    chunk = next(stream, None)
+                    if chunk is None:
+                        break
+                    pending[remote.remote(trainer_ref, chunk, threads)] = chunk
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    chunk = pending.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as e:  # a dead worker or node: RayTaskError, WorkerCrashedError, ...
+                        result = ChunkResult(chunk, None, _error_text(e))
+                    yield result
+        except (KeyboardInterrupt, SystemExit):
+            # Interrupted while waiting: hand back what has finished, cancel the rest, then re-raise.
+            ready, rest = ray.wait(list(pending), num_returns=len(pending), timeout=0) if pending else ([], [])
+            cancel(rest)
+            for ref in ready:
+                pending.pop(ref)
+                try:
+                    result = ray.get(ref, timeout=0)
+                except Exception:  # the task failed: nothing to store
+                    continue
                 yield result
+            raise
+        finally:
+            cancel(list(pending))  # closed by the consumer, or an error: nothing is waited for
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, num_cpus={self.num_cpus})"
