@@ -8,6 +8,7 @@ its process: executors only train and hand results back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from lightning_etap.groundtruth.base import GroupOutcome, GroupTrainer
 from lightning_etap.groundtruth.executors import ChunkResult, Executor, InProcessExecutor
 from lightning_etap.groundtruth.gains import GroupGains
 from lightning_etap.groundtruth.sampling import canonical_group, group_key
-from lightning_etap.groundtruth.store import GainStore
+from lightning_etap.groundtruth.store import FingerprintMismatchError, GainStore
 
 __all__ = ["CollectionError", "collect_gains", "plan_jobs"]
 
@@ -88,6 +89,17 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
+@contextlib.contextmanager
+def _closing(results: Iterable[ChunkResult]):
+    """Close a generator of results when the loop over it ends, however it ends."""
+    try:
+        yield results
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
 def _check_outcome(outcome: GroupOutcome, names: Sequence[str]) -> str | None:
     missing = [t for t in outcome.group if t not in outcome.test_losses]
     if missing:
@@ -117,8 +129,11 @@ def collect_gains(
     each for every seed (:func:`plan_jobs`). Jobs the store already has as
     done are skipped, so an interrupted collection continues where it
     stopped. Each finished job is committed on its own as soon as it comes
-    back; several collectors may work on the same store at once (a job that
-    two of them finish is kept once).
+    back. Several collectors on one machine may work on the same store at
+    once (a job that two of them finish is kept once), but they do not divide
+    the work: give each a share of ``groups`` (e.g. ``groups[k::n]``) or its
+    own seeds. On Ctrl-C, results that have come back are stored and running
+    jobs are stopped, not waited for.
 
     Args:
         trainer: a :class:`~lightning_etap.groundtruth.GroupTrainer`, e.g.
@@ -126,7 +141,10 @@ def collect_gains(
         groups: the groups to train (sequences of task names; see
             :func:`~lightning_etap.groundtruth.sample_groups`).
         seeds: training seeds; gains compare a group with the STL run of the same seed.
-        store: a :class:`GainStore` or the path of its SQLite file.
+        store: a :class:`GainStore` or the path of its SQLite file. A store
+            opened from a path is closed when this returns or raises, so the
+            file alone then holds every row; a ``GainStore`` you pass stays
+            open (call its ``close()``).
         executor: where to train (default :class:`InProcessExecutor`).
         retries: how many times this run retries a job that raised.
         chunk_size: jobs per ``trainer.train`` call (large for a batched trainer
@@ -158,8 +176,16 @@ def collect_gains(
     fingerprint = trainer.fingerprint()
     if existing is None:
         store = GainStore(store, fingerprint, task_names=names, overwrite=overwrite)
-    else:
-        store.claim(fingerprint, task_names=names, overwrite=overwrite)
+        try:
+            return _collect(trainer, store, jobs, seeds, names, executor, retries, chunk_size, progress)
+        finally:
+            store.close()  # folds the write-ahead log into the file: the one file then holds every row
+    store.claim(fingerprint, task_names=names, overwrite=overwrite)
+    return _collect(trainer, store, jobs, seeds, names, executor, retries, chunk_size, progress)
+
+
+def _collect(trainer: GroupTrainer, store: GainStore, jobs: list[Job], seeds: list[int], names: list[str],
+             executor: Executor | None, retries: int, chunk_size: int, progress: bool) -> GroupGains:
     executor = executor or InProcessExecutor()
 
     done = store.done_jobs()
@@ -208,47 +234,51 @@ def collect_gains(
             first_round = False
             retry: list[Job] = []
             result: ChunkResult
-            for result in executor.run(trainer, stream(chunks)):
-                if not result.ok:
-                    if len(result.jobs) > 1:
-                        logger.warning("a chunk of %d jobs raised; retrying its jobs one at a time: %s",
-                                       len(result.jobs), result.error.strip().splitlines()[-1])
-                        retry.extend(result.jobs)
-                    else:
-                        fail(result.jobs[0], result.error, retry)
-                    continue
-                wanted = set(result.jobs)
-                for outcome in result.outcomes:
-                    try:
-                        job = (canonical_group(outcome.group, names), int(outcome.seed))
-                    except ValueError as e:
-                        logger.warning("ignoring an outcome for an unknown group: %s", e)
+            # Closed explicitly (not left to garbage collection): an executor stops its running jobs then.
+            with _closing(executor.run(trainer, stream(chunks))) as results:
+                for result in results:
+                    if not result.ok:
+                        if len(result.jobs) > 1:
+                            logger.warning("a chunk of %d jobs raised; retrying its jobs one at a time: %s",
+                                           len(result.jobs), result.error.strip().splitlines()[-1])
+                            retry.extend(result.jobs)
+                        else:
+                            fail(result.jobs[0], result.error, retry)
                         continue
-                    if job not in wanted:
-                        logger.warning("ignoring an outcome for %s seed %d, which was not asked for",
-                                       group_key(job[0]), job[1])
-                        continue
-                    wanted.discard(job)
-                    if job[0] != tuple(outcome.group):
-                        outcome = GroupOutcome(job[0], job[1], outcome.test_losses, outcome.epochs,
-                                               outcome.best_epoch, outcome.seconds, outcome.extra)
-                    problem = _check_outcome(outcome, names)
-                    if problem is not None:
-                        fail(job, problem, retry)
-                        continue
-                    try:
-                        written = store.record(outcome)
-                    except (TypeError, ValueError) as e:  # e.g. `extra` that is not JSON data
-                        fail(job, f"the outcome could not be stored: {e}", retry)
-                        continue
-                    trained += 1
-                    if bar is not None:
-                        bar.update(1)
-                    losses = " ".join(f"{t}={outcome.test_losses[t]:.4g}" for t in job[0])
-                    logger.info("%s %s seed %d in %.1fs, %d epochs: %s", "done" if written else "already done",
-                                group_key(job[0]), job[1], outcome.seconds, outcome.epochs, losses)
-                for job in sorted(wanted, key=jobs.index):
-                    fail(job, "the trainer returned no outcome for this job", retry)
+                    wanted = set(result.jobs)
+                    for outcome in result.outcomes:
+                        try:
+                            job = (canonical_group(outcome.group, names), int(outcome.seed))
+                        except ValueError as e:
+                            logger.warning("ignoring an outcome for an unknown group: %s", e)
+                            continue
+                        if job not in wanted:
+                            logger.warning("ignoring an outcome for %s seed %d, which was not asked for",
+                                           group_key(job[0]), job[1])
+                            continue
+                        wanted.discard(job)
+                        if job[0] != tuple(outcome.group):
+                            outcome = GroupOutcome(job[0], job[1], outcome.test_losses, outcome.epochs,
+                                                   outcome.best_epoch, outcome.seconds, outcome.extra)
+                        problem = _check_outcome(outcome, names)
+                        if problem is not None:
+                            fail(job, problem, retry)
+                            continue
+                        try:
+                            written = store.record(outcome)
+                        except FingerprintMismatchError:  # the store was replaced meanwhile: stop, write nothing
+                            raise
+                        except (TypeError, ValueError) as e:  # e.g. `extra` that is not JSON data
+                            fail(job, f"the outcome could not be stored: {e}", retry)
+                            continue
+                        trained += 1
+                        if bar is not None:
+                            bar.update(1)
+                        losses = " ".join(f"{t}={outcome.test_losses[t]:.4g}" for t in job[0])
+                        logger.info("%s %s seed %d in %.1fs, %d epochs: %s", "done" if written else "already done",
+                                    group_key(job[0]), job[1], outcome.seconds, outcome.epochs, losses)
+                    for job in sorted(wanted, key=jobs.index):
+                        fail(job, "the trainer returned no outcome for this job", retry)
             done = store.done_jobs()
             todo = [j for j in dict.fromkeys(retry) if j not in done]
     finally:

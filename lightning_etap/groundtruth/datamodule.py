@@ -25,10 +25,18 @@ class GroupGainDataModule(L.LightningDataModule):
     ``prepare_data()`` runs :func:`~lightning_etap.groundtruth.collect_gains`
     (resumable: only jobs missing from the store are trained); ``setup()``
     loads the store into :attr:`gains`. Lightning calls ``prepare_data`` on
-    one process per node; under multi-node training every node's collector
-    then works on the same store, which is safe (see
-    :class:`~lightning_etap.groundtruth.GainStore`), and each job is still
-    stored once.
+    one process per node (``prepare_data_per_node``). On one machine that is
+    one collector, and the store on its local disk is safe. Under multi-node
+    training every node runs its own collector: on one store on a network
+    file system that is *not* safe (SQLite's WAL mode needs shared memory,
+    see :class:`~lightning_etap.groundtruth.GainStore`), and even where it
+    works the collectors would train nearly the same jobs. So collect once
+    before training (one process, or a
+    :class:`~lightning_etap.groundtruth.RayExecutor` driver, which alone
+    writes the store), copy the finished store to every node's local disk
+    (:meth:`GainStore.backup <lightning_etap.groundtruth.GainStore.backup>`
+    makes a single-file copy) and point ``store_path`` at it there:
+    ``prepare_data`` then finds every job done and trains nothing.
 
     Batches are ``(masks, gains)``: float ``(B, n)`` 0/1 membership and float
     ``(B, n)`` relative gains, NaN for non-members (mask them out of the loss,

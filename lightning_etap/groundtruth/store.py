@@ -2,8 +2,8 @@
 
 :class:`GainStore` keeps one row per ``(group, seed)`` job. It is an embedded
 SQLite database (the standard library's ``sqlite3``), so there is no server to
-run and the file can be copied, inspected with any SQLite tool, or exported
-with :meth:`GainStore.to_csv`.
+run and the file can be inspected with any SQLite tool, or exported with
+:meth:`GainStore.to_csv`.
 
 Schema (version 1)::
 
@@ -26,12 +26,40 @@ first process to finish a job wins and later finishers of the same job are
 ignored, so no job is ever counted twice. A process killed at any moment
 loses at most the jobs it had not committed yet.
 
+When the one file is complete: in WAL mode committed rows first go to a
+``<file>-wal`` file next to the store and reach the main file at a
+checkpoint. :meth:`GainStore.close` (which :func:`collect_gains` calls when it
+returns or raises) checkpoints, and so does opening a store (which folds in the
+``-wal`` a killed run left behind). So the main file alone holds every row
+once no process has the store open, or once it has been opened after a crash;
+while a collector runs, or after one was killed (``kill -9``, out of memory,
+power cut) and before the store was opened again, the rows may still be in
+``-wal``, so copy the ``-wal`` with it, or, simplest and always safe, make a
+consistent single-file copy with :meth:`GainStore.backup` (works while
+collectors are writing).
+
+Several collectors on one store: safe on one machine's local disk, but they do
+not divide the work: each trains every job it does not see as done when it
+reaches it, so collectors started together train nearly the same jobs, and
+only the first finisher of each is kept. To split work, give each collector a
+share of the groups (``collect_gains(trainer, groups[k::n], ...)``; the few
+single-task jobs are shared) or its own seeds.
+
 WAL mode needs the processes to share memory-mapped files, so it does not
-work on network file systems (NFS, SMB). On a cluster keep a single collector
-next to the file (the :class:`~lightning_etap.groundtruth.RayExecutor` does
-exactly that: workers on other nodes only train, the driver writes), or, for
-collectors on several hosts, pass ``journal_mode="delete"`` and rely on the
-file system's locks.
+work on network file systems (NFS, SMB, Lustre, ...): never point collectors
+on several hosts at one WAL store. On a cluster keep a single collector next
+to the file (the :class:`~lightning_etap.groundtruth.RayExecutor` does
+exactly that: workers on other nodes only train, the driver writes), or give
+every node its own store on a local disk and merge them afterwards
+(``for o in GainStore(part).outcomes().values(): merged.record(o)``).
+``journal_mode="delete"`` relies on the network file system's locks, which
+are often unreliable (SQLite's own advice is not to share a database over
+NFS); use it only where those locks are known to work.
+
+Read-only stores (a shared results folder, a read-only mount): open them with
+``GainStore(path, read_only=True)``, which never writes (no schema set-up, no
+journal switch); :func:`~lightning_etap.search.load_table` and
+:class:`~lightning_etap.search.OracleTrainer` do.
 """
 
 from __future__ import annotations
@@ -45,6 +73,7 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,7 +166,7 @@ def fingerprint_diff(stored: Any, given: Any, prefix: str = "") -> list[str]:
             else:
                 out.extend(fingerprint_diff(stored[k], given[k], path))
         return out
-    if stored != given:
+    if stored != given and _dumps(stored) != _dumps(given):  # equal JSON is equal, NaN included
         return [f"{prefix or '<root>'}: store has {_short(stored)}, this run has {_short(given)}"]
     return []
 
@@ -171,13 +200,27 @@ class GainStore:
             Results of the same fingerprint are always kept.
         timeout: seconds to wait for another process's write to finish.
         journal_mode: ``"wal"`` (default; concurrent readers and writers on one
-            machine) or ``"delete"`` (for network file systems, see the module
-            documentation).
+            machine) or ``"delete"`` (see the module documentation).
+        read_only: open an existing store without ever writing to it (SQLite's
+            ``mode=ro``): for stores in read-only folders or mounts. A
+            ``fingerprint`` is then only checked, and :meth:`record` refuses.
+
+    Every write checks, in its own transaction, that the store still holds the
+    experiment this object opened: if another process replaced it meanwhile
+    (``overwrite=True``), :meth:`record` raises
+    :class:`FingerprintMismatchError` and writes nothing.
+
+    Call :meth:`close` (or use ``with GainStore(...) as store:``) when done:
+    it folds the write-ahead log into the main file, so that the one file
+    holds every row (see the module documentation on copying a store).
 
     Raises:
         FingerprintMismatchError: the file holds another experiment's results;
             the message lists the differing keys.
-        FileNotFoundError: ``fingerprint=None`` and no store at ``path``.
+        FileNotFoundError: ``fingerprint=None`` (or ``read_only``) and no store at ``path``.
+        sqlite3.OperationalError, sqlite3.DatabaseError: the file cannot be
+            opened; the message names the file and the likely cause (a
+            read-only location, a damaged file) and what to do.
 
     Example:
         >>> import tempfile, os
@@ -188,10 +231,14 @@ class GainStore:
         True
         >>> store.done_jobs()
         {(('a', 'b'), 0)}
+        >>> store.close()
         >>> GainStore(path, {"dataset": "other"})
         Traceback (most recent call last):
         ...
         lightning_etap.groundtruth.store.FingerprintMismatchError: ...
+        >>> with GainStore(path, read_only=True) as reader:
+        ...     reader.counts()
+        {'done': 1}
     """
 
     def __init__(
@@ -203,6 +250,7 @@ class GainStore:
         overwrite: bool = False,
         timeout: float = 60.0,
         journal_mode: str = "wal",
+        read_only: bool = False,
     ) -> None:
         if journal_mode.lower() not in ("wal", "delete"):
             raise ValueError(f"journal_mode must be 'wal' or 'delete', got {journal_mode!r}")
@@ -211,25 +259,55 @@ class GainStore:
         self.path = Path(path)
         self.timeout = float(timeout)
         self.journal_mode = journal_mode.lower()
+        self.read_only = bool(read_only)
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
-        if fingerprint is None:
-            if not self.path.is_file():
-                raise FileNotFoundError(
-                    f"no gain store at {self.path}; pass the trainer's fingerprint to create one"
-                )
-            if self._read_meta("fingerprint") is None:
-                raise ValueError(f"{self.path} is not a lightning-etap gain store (no fingerprint recorded)")
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.claim(fingerprint, task_names=task_names, overwrite=overwrite)
+        self._identity: tuple[str | None, str | None] | None = None  # (fingerprint, created_at) as stored
+        if read_only and overwrite:
+            raise ValueError("overwrite=True needs a writable store, not read_only=True")
+        if (fingerprint is None or read_only) and not self.path.is_file():
+            raise FileNotFoundError(f"no gain store at {self.path}; pass the trainer's fingerprint to create one")
+        try:
+            if fingerprint is None or read_only:
+                try:
+                    identity = self._read_identity(self.connection)
+                except sqlite3.OperationalError as e:
+                    if "no such table" not in str(e):
+                        raise
+                    identity = (None, None)
+                if identity[0] is None:
+                    raise ValueError(
+                        f"{self.path} is not a lightning-etap gain store (no fingerprint recorded); a copy of a "
+                        "store in use made without its -wal file looks like this: copy with GainStore.backup"
+                    )
+                self._identity = identity
+                if fingerprint is not None:
+                    self._check(json.loads(identity[0]), self._read_meta("task_names"), normalize_json(fingerprint),
+                                None if task_names is None else [str(t) for t in task_names])
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.claim(fingerprint, task_names=task_names, overwrite=overwrite)
+        except sqlite3.DatabaseError as e:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+            raise _explained(e, self.path, self.read_only) from e
 
     # ---------------------------------------------------------------- connection
     @property
     def connection(self) -> sqlite3.Connection:
         """This process's connection (reopened after a fork; never shared between processes)."""
         if self._conn is None or self._pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            try:
+                conn = self._connect_read_only() if self.read_only else self._connect()
+            except sqlite3.DatabaseError as e:
+                raise _explained(e, self.path, self.read_only) from e
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             mode = self._retry(lambda: conn.execute(f"PRAGMA journal_mode = {self.journal_mode}").fetchone()[0])
             if str(mode).lower() != self.journal_mode:
@@ -239,8 +317,47 @@ class GainStore:
                 )
             conn.execute("PRAGMA synchronous = FULL")  # a committed job survives a power cut, too
             self._retry(lambda: conn.executescript(_SCHEMA))
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
+            self._checkpoint(conn)  # fold in the -wal a killed run may have left, so the main file is whole
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as e:
+            conn.close()
+            wal = Path(f"{self.path}-wal")
+            # SQLite cannot read a WAL-mode file whose folder it may not write (the -shm index cannot be
+            # created). With no -wal left, the main file is the whole database and can be read as immutable.
+            if "readonly" not in str(e) and "unable to open" not in str(e):
+                raise
+            if wal.exists() and wal.stat().st_size > 0:
+                raise sqlite3.OperationalError(
+                    f"{e}: {self.path} has unmerged rows in {wal.name} and its folder is read-only, so SQLite "
+                    "cannot read them; open the store once with write access (or copy the file and its -wal "
+                    "to a writable folder) first"
+                ) from e
+        conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy the write-ahead log into the main file and empty it (best effort: skipped when busy)."""
+        if self.journal_mode != "wal":
+            return
+        try:
+            conn.execute("PRAGMA busy_timeout = 1000")  # another process's long read must not stall us
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.DatabaseError:  # busy or locked: the rows stay in -wal, where they are safe
+            pass
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
 
     def _retry(self, fn, tries: int = 50):
         # Schema set-up and the journal-mode switch can report "locked" without using the busy handler.
@@ -254,22 +371,83 @@ class GainStore:
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE ... COMMIT`` transaction (rolled back on error)."""
+    def _write(self, *, verify: bool = True) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE ... COMMIT`` transaction (rolled back on error).
+
+        With ``verify``, first check (inside the transaction) that the store still holds the
+        experiment this object opened, so that nothing is written into a store another process
+        replaced meanwhile.
+        """
+        if self.read_only:
+            raise PermissionError(f"{self.path} was opened with read_only=True; open it without to write")
         conn = self.connection
-        self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
+            self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+        except sqlite3.DatabaseError as e:
+            raise _explained(e, self.path, self.read_only, "write to") from e
+        try:
+            if verify and self._read_identity(conn) != self._identity:
+                raise FingerprintMismatchError(
+                    f"{self.path} was overwritten by another process (overwrite=True) since this process "
+                    "opened it: it now holds another experiment, or a fresh start of one; nothing was "
+                    "written. Stop this collector, or point it at another store path."
+                )
             yield conn
-        except BaseException:
+        except BaseException as e:
             conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.DatabaseError):
+                raise _explained(e, self.path, self.read_only, "write to") from e
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            raise _explained(e, self.path, self.read_only, "write to") from e
+
+    @staticmethod
+    def _read_identity(conn: sqlite3.Connection) -> tuple[str | None, str | None]:
+        rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('fingerprint', 'created_at')"))
+        return rows.get("fingerprint"), rows.get("created_at")
 
     def close(self) -> None:
-        """Close this process's connection (it reopens on next use)."""
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
+        """Fold the write-ahead log into the main file and close this process's connection.
+
+        Safe to call more than once; the store reopens on next use. Afterwards the
+        main file alone holds every row, unless another process still has the store
+        open (its own close does the same).
+        """
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            try:
+                if not self.read_only:
+                    self._checkpoint(conn)
+            finally:
+                conn.close()
+
+    def backup(self, path: str | os.PathLike) -> Path:
+        """Write a consistent copy of the store to ``path``: one self-contained file (no ``-wal``).
+
+        Safe while collectors are writing (SQLite's backup API copies one
+        snapshot). The copy is written next to ``path`` and renamed into
+        place, so ``path`` is never half-written; it uses the rollback journal
+        (a single file that any SQLite tool, or a read-only folder, can read).
+        """
+        target = Path(path)
+        if target.exists() and target.resolve() == self.path.resolve():
+            raise ValueError(f"backup({target}) would overwrite the store itself")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            dest = sqlite3.connect(tmp)
+            try:
+                self.connection.backup(dest)
+                dest.execute("PRAGMA journal_mode = DELETE").fetchone()
+            finally:
+                dest.close()
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
 
     def __enter__(self) -> GainStore:
         return self
@@ -290,6 +468,21 @@ class GainStore:
         row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def _check(self, stored: Any, stored_names: list[str] | None, fingerprint: Any,
+               names: list[str] | None, overwrite: bool = False) -> list[str]:
+        """The differences between the stored identity and the given one (raises unless ``overwrite``)."""
+        diff = fingerprint_diff(stored, fingerprint)
+        if names is not None and stored_names is not None and stored_names != names:
+            diff.append(f"task_names: store has {stored_names}, this run has {names}")
+        if diff and not overwrite:
+            listing = "\n  ".join(diff[:12]) + ("\n  ..." if len(diff) > 12 else "")
+            raise FingerprintMismatchError(
+                f"{self.path} holds results of a different experiment; differing keys:\n  {listing}\n"
+                "Use a new store path for this experiment, or pass overwrite=True to delete the "
+                "stored results and start over."
+            )
+        return diff
+
     def claim(
         self, fingerprint: dict[str, Any], *, task_names: Sequence[str] | None = None, overwrite: bool = False
     ) -> None:
@@ -301,7 +494,7 @@ class GainStore:
         """
         fingerprint = normalize_json(fingerprint)
         names = None if task_names is None else [str(t) for t in task_names]
-        with self._write() as conn:
+        with self._write(verify=False) as conn:
             rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if "fingerprint" in rows:
                 version = json.loads(rows.get("schema_version", "null"))
@@ -310,22 +503,13 @@ class GainStore:
                         f"{self.path} has gain-store schema version {version}, this library writes "
                         f"{SCHEMA_VERSION}; use a new path"
                     )
-                stored = json.loads(rows["fingerprint"])
                 stored_names = json.loads(rows["task_names"]) if "task_names" in rows else None
-                diff = fingerprint_diff(stored, fingerprint)
-                if names is not None and stored_names is not None and stored_names != names:
-                    diff.append(f"task_names: store has {stored_names}, this run has {names}")
+                diff = self._check(json.loads(rows["fingerprint"]), stored_names, fingerprint, names, overwrite)
                 if not diff:
                     if stored_names is None and names is not None:
                         conn.execute("INSERT INTO meta VALUES ('task_names', ?)", (_dumps(names),))
+                    self._identity = (rows["fingerprint"], rows.get("created_at"))
                     return
-                if not overwrite:
-                    listing = "\n  ".join(diff[:12]) + ("\n  ..." if len(diff) > 12 else "")
-                    raise FingerprintMismatchError(
-                        f"{self.path} holds results of a different experiment; differing keys:\n  {listing}\n"
-                        "Use a new store path for this experiment, or pass overwrite=True to delete the "
-                        "stored results and start over."
-                    )
                 conn.execute("DELETE FROM results")
                 conn.execute("DELETE FROM meta")
             env = {"python": sys.version.split()[0], "host": socket.gethostname()}
@@ -337,6 +521,7 @@ class GainStore:
             if names is not None:
                 meta["task_names"] = names
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, _dumps(v)) for k, v in meta.items()])
+            self._identity = (_dumps(fingerprint), _dumps(meta["created_at"]))
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -513,6 +698,35 @@ class GainStore:
         from lightning_etap.groundtruth.gains import GroupGains
 
         return GroupGains.from_store(self, groups=groups, seeds=seeds, **kwargs)
+
+
+def _explained(error: sqlite3.DatabaseError, path: Path, read_only: bool, action: str = "open") -> sqlite3.DatabaseError:
+    """``error`` (raised using the store at ``path``) with the file, the likely cause and a remedy."""
+    if getattr(error, "explained", False):
+        return error
+    text = str(error)
+    low = text.lower()
+    if "malformed" in low or "not a database" in low or "corrupt" in low:
+        hint = ("the file is damaged (truncated, overwritten, a disk fault), or is "
+                "not a SQLite file. If a copy exists, use it; `sqlite3 <file> .recover` may save the rows; "
+                "otherwise move the file aside and collect again into a new store")
+    elif "readonly" in low or "read-only" in low or "unable to open" in low:
+        if read_only:
+            hint = "the file, its folder or its -wal/-shm files cannot be read"
+        else:
+            hint = ("the file or its folder is read-only (or on a read-only mount), or the folder does not "
+                    "exist and cannot be created. SQLite needs to write next to the file even to read a "
+                    "store in WAL mode: to only read it, open it with GainStore(path, read_only=True); "
+                    "to collect into it, copy it to a writable folder")
+    elif "locked" in low or "busy" in low:
+        hint = "another process holds a lock on it for too long (raise timeout=, or stop that process)"
+    elif "disk i/o" in low or "full" in low:
+        hint = "the disk is full or failing, or the file is on a network file system (see GainStore's documentation)"
+    else:
+        hint = "see GainStore's documentation"
+    out = type(error)(f"cannot {action} the gain store {path}: {text}: {hint}")
+    out.explained = True
+    return out
 
 
 def _nan_to_none(x: float) -> float | None:

@@ -43,7 +43,7 @@ def load_table(source: GroupGains | str | os.PathLike) -> GroupGains:
         return GroupGains.from_csv(path)
     from lightning_etap.groundtruth.store import GainStore
 
-    with GainStore(path) as store:
+    with GainStore(path, read_only=True) as store:
         return store.gains(include_singletons=True)
 
 
