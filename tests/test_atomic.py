@@ -90,7 +90,6 @@ def test_a_full_disk_while_saving_over_a_saved_predictor_keeps_the_old_copy(tmp_
 def test_table_and_npz_writers_go_through_it(tmp_path, monkeypatch):
     # every writer of the run directory and the saved objects uses atomic_file: a failure keeps the old file
     import lightning_etap._atomic as atomic
-
     from lightning_etap.predictors._persist import write_npz_document
 
     path = write_npz_document(tmp_path / "p.npz", "kind", {}, {}, {"a": np.arange(3)}, "0")

@@ -155,6 +155,19 @@ def test_random_search_returns_the_best_measured_grouping(table, store):
     assert set(everything.groups) == set(OPTIMUM)
 
 
+def test_a_search_closes_the_store_it_opened(table, store):
+    # after it returns, the store's one file holds every row (the write-ahead log is folded in)
+    import shutil
+
+    result = random_search(OracleTrainer(table), 5, budget=2, store=store, random_state=1)
+    wal = store.with_name(store.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    copy = store.with_name("copy.sqlite")
+    shutil.copy(store, copy)  # the file alone, as a user would copy it
+    with GainStore(copy) as again:
+        assert again.done_among([(g, 0) for g in result.trained]) == {(g, 0) for g in result.trained}
+
+
 def test_random_selection_finds_the_optimum_with_etap(table, store):
     result = random_selection(OracleTrainer(table), 10, predictor=etap(), budget=2, store=store)
     assert set(result.groups) == set(OPTIMUM)

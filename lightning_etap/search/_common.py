@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,8 +292,9 @@ class Session:
         if isinstance(store, GainStore):
             store.claim(trainer.fingerprint(), task_names=list(self.names))
             self.store = store
-        else:
+        else:  # a store this search opened is closed when it returns (result) or, after an error, is dropped
             self.store = GainStore(store, trainer.fingerprint(), task_names=list(self.names))
+            self._close_store = weakref.finalize(self, self.store.close)
         self.order: list[int] = []
         self.known: dict[int, np.ndarray] = {}
         self.trained_now = 0
@@ -490,6 +492,8 @@ class Session:
         for r, g in enumerate(answer.groups):
             masks[r, list(g)] = True
         history = tuple(sorted(self.history, key=lambda s: s.n_trainings))
+        if hasattr(self, "_close_store"):
+            self._close_store()  # the store's file is complete on disk from here on
         return SearchResult(
             strategy=self.strategy,
             task_names=self.names,
