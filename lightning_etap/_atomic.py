@@ -21,14 +21,18 @@ from typing import IO, Any
 __all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _file_mode() -> int:
+    """The permissions ``open`` would give a new file now: ``0o666`` less the process's umask."""
+    try:  # Linux: read it, without setting it (os.umask both reads and sets, which another thread could see)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    return mask
-
-
-#: the permissions of a new file, as ``open`` would create it
-_FILE_MODE = 0o666 & ~_umask()
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -49,7 +53,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: A
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -551,13 +551,25 @@ class Manual(TinyMTL):
 
 @pytest.mark.parametrize("engine", ["fast", "autograd"])
 def test_a_shared_module_off_the_loss_path_warns(engine):
-    with pytest.warns(RuntimeWarning, match="no task loss has a gradient on the shared parameters"):
+    with pytest.warns(RuntimeWarning, match="every task's gradient on the shared parameters was 0"):
         fit(EncoderOffPath(), tiny_loader(), [cb := AffinityCallback("encoder", every_n_steps=1, engine=engine)],
             max_epochs=1)
     assert not cb.result.matrix.any()
-    with pytest.warns(RuntimeWarning, match="no task loss has a gradient on the shared parameters"):
+    with pytest.warns(RuntimeWarning, match="every task's gradient on the shared parameters was 0"):
         fit(EncoderOffPath(), tiny_loader(), [AffinityCallback("encoder", every_n_steps=1, method="tag")],
             max_epochs=1)
+
+
+def test_a_step_without_gradient_is_not_a_warning_when_later_steps_have_one():
+    # zero-initialised heads: the shared parameters get no gradient at step 0 only
+    model = TinyMTL()
+    for head in model.heads:
+        nn.init.zeros_(head.weight)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient on the shared parameters.*")
+        fit(model, tiny_loader(), [cb := AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True)],
+            max_epochs=1)
+    assert not cb.result.step_matrices[0].any() and cb.result.matrix.any()
 
 
 def test_representation_scope_with_per_task_rows_warns_and_the_shared_scope_does_not():
@@ -693,6 +705,12 @@ def test_resume_with_other_settings_is_refused_and_with_another_engine_continues
     run([other_engine], 2, ckpt_path=path)
     assert other_engine.result.measured_steps == full.result.measured_steps
     np.testing.assert_allclose(other_engine.result.matrix, full.result.matrix, rtol=1e-9, atol=1e-12)
+    # two callbacks: one continues under another engine, the other is new and measures from the checkpoint on
+    continued = AffinityCallback("encoder", every_n_steps=2, engine="autograd")
+    new = AffinityCallback("encoder", method="tag", every_n_steps=1)
+    messages = run([new, continued], 2, ckpt_path=path)
+    assert continued.result.measured_steps == full.result.measured_steps
+    assert new.result.epochs.tolist() == [1] and any("holds no measurement" in m for m in messages)
     # the removal the error message suggests lets a new measurement start from the checkpoint
     state = torch.load(path, weights_only=False)
     state["callbacks"] = {k: v for k, v in state["callbacks"].items() if not k.startswith("AffinityCallback")}
@@ -701,6 +719,17 @@ def test_resume_with_other_settings_is_refused_and_with_another_engine_continues
     messages = run([fresh], 2, ckpt_path=tmp_path / "stripped.ckpt")
     assert any("holds no measurement for this callback" in m for m in messages)
     assert fresh.result.epochs.tolist() == [1] and fresh.result.measured_steps > 0  # the second epoch only
+    # validate / test from a checkpoint neither refuse it nor replace the measurement the callback holds
+    model = MultiTaskMLP(16, tasks, hidden=(8,), lr=0.05, momentum=0.9)
+    for cb in (AffinityCallback("encoder", every_n_steps=1), fresh):
+        before = None if cb is not fresh else fresh.result.matrix.copy()
+        with quiet_lightning(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                                default_root_dir=tmp_path)
+            trainer.validate(model, dataloaders=data.train_dataloader(), ckpt_path=path)
+        if before is not None:
+            assert np.array_equal(fresh.result.matrix, before)
 
 
 # ---------------------------------------------------------------------- the result object

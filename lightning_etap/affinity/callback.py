@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -59,9 +60,8 @@ _CONTRACT = (
 
 #: > 0 while a TAG lookahead re-runs a training step
 _LOOKAHEAD = [0]
-_NO_GRADIENT = ("AffinityCallback: at step {step} no task loss has a gradient on the shared parameters (every "
-                "per-task gradient is 0), so the matrix stays 0: check that shared= names the part of the model the "
-                "task losses pass through")
+_NO_GRADIENT = ("AffinityCallback: at every measured step every task's gradient on the shared parameters was 0, "
+                "so the matrix is 0: check that shared= names the part of the model the task losses pass through")
 #: Trainer precisions whose training forward matches a forward outside the precision context (TAG's lookahead)
 _FULL_PRECISION = frozenset({"32-true", "64-true", "32", "64"})
 
@@ -327,6 +327,7 @@ class AffinityCallback(Callback):
         # run state lives in setup() (tensors made here would be shared between ddp_spawn workers)
         self._module: L.LightningModule | None = None
         self._loaded = False
+        self._restore = True  # False while Lightning restores a checkpoint for validate / test / predict
         self._task_names: list[str] | None = None
         self._acc: AffinityAccumulator | None = None
 
@@ -366,6 +367,10 @@ class AffinityCallback(Callback):
         self._skipped = 0
         self._zero_loss: list[int] = [0] * len(self._task_names or [])
         self._warned: set[str] = set()
+        # whether any measured step had a non-zero product / one between two different tasks (tensors, so that
+        # a measured step never waits on the device for them; read once at the end of fit)
+        self._seen_gradient: Tensor | bool = False
+        self._seen_overlap: Tensor | bool = False
         # every_n_steps="auto": the step it was decided at (None: not yet) and the chosen interval
         self._anchor: int | None = None
         self._chosen: int | None = self.every_n_steps if isinstance(self.every_n_steps, int) else None
@@ -405,6 +410,7 @@ class AffinityCallback(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore = True
         if stage != "fit":
             return
         engine = getattr(self, "_engine", None)
@@ -620,7 +626,7 @@ class AffinityCallback(Callback):
                 products = step_products(losses, self._params, rules, self._blocks, self._gradients,
                                          grad_scale=scale, all_reduce=reduce)
             self._decide_interval(trainer, len(names))
-            self._check_products(products, trainer.global_step)
+            self._note_products(products)
             scores, valid = step_scores(products, values, self.normalize_by_loss)
             proxy_scores = step_scores(proxy, values, self.normalize_by_loss)[0] if proxy is not None else None
             self._add_micro(scores, valid, proxy_scores)
@@ -639,8 +645,8 @@ class AffinityCallback(Callback):
                 grads = reduce(grads.contiguous())
             updates[k] = apply_update(rules[k], grads)
         self._decide_interval(trainer, len(names))
-        if not any(bool(u.any()) for u in updates):
-            self._warn_once("no-gradient", _NO_GRADIENT.format(step=trainer.global_step))
+        if updates:
+            self._seen_gradient = torch.stack([u.ne(0).any() for u in updates]).any() | self._seen_gradient
         if not all(bool(torch.isfinite(u).all()) for u in updates):
             self._bad_step("a non-finite gradient or update")
             return
@@ -679,17 +685,25 @@ class AffinityCallback(Callback):
         scores, valid = tag_step_scores(before, after, lr)
         self._add_micro(scores, valid)
 
-    def _check_products(self, products: Tensor, step: int) -> None:
-        """Warn once when a measured step's products cannot carry any affinity (all zero, or none across tasks)."""
+    def _note_products(self, products: Tensor) -> None:
+        """Remember whether the products of a measured step carry anything (see :meth:`_check_signal`)."""
         nonzero = products != 0
-        if not bool(nonzero.any()):
-            self._warn_once("no-gradient", _NO_GRADIENT.format(step=step))
-        elif not bool(nonzero.fill_diagonal_(False).any()):
+        self._seen_gradient = nonzero.any() | self._seen_gradient
+        self._seen_overlap = nonzero.fill_diagonal_(False).any() | self._seen_overlap
+
+    def _check_signal(self) -> None:
+        """At the end of fit: warn when no measured step had a gradient, or none had two tasks' gradients meet."""
+        if not self._measured:
+            return
+        if not bool(self._seen_gradient):
+            rank_zero_warn(_NO_GRADIENT, category=RuntimeWarning)
+        elif self.method == "etap" and not bool(self._seen_overlap):
             hint = ("with per-task inputs (each example belongs to one task) the gradients w.r.t. the "
                     "representation never share a row: use scope='shared'" if self.scope == "representation" else
                     "the tasks use disjoint parts of the shared parameters")
-            self._warn_once("no-overlap", f"AffinityCallback: at step {step} every product between two different "
-                            f"tasks' gradients is exactly 0, so the matrix says nothing about how they interact; {hint}")
+            rank_zero_warn(f"AffinityCallback: at every measured step every product between two different tasks' "
+                           f"gradients was exactly 0, so the matrix says nothing about how they interact; {hint}",
+                           category=RuntimeWarning)
 
     def _add_micro(self, scores: Tensor, valid: Tensor, proxy: Tensor | bool | None = None) -> None:
         """Queue a micro-batch's scores (``proxy``: its proxy scores, or ``True`` when ``scores`` are proxy scores)."""
@@ -741,6 +755,7 @@ class AffinityCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._acc is not None and self._measured:
             result = self.result
+            self._check_signal()
             self._check_reproducible(result)
             self.dashboard.log_final(trainer, result)
             if self.save_dir is not None and trainer.is_global_zero:
@@ -814,25 +829,39 @@ class AffinityCallback(Callback):
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
+        # Lightning restores callbacks for validate / test / predict too: a measurement resumes only with a fit
+        self._restore = trainer.state.fn == TrainerFn.FITTING
+        if not self._restore:
+            return
         # Lightning hands a callback its state only under an identical state_key, which holds the settings: a
         # measurement saved with other settings would be dropped with a generic warning and restart silently
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # load_state_dict receives it
         saved = {k: v for k, v in states.items() if _is_measurement(v)}
-        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, AffinityCallback)}
-        unclaimed = {k: v for k, v in saved.items() if k not in claimed}
-        if not unclaimed:
+        # pair saved measurements with this Trainer's affinity callbacks: identical keys first, then equal
+        # settings (another engine gives the same numbers), in callback order
+        callbacks = [cb for cb in trainer.callbacks if isinstance(cb, AffinityCallback)]
+        free = [k for k in saved if k not in {cb.state_key for cb in callbacks}]
+        adopted: dict[int, str] = {}
+        for cb in callbacks:
+            if cb.state_key in saved:
+                continue
+            match = next((k for k in free if k not in adopted.values()
+                          and not _settings_diff(saved[k].get("settings", {}), cb.settings)), None)
+            if match is not None:
+                adopted[id(cb)] = match
+        if id(self) in adopted:
+            self.load_state_dict(saved[adopted[id(self)]])
+            return
+        left = [k for k in free if k not in adopted.values()]
+        if not left:
             rank_zero_warn("AffinityCallback: the checkpoint holds no measurement for this callback; it measures "
                            f"only the steps from here on (step {checkpoint.get('global_step', '?')})",
                            category=RuntimeWarning)
             return
-        for state in unclaimed.values():
-            if not _settings_diff(state.get("settings", {}), self.settings):  # e.g. another engine, same numbers
-                self.load_state_dict(state)
-                return
-        key, state = next(iter(unclaimed.items()))
-        diff = _settings_diff(state.get("settings", {}), self.settings)
+        key = left[0]
+        diff = _settings_diff(saved[key].get("settings", {}), self.settings)
         raise ValueError(
             f"AffinityCallback: the checkpoint's affinity measurement was made with other settings {diff} "
             "(checkpoint value, this callback's); resume with the checkpoint's settings to continue it. To start "
@@ -843,6 +872,9 @@ class AffinityCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._restore:  # validate / test / predict from a checkpoint: keep the fit's measurement
+            self._restore = True
+            return
         diff = _settings_diff(state_dict.get("settings", {}), self.settings)
         if diff:
             raise ValueError(f"AffinityCallback: checkpoint was measured with other settings {diff} "

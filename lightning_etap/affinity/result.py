@@ -231,7 +231,7 @@ class AffinityResult:
             arrays.update(half_matrices=self.half_matrices)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        data = buffer.getvalue()
+        data = buffer.getbuffer()  # no second copy of a large archive
         digest = hashlib.sha256(data).hexdigest()
         atomic_write_bytes(folder / "affinity.npz", data)
         meta = {

@@ -79,6 +79,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lightning_etap._atomic import atomic_file
 from lightning_etap.groundtruth.base import GroupOutcome
 from lightning_etap.groundtruth.sampling import group_key, parse_group_key
 
@@ -337,6 +338,12 @@ class GainStore:
             # created). With no -wal left, the main file is the whole database and can be read as immutable.
             if "readonly" not in str(e) and "unable to open" not in str(e):
                 raise
+            if Path(f"{self.path}-shm").exists() and not (wal.exists() and wal.stat().st_size > 0):
+                raise sqlite3.OperationalError(
+                    f"{e}: {self.path} may be open for writing in another process (its -shm index exists) and "
+                    "its folder is read-only, so it cannot be read safely; read it when that process has closed "
+                    "it, or from a copy (GainStore.backup)"
+                ) from e
             if wal.exists() and wal.stat().st_size > 0:
                 raise sqlite3.OperationalError(
                     f"{e}: {self.path} has unmerged rows in {wal.name} and its folder is read-only, so SQLite "
@@ -685,9 +692,8 @@ class GainStore:
         """Write the jobs to a CSV file (standard library only; columns as in :meth:`rows`)."""
         rows = self.rows(status)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         columns = list(COLUMNS) + [c for c in (rows[0] if rows else {}) if c not in COLUMNS]
-        with path.open("w", newline="") as f:
+        with atomic_file(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)

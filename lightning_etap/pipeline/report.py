@@ -30,6 +30,7 @@ import numpy as np
 
 from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.config import PipelineConfig
+from lightning_etap.pipeline.errors import UserError
 from lightning_etap.pipeline.rundir import RunDirectory
 
 __all__ = ["FIGURES", "prediction_quality", "terminal_summary", "write_report"]
@@ -58,8 +59,12 @@ def _load(run: RunDirectory) -> dict[str, Any]:
         groups = json.loads(run.groups_path.read_text())
     with run.reading(run.predictions_path), np.load(run.predictions_path, allow_pickle=False) as data:
         predictions = {k: data[k] for k in data.files}
-    with run.reading(run.store_path), GainStore(run.store_path) as store:
-        measured = GroupGains.from_store(store, seeds=config.seeds).mean_over_seeds()
+    with run.reading(run.store_path), GainStore(run.store_path, read_only=True) as store:
+        try:
+            stored = GroupGains.from_store(store, seeds=config.seeds)
+        except ValueError as err:  # the store is fine but lacks what the report needs
+            raise UserError(f"{err}: rerun the gains stage") from None
+    measured = stored.mean_over_seeds()
     with run.reading(run.selection_path):
         selection = json.loads(run.selection_path.read_text())
     return {

@@ -91,21 +91,33 @@ class RunDirectory:
 
     @contextlib.contextmanager
     def reading(self, path: Path) -> Iterator[None]:
-        """Turn a failure to read one of the run's files into a :class:`UserError` that names it and the fix.
+        """Turn a failure to load one of the run's files into a :class:`UserError` that names it and the fix.
 
-        A truncated JSON, a damaged archive or database, or a missing file:
-        the message names the file and the command that writes it again.
+        Wrap the loading call only. A missing file, or a damaged one (truncated
+        JSON, a broken archive, a database SQLite calls malformed): the message
+        names the file and the command that writes it again. A file that cannot
+        be opened (permissions, a lock) is reported as such, with no advice to
+        redo anything; other errors pass through.
         """
+        stage = self._WRITERS.get(Path(path).name)
+        redo = f"`lightning-etap {stage} --force --output {self.path}`" if stage else "the stage that writes it"
         try:
             yield
         except UserError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, sqlite3.DatabaseError) as err:
-            stage = self._WRITERS.get(Path(path).name)
-            fix = (f"redo the stage that writes it: `lightning-etap {stage} --force --output {self.path}`"
-                   if stage else "delete it and rerun")
-            what = "missing" if isinstance(err, FileNotFoundError) else "damaged"
-            raise UserError(f"cannot read {path}: {what} ({type(err).__name__}: {err}); {fix}") from None
+        except FileNotFoundError as err:
+            raise UserError(f"cannot read {path}: it is missing ({err.strerror}); write it again with {redo}") \
+                from None
+        except sqlite3.OperationalError as err:  # read-only, locked, I/O: the store itself may be fine
+            raise UserError(f"cannot open {path}: {err}") from None
+        except OSError as err:
+            raise UserError(f"cannot read {path}: {err.strerror or err}; check its permissions") from None
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile, sqlite3.DatabaseError) as err:
+            fix = f"write it again with {redo}"
+            if stage == "gains":  # hours of training: recover before retraining
+                fix = (f"restore a copy (GainStore.backup makes one) or try `sqlite3 {path} .recover`; {redo} "
+                       "retrains every group")
+            raise UserError(f"cannot read {path}: it is damaged ({type(err).__name__}: {err}); {fix}") from None
 
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> None:

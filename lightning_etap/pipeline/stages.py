@@ -346,10 +346,11 @@ class Pipeline:
         """Measured gains (mean over the config's seeds) of ``groups``, or of every finished group."""
         from lightning_etap.groundtruth import GainStore, GroupGains
 
-        with self.dir.reading(self.dir.store_path), GainStore(self.dir.store_path) as store:
+        # read-only: select and report never write the store; reading() names a damaged or unreadable file
+        with self.dir.reading(self.dir.store_path), GainStore(self.dir.store_path, read_only=True) as store:
             try:
                 gains = GroupGains.from_store(store, groups=groups, seeds=self.config.seeds)
-            except ValueError as err:
+            except ValueError as err:  # the store is fine but lacks what this stage needs
                 raise UserError(f"{err}: rerun the gains stage") from None
         return gains.mean_over_seeds()
 

@@ -485,6 +485,8 @@ class Session:
         return tuple(tuple(self.names[t] for t in g) for g in groups)
 
     def result(self, answer: Answer | None, details: dict[str, Any] | None = None) -> SearchResult:
+        if hasattr(self, "_close_store"):
+            self._close_store()  # the search is over: the store's file is complete on disk from here on
         if answer is None:
             raise ValueError(f"{self.strategy}: no grouping within budget {self.budget} covers every task "
                              "with the groups measured; raise n_trainings or the budget")
@@ -492,8 +494,6 @@ class Session:
         for r, g in enumerate(answer.groups):
             masks[r, list(g)] = True
         history = tuple(sorted(self.history, key=lambda s: s.n_trainings))
-        if hasattr(self, "_close_store"):
-            self._close_store()  # the store's file is complete on disk from here on
         return SearchResult(
             strategy=self.strategy,
             task_names=self.names,
