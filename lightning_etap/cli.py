@@ -107,6 +107,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
     config = resolve_config(args.config, overrides, max_epochs=getattr(args, "max_epochs", None))
 
+    from lightning_etap.groundtruth.executors import is_lightning_interrupt
     from lightning_etap.pipeline.stages import Pipeline
 
     pipeline = Pipeline(config, progress=not args.no_progress)
@@ -120,7 +121,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, SystemExit) as stop:
         # Lightning handles Ctrl-C inside a fit itself: it shuts down and raises SystemExit(1) while handling the
         # KeyboardInterrupt, which stays on the exception as its context
-        if isinstance(stop, SystemExit) and not isinstance(stop.__context__, KeyboardInterrupt):
+        if isinstance(stop, SystemExit) and not is_lightning_interrupt(stop):
             raise
         print(f"lightning-etap: interrupted; finished work is kept in {pipeline.dir.path}: rerun the same command "
               "to resume", file=sys.stderr)

@@ -412,6 +412,32 @@ def test_save_load_round_trip(fitted, tmp_path):
     np.testing.assert_allclose(refit.predict(test), model.predict(test), rtol=0, atol=1e-12, equal_nan=True)
 
 
+def test_an_affinity_result_carries_its_task_names(fitted, tmp_path):
+    from lightning_etap.affinity import AffinityResult
+
+    model, A, train, y, test, _ = fitted
+    result = AffinityResult(tuple("abcdef"), A, A[None], [0], measured_steps=1)
+    carried = ETAPPredictor(result).fit(train, y)
+    assert carried.task_names_ == list("abcdef")
+    np.testing.assert_allclose(carried.predict(test), model.predict(test), rtol=0, atol=1e-12, equal_nan=True)
+    loaded = ETAPPredictor.load(carried.save(tmp_path / "p.json"))
+    assert loaded.task_names_ == list("abcdef")
+    np.testing.assert_allclose(loaded.predict(test), model.predict(test), rtol=0, atol=1e-12, equal_nan=True)
+    with pytest.raises(ValueError, match=r"task_names \['f'.*differ from the affinity's own task order"):
+        ETAPPredictor(result, task_names=list("fedcba")).fit(train, y)
+
+
+def test_nan_predictions_are_not_called_unmeasured():
+    from lightning_etap.predictors import evaluate_predictions
+
+    masks = all_groups(3, min_size=2)
+    true = np.where(masks, 0.1, np.nan)
+    pred = true.copy()
+    pred[0, 0] = np.nan
+    with pytest.raises(ValueError, match="pred_gains .* the predictor returned no value there"):
+        evaluate_predictions(masks, true, pred)
+
+
 @pytest.mark.parametrize(("stage1", "stage2"), [("affine", None), ("knn", "ridge")])
 def test_save_load_variants(stage1, stage2, tmp_path):
     A, train, y, test, _ = make_problem(5, 15, 15, lambda z, m: np.tanh(z))

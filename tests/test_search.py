@@ -168,6 +168,18 @@ def test_a_search_closes_the_store_it_opened(table, store):
         assert again.done_among([(g, 0) for g in result.trained]) == {(g, 0) for g in result.trained}
 
 
+def test_a_predictor_in_another_task_order_is_refused(table, store):
+    reordered = ETAPPredictor(AFFINITY[::-1, ::-1], task_names=list(TASKS[::-1]))
+    with pytest.raises(ValueError, match=r"predictor's tasks \['f', 'e'.*not the trainer's \['a', 'b'"):
+        active_etap_search(OracleTrainer(table), 6, predictor=reordered, budget=2, store=store)
+
+
+def test_more_trainings_than_candidates_warns(table, store):
+    with pytest.warns(UserWarning, match="n_trainings=80 is more than the 57 candidate groups"):
+        result = random_search(OracleTrainer(table), 80, budget=2, store=store)
+    assert result.n_trainings == 57
+
+
 def test_random_selection_finds_the_optimum_with_etap(table, store):
     result = random_selection(OracleTrainer(table), 10, predictor=etap(), budget=2, store=store)
     assert set(result.groups) == set(OPTIMUM)

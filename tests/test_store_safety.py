@@ -179,6 +179,38 @@ def test_collect_gains_stores_what_came_back_before_an_interrupt_and_closes_the_
     assert GainStore(path, read_only=True).counts() == {"done": 1}
 
 
+def test_ctrl_c_inside_a_lightning_fit_in_process_is_a_keyboard_interrupt(tmp_path):
+    # Lightning answers Ctrl-C inside a fit with SystemExit(1), the KeyboardInterrupt as its context
+    class LightningLike:
+        task_names = tuple(TASKS)
+        calls = 0
+
+        def fingerprint(self):
+            return FP
+
+        def train(self, jobs):
+            self.calls += 1
+            if self.calls == 2:
+                try:
+                    raise KeyboardInterrupt
+                except KeyboardInterrupt:
+                    sys.exit(1)
+            return [outcome(g, s) for g, s in jobs]
+
+    path = tmp_path / "g.sqlite"
+    with pytest.raises(KeyboardInterrupt):
+        collect_gains(LightningLike(), [("a", "b"), ("a", "c")], store=path, chunk_size=1, progress=False)
+    with GainStore(path, read_only=True) as store:
+        assert store.counts() == {"done": 1}  # the job before the interrupt is kept
+
+    class Exits(LightningLike):
+        def train(self, jobs):
+            sys.exit(3)  # a real exit stays one
+
+    with pytest.raises(SystemExit):
+        collect_gains(Exits(), [("a", "d")], store=tmp_path / "h.sqlite", progress=False)
+
+
 @pytest.mark.slow  # starts a local Ray instance
 def test_ray_hands_back_finished_results_and_cancels_the_rest_on_ctrl_c(tmp_path, markers_dir, monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra")

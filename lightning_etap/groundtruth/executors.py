@@ -62,12 +62,22 @@ def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
 
 
+def is_lightning_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is Lightning's answer to Ctrl-C inside a fit: ``SystemExit(1)`` raised while it handled
+    the ``KeyboardInterrupt`` (which stays on it as its context)."""
+    return isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)
+
+
 def _train_chunk(trainer: GroupTrainer, jobs: tuple[Job, ...]) -> ChunkResult:
     try:
         outcomes = trainer.train(list(jobs))
         return ChunkResult(jobs, tuple(outcomes), None)
     except Exception as e:  # reported, recorded and retried by the collector
         return ChunkResult(jobs, None, _error_text(e))
+    except SystemExit as e:  # Ctrl-C in a Lightning fit: an interrupt like any other, not an exit
+        if is_lightning_interrupt(e):
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _as_chunks(chunks: Iterable[Sequence[Job]]) -> Iterator[tuple[Job, ...]]:

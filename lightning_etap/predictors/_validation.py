@@ -18,6 +18,8 @@ def check_affinity(affinity) -> np.ndarray:
     task ``j``. The diagonal is ignored (it may be NaN); every off-diagonal
     entry must be finite.
     """
+    if hasattr(affinity, "matrix") and hasattr(affinity, "task_names"):  # an AffinityResult
+        affinity = affinity.matrix
     if hasattr(affinity, "detach"):  # a torch tensor
         affinity = affinity.detach().cpu().numpy()
     try:
@@ -107,9 +109,11 @@ def check_gains(gains, masks: np.ndarray, *, name: str = "gains") -> np.ndarray:
     bad = used & ~np.isfinite(arr)
     if bad.any():
         g, t = np.argwhere(bad)[0]
+        fix = ("the predictor returned no value there: check its inputs (a NaN affinity entry, an unfitted "
+               "model)" if "pred" in name else "every member of a group needs a measured gain: re-run that group "
+               "or drop it")
         raise ValueError(
             f"{name} has {int(bad.sum())} non-finite value(s) at member positions "
-            f"(first: group {g}, task {t}); every member of a group needs a measured gain: "
-            "re-run that group or drop it"
+            f"(first: group {g}, task {t}); {fix}"
         )
     return arr

@@ -293,8 +293,15 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
 
     def _resolve_names(self, n: int) -> list[str] | None:
         names = self.task_names
-        if names is None and hasattr(self.affinity, "columns"):
-            names = list(self.affinity.columns)
+        carried = None  # the names an AffinityResult or a DataFrame carries, in the matrix's order
+        if hasattr(self.affinity, "matrix") and hasattr(self.affinity, "task_names"):
+            carried = list(self.affinity.task_names)
+        elif hasattr(self.affinity, "columns"):
+            carried = list(self.affinity.columns)
+        if names is not None and carried is not None and [str(t) for t in names] != [str(t) for t in carried]:
+            raise ValueError(f"task_names {list(names)} differ from the affinity's own task order {carried}: the "
+                             "matrix's rows and columns follow the affinity's order; drop task_names= or reorder it")
+        names = carried if names is None else names
         if names is None:
             return None
         names = [str(t) for t in names]
@@ -647,8 +654,8 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         from lightning_etap import __version__
 
         params = self.get_params(deep=False)
-        params["affinity"] = np.asarray(self.affinity, dtype=np.float64)
-        params["task_names"] = None if self.task_names is None else [str(t) for t in self.task_names]
+        params["affinity"] = np.asarray(getattr(self.affinity, "matrix", self.affinity), dtype=np.float64)
+        params["task_names"] = None if self.task_names_ is None else [str(t) for t in self.task_names_]
         for key in ("degrees", "alpha_grid", "residual_alpha_grid"):
             if params[key] is not None:
                 params[key] = np.asarray(params[key]).tolist()

@@ -282,6 +282,9 @@ class Session:
             raise ValueError("seeds is empty: give at least one training seed")
         self.executor = executor
         self.cands = self._candidates(candidates)
+        if self.n_trainings > len(self.cands):
+            warnings.warn(f"{strategy}: n_trainings={self.n_trainings} is more than the {len(self.cands)} candidate "
+                          f"groups; the search trains at most {len(self.cands)}", UserWarning, stacklevel=3)
         self.weights = np.left_shift(np.int64(1), np.arange(n, dtype=np.int64))
         codes = self.cands.astype(np.int64) @ self.weights
         self.index = {int(c): i for i, c in enumerate(codes)}
@@ -389,7 +392,13 @@ class Session:
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             masks, gains = masks[rows], gains[rows]
-        return fit_quietly(predictor, masks, gains)
+        model = fit_quietly(predictor, masks, gains)
+        names = getattr(model, "task_names_", None)
+        if names is not None and [str(t) for t in names] != [str(t) for t in self.names]:
+            raise ValueError(f"{self.strategy}: the predictor's tasks {list(names)} are not the trainer's "
+                             f"{list(self.names)} in that order: build the predictor's affinity in the trainer's "
+                             "task order (its masks' columns follow the trainer)")
+        return model
 
     # ------------------------------------------------------------------ values
     def values(self, predicted_gains: np.ndarray | None, upto: int | None = None) -> np.ndarray:
