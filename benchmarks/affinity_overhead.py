@@ -102,6 +102,24 @@ LONG_ROUNDS = 4
 
 
 # --------------------------------------------------------------------------- worker (one fit)
+def seeded_fit(ds, tasks, cfg, seed: int, steps: int, callbacks):
+    """One seeded fit of ``steps`` optimizer steps of the reference model on ``tasks`` (validation off, one
+    device, nothing logged): the fitted model."""
+    import lightning as L
+
+    from lightning_etap.data.datamodule import MultiTaskDataModule
+    from lightning_etap.training import build_model, quiet_lightning
+
+    L.seed_everything(seed, verbose=False)
+    dm = MultiTaskDataModule(ds, tasks, batch_size=cfg.batch_size, seed=seed)
+    model = build_model(ds, tasks, cfg)
+    with quiet_lightning():
+        L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks)).fit(model, datamodule=dm)
+    return model
+
+
 def _status_kb(key: str) -> int:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"{key}:\s+(\d+)", text).group(1))
@@ -150,8 +168,6 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
     import torch
 
     from lightning_etap.affinity import AffinityCallback
-    from lightning_etap.data.datamodule import MultiTaskDataModule
-    from lightning_etap.training import build_model, quiet_lightning
 
     torch.set_num_threads(threads)
     ds, tasks, cfg = _build(config, data_root, seed)
@@ -171,15 +187,7 @@ def worker(config: str, measure: str, steps: int, data_root: str | None, seed: i
             self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
 
     def run(n_steps, callbacks, model_cfg, group):
-        L.seed_everything(seed, verbose=False)
-        dm = MultiTaskDataModule(ds, group, batch_size=model_cfg.batch_size, seed=seed)
-        model = build_model(ds, group, model_cfg)
-        with quiet_lightning():
-            trainer = L.Trainer(max_steps=n_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
-            trainer.fit(model, datamodule=dm)
-        return model
+        return seeded_fit(ds, group, model_cfg, seed, n_steps, callbacks)
 
     class Callback(AffinityCallback):  # also records the fit's optimizer steps per epoch
         def on_train_start(self, trainer, pl_module):

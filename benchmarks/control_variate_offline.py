@@ -45,13 +45,10 @@ PROXY_EVERY = (1, 2, 0)
 def record(n: int, steps: int, seed: int) -> dict:
     """One fit measuring the exact score and the proxy at every step: both per step, and the epochs."""
     import affinity_overhead as ao
-    import lightning as L
     import numpy as np
     import torch
 
     from lightning_etap.affinity import AffinityCallback
-    from lightning_etap.data.datamodule import MultiTaskDataModule
-    from lightning_etap.training import build_model, quiet_lightning
 
     torch.set_num_threads(1)
     ds, tasks, cfg = ao._build(f"wide{n}", None, seed)
@@ -76,14 +73,8 @@ def record(n: int, steps: int, seed: int) -> dict:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     cb = Recorder("encoder", heatmap=False, log_every_n_steps=0, every_n_steps=1, control_variate=True)
-    L.seed_everything(seed, verbose=False)
-    dm = MultiTaskDataModule(ds, tasks, batch_size=cfg.batch_size, seed=seed)
-    model = build_model(ds, tasks, cfg)
     t0 = time.perf_counter()
-    with quiet_lightning():
-        L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0, limit_val_batches=0, callbacks=[cb]).fit(model, datamodule=dm)
+    ao.seeded_fit(ds, tasks, cfg, seed, steps, [cb])
     if len(rows) != steps or any(p is None for *_, p in rows):
         raise RuntimeError(f"expected {steps} steps with exact and proxy scores, got {len(rows)}")
     return {"tasks": n, "steps": steps, "seconds": time.perf_counter() - t0,

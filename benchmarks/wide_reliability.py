@@ -44,13 +44,10 @@ PHASES = ((0, 50), (50, 100), (100, 200), (200, 300), (300, 400), (400, 500), (5
 def fit(n: int, rows: int, steps: int, seed: int) -> dict:
     """One exact every-step fit of the wide encoder: its per-step matrices, losses and figures."""
     import affinity_overhead as ao
-    import lightning as L
     import numpy as np
     import torch
 
     from lightning_etap.affinity import AffinityCallback
-    from lightning_etap.data.datamodule import MultiTaskDataModule
-    from lightning_etap.training import build_model, quiet_lightning
 
     torch.set_num_threads(1)
     ds, tasks, cfg = ao._build(f"wide{n}", None, seed, rows=rows)
@@ -65,14 +62,8 @@ def fit(n: int, rows: int, steps: int, seed: int) -> dict:
             self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
     cb = Exact("encoder", heatmap=False, log_every_n_steps=0, every_n_steps=1, keep_step_scores=True)
-    L.seed_everything(seed, verbose=False)
-    dm = MultiTaskDataModule(ds, tasks, batch_size=cfg.batch_size, seed=seed)
-    model = build_model(ds, tasks, cfg)
     t0 = time.perf_counter()
-    with quiet_lightning():
-        L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0, limit_val_batches=0, callbacks=[cb]).fit(model, datamodule=dm)
+    ao.seeded_fit(ds, tasks, cfg, seed, steps, [cb])
     seconds = time.perf_counter() - t0
     res = cb.result
     mats = np.asarray(res.step_matrices, dtype=float)

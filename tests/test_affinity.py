@@ -643,23 +643,28 @@ class DigitsData(L.LightningDataModule):
         return DataLoader(batches, batch_size=None, shuffle=False)
 
 
+RESUME_TASKS = ["digit_2", "digit_5", "digit_8"]
+
+
+def _digits_fit(tmp_path, data, callbacks, max_epochs, ckpt_path=None):
+    """A seeded fit of the small digits model (resumed from ``ckpt_path``): the model and its warnings' texts."""
+    torch.manual_seed(0)
+    model = MultiTaskMLP(16, RESUME_TASKS, hidden=(8,), lr=0.05, momentum=0.9)
+    L.seed_everything(0, verbose=False)
+    with quiet_lightning(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+                            default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model, [str(w.message) for w in caught]
+
+
 def test_resume_from_checkpoint_gives_the_uninterrupted_matrix(tmp_path):
-    tasks = ["digit_2", "digit_5", "digit_8"]
-    data = DigitsData(tasks)
+    data = DigitsData(RESUME_TASKS)
 
     def run(callbacks, max_epochs, ckpt_path=None):
-        torch.manual_seed(0)
-        model = MultiTaskMLP(16, tasks, hidden=(8,), lr=0.05, momentum=0.9)
-        L.seed_everything(0, verbose=False)
-        with quiet_lightning(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
-            warnings.filterwarnings("ignore", message=".*The dirpath has changed.*")
-            trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-                                default_root_dir=tmp_path)
-            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-        return model
+        return _digits_fit(tmp_path, data, callbacks, max_epochs, ckpt_path)[0]
 
     full = AffinityCallback("encoder", every_n_steps=1, update="optimizer", keep_step_scores=True)
     full_cv = AffinityCallback("encoder", every_n_steps=2, control_variate=True)
@@ -678,20 +683,10 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_matrix(tmp_path):
 
 def test_resume_with_other_settings_is_refused_and_with_another_engine_continues(tmp_path):
     # Lightning passes a callback its state only under the same state_key, which holds the settings
-    tasks = ["digit_2", "digit_5", "digit_8"]
-    data = DigitsData(tasks)
+    data = DigitsData(RESUME_TASKS)
 
     def run(callbacks, max_epochs, ckpt_path=None):
-        torch.manual_seed(0)
-        model = MultiTaskMLP(16, tasks, hidden=(8,), lr=0.05, momentum=0.9)
-        L.seed_everything(0, verbose=False)
-        with quiet_lightning(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-                                default_root_dir=tmp_path)
-            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-        return [str(w.message) for w in caught]
+        return _digits_fit(tmp_path, data, callbacks, max_epochs, ckpt_path)[1]
 
     full = AffinityCallback("encoder", every_n_steps=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
@@ -720,7 +715,7 @@ def test_resume_with_other_settings_is_refused_and_with_another_engine_continues
     assert any("holds no measurement for this callback" in m for m in messages)
     assert fresh.result.epochs.tolist() == [1] and fresh.result.measured_steps > 0  # the second epoch only
     # validate / test from a checkpoint neither refuse it nor replace the measurement the callback holds
-    model = MultiTaskMLP(16, tasks, hidden=(8,), lr=0.05, momentum=0.9)
+    model = MultiTaskMLP(16, RESUME_TASKS, hidden=(8,), lr=0.05, momentum=0.9)
     for cb in (AffinityCallback("encoder", every_n_steps=1), fresh):
         before = None if cb is not fresh else fresh.result.matrix.copy()
         with quiet_lightning(), warnings.catch_warnings():

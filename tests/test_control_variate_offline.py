@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("control_variate_offline", BENCH / "control_variate_offline.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_benchmark("control_variate_offline")
 
 
 def _record(n=4, steps=30, per_epoch=7, seed=0, proxy_noise=1.0):

@@ -217,16 +217,11 @@ def test_invalid_data_raise(problem):
 
 def test_small_data_benchmark_runs(tmp_path):
     """benchmarks/predictor_small_data.py end to end with one draw, so it cannot rot."""
-    import importlib.util
     import json
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "predictor_small_data.py"
-    spec = importlib.util.spec_from_file_location("predictor_small_data_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    from _benchmarks import load_benchmark
+
+    module = load_benchmark("predictor_small_data")
     out = tmp_path / "small.json"
     assert module.main(["--draws", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())

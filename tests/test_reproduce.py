@@ -8,11 +8,9 @@ table and a rerun must come from the cache.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,24 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 from lightning_etap.groundtruth import GroupGains
 from lightning_etap.groups import all_groups
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_chemical.py"
 TASKS = ["83", "78", "84", "85"]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("reproduce_chemical", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+    return load_benchmark("reproduce_chemical")
 
 
 def synthetic_truth(names, seeds=(0, 1)) -> GroupGains:

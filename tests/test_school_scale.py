@@ -8,28 +8,18 @@ predictions, and a page-only rerun reads the cached stages.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "school_scale.py"
 TASKS = [f"school_{k:03d}" for k in range(1, 7)]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("school_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+    return load_benchmark("school_scale")
 
 
 def _best_objective(masks: np.ndarray, predicted: np.ndarray, budget: int) -> float:

@@ -491,16 +491,9 @@ def test_docstring_examples_run():
 
 
 def _active_search_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from _benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "active_search.py"
-    spec = importlib.util.spec_from_file_location("active_search_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("active_search")
 
 
 @pytest.mark.parametrize("budget", [1, 2, 3])

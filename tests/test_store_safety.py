@@ -151,6 +151,18 @@ def test_a_closed_executor_does_not_wait_for_running_jobs(tmp_path, markers):
     wait_for(lambda: gone(int((tmp_path / "start-c_d").read_text())), "the worker to exit", 10)
 
 
+class InstantTrainer:
+    """Answers every job at once, in this process."""
+
+    task_names = tuple(TASKS)
+
+    def fingerprint(self):
+        return FP
+
+    def train(self, jobs):
+        return [outcome(g, s) for g, s in jobs]
+
+
 def test_collect_gains_stores_what_came_back_before_an_interrupt_and_closes_the_executor(tmp_path):
     closed = []
 
@@ -163,30 +175,17 @@ def test_collect_gains_stores_what_came_back_before_an_interrupt_and_closes_the_
             finally:
                 closed.append(True)
 
-    class Trainer:
-        task_names = tuple(TASKS)
-
-        def fingerprint(self):
-            return FP
-
-        def train(self, jobs):
-            return [outcome(g, s) for g, s in jobs]
-
     path = tmp_path / "g.sqlite"
     with pytest.raises(KeyboardInterrupt):
-        collect_gains(Trainer(), [("a", "b")], store=path, executor=InterruptedExecutor(), progress=False)
+        collect_gains(InstantTrainer(), [("a", "b")], store=path, executor=InterruptedExecutor(), progress=False)
     assert closed == [True]
     assert GainStore(path, read_only=True).counts() == {"done": 1}
 
 
 def test_ctrl_c_inside_a_lightning_fit_in_process_is_a_keyboard_interrupt(tmp_path):
     # Lightning answers Ctrl-C inside a fit with SystemExit(1), the KeyboardInterrupt as its context
-    class LightningLike:
-        task_names = tuple(TASKS)
+    class LightningLike(InstantTrainer):
         calls = 0
-
-        def fingerprint(self):
-            return FP
 
         def train(self, jobs):
             self.calls += 1
@@ -195,7 +194,7 @@ def test_ctrl_c_inside_a_lightning_fit_in_process_is_a_keyboard_interrupt(tmp_pa
                     raise KeyboardInterrupt
                 except KeyboardInterrupt:
                     sys.exit(1)
-            return [outcome(g, s) for g, s in jobs]
+            return super().train(jobs)
 
     path = tmp_path / "g.sqlite"
     with pytest.raises(KeyboardInterrupt):
@@ -303,16 +302,11 @@ def test_a_store_overwritten_by_another_process_takes_no_more_rows(tmp_path):
 def test_collect_gains_stops_when_its_store_is_overwritten(tmp_path):
     path = tmp_path / "g.sqlite"
 
-    class Trainer:
-        task_names = tuple(TASKS)
-
-        def fingerprint(self):
-            return FP
-
+    class Trainer(InstantTrainer):
         def train(self, jobs):
             if any(len(g) > 1 for g, _ in jobs):  # meanwhile, another user restarts the store for their run
                 GainStore(path, {"trainer": "other"}, overwrite=True).close()
-            return [outcome(g, s) for g, s in jobs]
+            return super().train(jobs)
 
     with pytest.raises(FingerprintMismatchError, match="overwritten"):
         collect_gains(Trainer(), [("a", "b")], store=path, progress=False)
@@ -373,20 +367,11 @@ def test_close_folds_the_log_into_the_one_file(tmp_path):
 
 
 def test_collect_gains_closes_the_store_it_opened(tmp_path):
-    class Trainer:
-        task_names = tuple(TASKS)
-
-        def fingerprint(self):
-            return FP
-
-        def train(self, jobs):
-            return [outcome(g, s) for g, s in jobs]
-
     path = tmp_path / "g.sqlite"
     GainStore(path, FP, task_names=TASKS).close()
     reader = sqlite3.connect(path)  # another process with the store open
     reader.execute("SELECT COUNT(*) FROM meta").fetchall()
-    collect_gains(Trainer(), [("a", "b")], store=path, progress=False)
+    collect_gains(InstantTrainer(), [("a", "b")], store=path, progress=False)
     assert done_rows_in_main_file(path, tmp_path) == 3  # a, b and a|b
     reader.close()
 
