@@ -335,17 +335,23 @@ def reliability(rec: dict) -> dict:
     """How reproducible the exact every-step matrix is, from its per-step record.
 
     ``split_half``: Spearman of the off-diagonal entries between the matrices of the even and the odd epochs
-    (each half the steps); ``subsample``: for every k, the mean over phases of the agreement of every k-th
+    (each half the steps; of the even and the odd steps when the record spans one epoch, ``split_by`` says
+    which; ``None`` below two steps); ``subsample``: for every k, the mean over phases of the agreement of every k-th
     step (the matrix a schedule measuring every k-th step would give) with the whole record: what measuring
     fewer exact steps costs in agreement, whatever the speed of a step.
     """
     import numpy as np
 
     mats, steps, spe = rec["step_matrices"], np.asarray(rec["steps"]), rec["steps_per_epoch"]
+    if len(steps) < 2:
+        return {"split_half": None, "split_by": None, "subsample": {}}
     full = epoch_sum(mats, steps, spe)
-    parity = (steps // spe) % 2
+    # Even against odd epochs; a record of one epoch has no odd epoch, so its halves are its even and odd steps.
+    halves = "epochs" if len(np.unique(steps // spe)) >= 2 else "steps"
+    parity = (steps // spe) % 2 if halves == "epochs" else steps % 2
     out = {"split_half": round(spearman_offdiag(epoch_sum(mats, steps, spe, parity == 0),
-                                                epoch_sum(mats, steps, spe, parity == 1)), 3)}
+                                                epoch_sum(mats, steps, spe, parity == 1)), 3),
+           "split_by": halves}
     curve = {}
     for k in SUBSAMPLE_KS:
         if k >= len(steps):
@@ -540,7 +546,8 @@ def main() -> None:
                   f"({'-' if in_fit is None else format(in_fit, '.2f')}x in fit; "
                   f"{s['long_default_measured_steps']} steps measured)")
         rel = s["exact_reliability"]
-        print(f"  exact's own reproducibility: split-half rho {rel['split_half']:.3f}; every k-th exact step vs all: "
+        half = "-" if rel["split_half"] is None else f"{rel['split_half']:.3f} ({rel['split_by']})"
+        print(f"  exact's own reproducibility: split-half rho {half}; every k-th exact step vs all: "
               + ", ".join(f"k={k} {v:.3f}" for k, v in rel["subsample"].items()))
         print(f"  default chose every {s['default_every_n_steps_chosen']} steps "
               f"({'with' if s['default_control_variate'] else 'without'} the control variate); exact / TAG time "

@@ -22,3 +22,19 @@ def test_tiny_fit_reports_consistent_figures(script, tmp_path):
     assert -1 <= rel["split_half"] <= 1 and set(rel["subsample"]) == {"2", "5", "10", "20"}
     assert [p["steps"] for p in run["phases"]] == [[0, 24]]  # only the first phase exists in 24 steps
     assert 0 < run["phases"][0]["mean_abs_offdiag"] and -1 <= run["rho_construction"] <= 1
+
+
+def test_reliability_of_one_epoch_splits_by_step_parity():
+    overhead = load_benchmark("affinity_overhead")
+    rng = np.random.default_rng(0)
+    mats = rng.normal(size=(6, 4, 4))
+    steps = np.arange(6)
+    rel = overhead.reliability({"step_matrices": mats, "steps": steps, "steps_per_epoch": 10})  # all in epoch 0
+    assert rel["split_by"] == "steps"
+    # by hand: the mean of the even steps against the mean of the odd steps
+    assert rel["split_half"] == round(overhead.spearman_offdiag(mats[0::2].mean(0), mats[1::2].mean(0)), 3)
+    two_epochs = overhead.reliability({"step_matrices": mats, "steps": steps, "steps_per_epoch": 3})
+    assert two_epochs["split_by"] == "epochs"
+    assert two_epochs["split_half"] == round(overhead.spearman_offdiag(mats[:3].mean(0), mats[3:].mean(0)), 3)
+    one_step = overhead.reliability({"step_matrices": mats[:1], "steps": steps[:1], "steps_per_epoch": 10})
+    assert one_step == {"split_half": None, "split_by": None, "subsample": {}}
