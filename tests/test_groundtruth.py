@@ -550,12 +550,13 @@ def test_two_collectors_on_one_store(tmp_path, fakes_dir):
 
 
 # ================================================================== executors
-def test_process_pool_survives_a_dying_worker(tmp_path, fakes):
+def test_process_pool_survives_a_dying_worker(tmp_path, fakes, caplog):
     trainer = fakes.FakeTrainer(die_on=[("a", "b")])
     executor = ProcessPoolExecutor(workers=2, preload=())  # the fakes need no torch
-    with pytest.raises(CollectionError) as err:
+    with pytest.raises(CollectionError) as err, caplog.at_level("WARNING", logger="lightning_etap.groundtruth"):
         collect_gains(trainer, [("a", "b"), ("b", "c"), ("c", "d")], seeds=[0], store=tmp_path / "g.sqlite",
                       executor=executor, retries=1, progress=False)
+    assert "a worker process died" in caplog.text  # said when it happens, not only if a job ends failed
     assert list(err.value.failed) == [(("a", "b"), 0)]
     assert "died" in err.value.failed[(("a", "b"), 0)]
     assert GainStore(tmp_path / "g.sqlite").counts() == {"done": 6, "failed": 1}

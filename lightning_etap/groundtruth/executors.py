@@ -21,6 +21,7 @@ the same way.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import multiprocessing
 import os
 import pickle
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from lightning_etap.groundtruth.base import GroupOutcome, GroupTrainer
+
+logger = logging.getLogger("lightning_etap.groundtruth")
 
 __all__ = ["ChunkResult", "Executor", "InProcessExecutor", "ProcessPoolExecutor", "RayExecutor"]
 
@@ -215,6 +218,10 @@ class ProcessPoolExecutor:
                 return
             # A worker died and took the pool with it; which chunk killed it is unknown. Run the
             # unfinished chunks again one at a time, so that a second death names its chunk, then go on.
+            logger.warning(
+                "a worker process died (killed, out of memory or crashed) and took the pool with it; running "
+                "its %d unfinished chunk(s) (%d jobs) again one at a time, then going on in parallel",
+                len(broken), sum(len(chunk) for chunk in broken))
             yield from self._isolated(payload, ctx, broken)
 
     def _pool(self, payload: bytes, ctx, workers: int) -> cf.ProcessPoolExecutor:
