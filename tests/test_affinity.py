@@ -608,6 +608,12 @@ def test_errors_are_clear():
         fit(TinyMTL(), tiny_loader(), [AffinityCallback("encoder.0.weight")], max_epochs=1)
     with pytest.raises(TypeError, match="shared must be a submodule name.*got int 123"):
         AffinityCallback(123)
+    with pytest.raises(TypeError, match=r"module object \(Linear\): pass its name.*shared='encoder'"):
+        AffinityCallback(nn.Linear(2, 2))
+    one = TinyMTL()
+    single = AffinityCallback(one.encoder[0].weight, every_n_steps=1)  # one parameter
+    fit(one, tiny_loader(), [single], max_epochs=1)
+    assert len(single.shared) == 1 and single.shared[0] is one.encoder[0].weight and single.result.measured_steps
     frozen = TinyMTL()
     frozen.encoder.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
@@ -679,6 +685,37 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_matrix(tmp_path):
     assert np.array_equal(resumed.result.matrix, full.result.matrix) and full.result.epochs.tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="other settings"):
         AffinityCallback("encoder", update="gradient").load_state_dict(full.state_dict())
+
+
+def test_a_second_fit_of_the_same_trainer_goes_on_measuring(tmp_path):
+    data = DigitsData(RESUME_TASKS)
+    torch.manual_seed(0)
+    model = MultiTaskMLP(16, RESUME_TASKS, hidden=(8,), lr=0.05, momentum=0.9)
+    L.seed_everything(0, verbose=False)
+    staged = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True)
+    with quiet_lightning(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[staged], num_sanity_val_steps=0, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data)
+        first = staged.result
+        trainer.fit_loop.max_epochs = 3  # staged training: fit on with the same Trainer
+        trainer.fit(model, datamodule=data)
+    assert not [w for w in caught if "new measurement" in str(w.message)]
+    # (Lightning's second fit builds a new optimizer, so the steps after it are not those of one 3-epoch fit)
+    got = staged.result
+    assert first.epochs.tolist() == [0] and got.epochs.tolist() == [0, 1, 2]
+    assert got.measured_steps == 3 * first.measured_steps and got.steps.tolist() == list(range(got.measured_steps))
+    np.testing.assert_array_equal(got.step_matrices[:first.measured_steps], first.step_matrices)
+    np.testing.assert_allclose(got.matrix, got.epoch_matrices.sum(0), rtol=1e-12)
+
+    # the same callback in a new Trainer starts anew, and says what it drops
+    with quiet_lightning(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[staged], num_sanity_val_steps=0, default_root_dir=tmp_path).fit(model, datamodule=data)
+    assert [w for w in caught if "new measurement" in str(w.message)]
+    assert staged.result.epochs.tolist() == [0]
 
 
 def test_resume_with_other_settings_is_refused_and_with_another_engine_continues(tmp_path):

@@ -422,3 +422,77 @@ def test_separable_rows_in_any_layout_match_autograd(route, how, opt_name):
             mine = t[torch.as_tensor(route) == i]
             torch.testing.assert_close(split[i, :len(mine)], mine)
             assert not split[i, len(mine):].any()  # zero padding
+
+
+class Tied(nn.Module):
+    """A shared layer whose weight also gets gradient outside its own forward call."""
+
+    def __init__(self, how, n=3):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(n)])
+        self.how = how
+        if how == "tied_module":  # a head module holding the encoder's own weight
+            self.tied = nn.Linear(8, 8)
+            self.tied.weight = self.encoder[2].weight
+
+    def losses(self, x, ys):
+        h = self.encoder(x)
+        w = self.encoder[2].weight
+        out = []
+        for i, head in enumerate(self.heads):
+            y = head(h)
+            if self.how == "functional":  # the weight used directly, outside the layer
+                y = y + nn.functional.linear(h, w)[:, i:i + 1]
+            elif self.how == "tied_module":
+                y = y + self.tied(h)[:, i:i + 1]
+            loss = ((y - ys[i]) ** 2).mean()
+            if self.how == "penalty" and i == 0:  # a penalty on the shared weight in one task's loss
+                loss = loss + 0.05 * w.square().sum()
+            out.append(loss)
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("how", ["functional", "penalty", "tied_module", "plain"])
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_weight_used_outside_its_layer_goes_to_autograd(how, opt_name, recwarn):
+    torch.manual_seed(11)
+    model = Tied(how)
+    g = torch.Generator().manual_seed(12)
+    x, ys = torch.randn(9, 6, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
+    fn = lambda: model.losses(x, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "optimizer")
+    want = reference(model, fn, params, rules)
+    engine = GramEngine(model, params, root=model.encoder)
+    # a weight tied to another module is left to autograd from the start; the others are caught at the first step
+    assert len(engine.layers) == (1 if how == "tied_module" else 2)
+    for _ in range(2):  # the check runs once; the second step keeps its verdict
+        engine.start_step()
+        torch.testing.assert_close(engine.products(fn(), rules), want, rtol=2e-5, atol=1e-9)
+    messages = [str(w.message) for w in recwarn if "outside the layer's own forward" in str(w.message)]
+    if how in ("functional", "penalty"):
+        assert len(messages) == 1 and "'encoder.2'" in messages[0] and list(engine.excluded) == [1]
+    else:  # nothing to warn about: a plain model keeps the fast path for every layer
+        assert messages == [] and engine.excluded == {}
+    engine.close()
+
+
+def test_deep_copy_of_the_shared_module_mid_step():
+    torch.manual_seed(13)
+    model = Shared()
+    g = torch.Generator().manual_seed(14)
+    x, ys = torch.randn(9, 12, generator=g), [torch.randn(9, 1, generator=g) for _ in range(4)]
+    params = shared_params(model)
+    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    engine = GramEngine(model, params, root=model.encoder)
+    engine.start_step()
+    losses = model.losses(x, ys)
+    teacher = copy.deepcopy(model.encoder)  # an EMA / teacher copy made inside the step: must not fail
+    with torch.enable_grad():
+        teacher(x).sum()  # the copy's forward is not recorded as the student's
+    assert len(engine.tap._record.linear) == 2 and len(engine.tap._record.roots) == 1
+    torch.testing.assert_close(engine.products(losses, rules), reference(model, lambda: model.losses(x, ys),
+                                                                          params, rules), rtol=2e-5, atol=1e-9)
+    engine.close()

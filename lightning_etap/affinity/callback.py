@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -302,8 +303,14 @@ class AffinityCallback(Callback):
             if len(names) < 2:
                 raise ValueError(f"affinity needs at least two tasks, got {names}")
             tasks = names
+        if isinstance(shared, nn.Module):  # callable, but calling it would run its forward
+            raise TypeError(f"shared= a module object ({type(shared).__name__}): pass its name in the "
+                            "LightningModule instead, e.g. shared='encoder' (a dotted path reaches nested ones), "
+                            "or a callable such as lambda m: m.encoder.parameters()")
+        if isinstance(shared, Tensor):  # one shared parameter
+            shared = [shared]
         if not (isinstance(shared, str) or callable(shared)):
-            if not isinstance(shared, Iterable) or isinstance(shared, Tensor):
+            if not isinstance(shared, Iterable):
                 raise TypeError(f"shared must be a submodule name, a non-empty list of parameters or a callable "
                                 f"module -> parameters, got {type(shared).__name__} {shared!r:.80}")
             shared = list(shared)
@@ -399,8 +406,19 @@ class AffinityCallback(Callback):
             root = pl_module.get_submodule(self.shared) if isinstance(self.shared, str) else None
             self._engine = GramEngine(pl_module, self._params, root=root, scope=self.scope)
         self._measuring = False
-        if not self._loaded:
+        # A second trainer.fit of the same Trainer and module goes on from the step the last one ended at (staged
+        # training): the measurement goes on too, as from a checkpoint of that step. Anything else starts anew.
+        last = getattr(self, "_last_fit", None)
+        continuing = (last is not None and last[0] == trainer.global_step > 0 and last[1]() is pl_module
+                      and self._acc is not None)
+        if not self._loaded and not continuing:
+            if self._acc is not None and self._measured:
+                rank_zero_warn(
+                    f"AffinityCallback: this fit starts a new measurement; the previous fit's ({self._measured} "
+                    "measured steps) is dropped. Keep it first (result = affinity.result), or fit on with the "
+                    "same Trainer and module to go on measuring.", category=UserWarning)
             self._reset()
+        self._last_fit = None
         self._captured: _Captured | None = None
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_bad = False
@@ -422,6 +440,7 @@ class AffinityCallback(Callback):
         self._tag_state = None
         self._pending = []
         self._loaded = False
+        self._last_fit = (trainer.global_step, weakref.ref(pl_module))
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -784,7 +803,10 @@ class AffinityCallback(Callback):
             RuntimeError: no step has been measured yet.
         """
         if self._acc is None or self._task_names is None:
-            raise RuntimeError("AffinityCallback has measured no training step yet; run trainer.fit first")
+            raise RuntimeError(
+                "AffinityCallback has measured no training step yet; run trainer.fit first. (Under "
+                "strategy='ddp_spawn' the fit runs in worker processes and the measurement stays there: pass "
+                "save_dir= and read it with AffinityResult.load(save_dir).)")
         acc = self._acc
         steps = None
         if acc.keep_steps:

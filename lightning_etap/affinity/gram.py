@@ -46,6 +46,7 @@ never forms the gradients, is not used then.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +124,14 @@ def linear_layers(module: nn.Module, params: Sequence[Tensor]) -> list[FastLinea
             continue
         b = index.get(id(sub.bias)) if sub.bias is not None else None
         out.append(FastLinearLayer(sub, w, b))
-    return out
+    # A parameter owned by two layers (tied weights) gets gradient from both: neither layer's activations alone
+    # give its per-task gradients, so both go to the exact autograd path.
+    owners: dict[int, int] = {}
+    for layer in out:
+        for k in (layer.weight, layer.bias):
+            if k is not None:
+                owners[k] = owners.get(k, 0) + 1
+    return [lay for lay in out if owners[lay.weight] == 1 and (lay.bias is None or owners[lay.bias] == 1)]
 
 
 def shared_root(module: nn.Module, params: Sequence[Tensor]) -> nn.Module | None:
@@ -172,15 +180,31 @@ class ActivationTap:
         self.active = False
         self._record = _Record()
         self._handles: list[Any] = []
+        # The hooks are plain closures, not bound methods: a copy.deepcopy of the module (an EMA or teacher copy
+        # made inside training_step) copies its hooks, and a bound method would drag this tap and the step's
+        # recorded tensors into the copy (non-leaf tensors cannot be deep-copied). The copy's hooks ignore calls
+        # of the copy (``module is not ...``), so a teacher's forward is never mistaken for the student's.
         for k, layer in enumerate(self.layers):
             self._handles.append(layer.module.register_forward_hook(self._linear_hook(k)))
         if root is not None:
-            self._handles.append(root.register_forward_pre_hook(self._root_pre))
-            self._handles.append(root.register_forward_hook(self._root_post))
+            tap = self
+
+            def root_pre(module: nn.Module, args: tuple) -> None:
+                if module is tap.root:
+                    tap._root_pre(module, args)
+
+            def root_post(module: nn.Module, args: tuple, output: Any) -> None:
+                if module is tap.root:
+                    tap._root_post(module, args, output)
+
+            self._handles.append(root.register_forward_pre_hook(root_pre))
+            self._handles.append(root.register_forward_hook(root_post))
 
     def _linear_hook(self, k: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not self.active or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return
+            if module is not self.layers[k].module:  # a deep copy of the layer
                 return
             if not args or not isinstance(args[0], Tensor) or not output.requires_grad:
                 return
@@ -337,7 +361,12 @@ class GramEngine:
         self.layers = linear_layers(module, self.params) if scope != "representation" else []
         covered = {lay.weight for lay in self.layers} | {lay.bias for lay in self.layers if lay.bias is not None}
         self.rest = [k for k in range(len(self.params)) if k not in covered] if scope == "shared" else []
+        self._module = module
         self._rest_blocks = _reindexed_blocks(self.params, self.rest, module)
+        #: fast layers found, at the first measured step, to get gradient outside their own forward calls
+        #: (:meth:`_verify`); their parameters are on the autograd path since
+        self.excluded: dict[int, float] = {}
+        self._verified = False
         self._gradients = ExactTaskGradients()
         self.separable = separable
         self.max_chunk_bytes = int(max_chunk_bytes)
@@ -425,6 +454,10 @@ class GramEngine:
         if self.scope == "last_layer" and calls:
             last = calls[-1].layer
             calls = [c for c in calls if c.layer == last]
+        if not self._verified and calls:
+            self._verify(parts, calls, grad_scale, all_reduce)
+        if self.excluded:
+            calls = [c for c in calls if c.layer not in self.excluded]
         data = self._layer_data(task_losses, parts, record, calls, roots, seeds, grad_scale, n)
         linear = all(isinstance(r, LinearUpdate) for r in rules)
         # without a recorded linear layer the cost is unknown here (the callback then assumes n backward passes)
@@ -437,6 +470,82 @@ class GramEngine:
         if self.rest:
             self._autograd_products(task_losses, rules, Z, grad_scale, all_reduce, n)
         return Z
+
+    def _verify(self, parts: Sequence[Tensor], calls: list[_LinearCall], grad_scale: float, all_reduce) -> None:
+        """Check, once, that the recorded calls account for every fast layer's whole gradient.
+
+        The fast path builds a layer's per-task gradients from its own forward
+        calls only. A weight that also gets gradient elsewhere (used with
+        ``F.linear`` or ``x @ layer.weight``, tied to another module's weight,
+        a penalty on it inside a task loss) would silently get wrong products.
+        One backward of the summed task losses to the layers' parameters and
+        outputs compares the true gradient with the one rebuilt from the
+        calls; a layer off by more than a rounding tolerance (relative 1e-3,
+        3e-2 when the calls ran in reduced precision) moves its parameters to
+        the exact autograd path from then on, with a warning. Under DDP the
+        errors are averaged over ranks first, so that every rank decides alike.
+        """
+        self._verified = True
+        layers = sorted({c.layer for c in calls})
+        live = [p for p in parts if p.requires_grad]
+        targets: list[Tensor] = []
+        for k in layers:
+            lay = self.layers[k]
+            targets.append(self.params[lay.weight])
+            if lay.bias is not None:
+                targets.append(self.params[lay.bias])
+        errors = torch.zeros(len(layers), dtype=torch.float64, device=calls[0].inputs.device)
+        if live:
+            total = torch.stack([p.reshape(()) for p in live]).sum() * grad_scale
+            outputs = [c.output for c in calls]
+            grads = torch.autograd.grad(total, targets + outputs, retain_graph=True, allow_unused=True)
+            true = dict(zip(map(id, targets), grads[:len(targets)]))
+            rebuilt: dict[int, list[Tensor]] = {}
+            for call, g in zip(calls, grads[len(targets):]):
+                if g is None:
+                    continue
+                delta = g.reshape(-1, g.shape[-1]).float()
+                parts_k = rebuilt.setdefault(call.layer, [])
+                parts_k.append(delta.T @ call.inputs.float())
+                parts_k.append(delta.sum(0))
+            for row, k in enumerate(layers):
+                lay = self.layers[k]
+                pieces = rebuilt.get(k, [])
+                w_rebuilt = sum(pieces[0::2]) if pieces else None
+                b_rebuilt = sum(pieces[1::2]) if pieces else None
+                diff = norm = 0.0
+                for param, got in ((self.params[lay.weight], w_rebuilt),
+                                   (self.params[lay.bias] if lay.bias is not None else None, b_rebuilt)):
+                    if param is None:
+                        continue
+                    want = true[id(param)]
+                    want = torch.zeros_like(param, dtype=torch.float32) if want is None else want.float()
+                    got = torch.zeros_like(want) if got is None else got.reshape(want.shape)
+                    diff += float((want - got).square().sum())
+                    norm += max(float(want.square().sum()), float(got.square().sum()))
+                errors[row] = (diff / norm) ** 0.5 if norm > 0 else 0.0
+        if all_reduce is not None:
+            errors = all_reduce(errors)
+        reduced = any(c.output.dtype not in (torch.float32, torch.float64) for c in calls)
+        tolerance = 3e-2 if reduced else 1e-3
+        bad = {k: float(e) for k, e in zip(layers, errors.tolist()) if e > tolerance}
+        if not bad:
+            return
+        self.excluded.update(bad)
+        moved = sorted({i for k in bad for i in (self.layers[k].weight, self.layers[k].bias) if i is not None})
+        self.rest = sorted(set(self.rest) | set(moved))
+        self._rest_blocks = _reindexed_blocks(self.params, self.rest, self._module)
+        self._single_block = False
+        names = {id(m): name for name, m in self._module.named_modules()}
+        listed = ", ".join(f"{names.get(id(self.layers[k].module), '?')!r} ({100 * e:.1f} % of its gradient)"
+                           for k, e in bad.items())
+        warnings.warn(
+            f"AffinityCallback: the weights of shared linear layer(s) {listed} get gradient outside the layer's "
+            "own forward calls (the weight used directly, e.g. F.linear(x, layer.weight) or a penalty on it in a "
+            "task loss, or tied to another module); their per-task gradients now come from exact autograd "
+            "(engine='autograd' for these layers: correct, slower)",
+            stacklevel=2,
+        )
 
     def _costs(self, all_calls: list[_LinearCall], data: dict[int, _LayerData], n: int,
                trick_allowed: bool, roots: Sequence[Tensor] = ()) -> tuple[float, float]:
