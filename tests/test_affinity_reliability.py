@@ -188,6 +188,11 @@ def test_warning_rule():
     assert "one step in 104, chosen by every_n_steps='auto'" in auto and "raise overhead" in auto
     fixed = reproducibility_warning(-0.05, 20, 30, 10, False)
     assert "Spearman -0.05" in fixed and "reliability" not in fixed and "smaller every_n_steps" in fixed
+    # a short fit whose measured steps never reached the second half: no figure, and it says so
+    short = reproducibility_warning(None, 8, 6, 1, False, halves=False)
+    assert "8 steps measured (every step) all fell in the first split half" in short and "train longer" in short
+    assert "smaller every_n_steps" in reproducibility_warning(None, 5, 6, 2, False, halves=False)
+    assert reproducibility_warning(None, 8, 3, 1, False, halves=False) is None  # three tasks: no figure anyway
 
 
 @pytest.mark.parametrize("threshold, warns", [(1.01, True), (-1.01, False)])

@@ -36,15 +36,26 @@ def test_own_module_example_measures_its_affinity():
 
 
 @pytest.mark.slow
-def test_own_module_config_runs_the_whole_pipeline(tmp_path):
-    """The README's own-module story: the YAML config beside the example, run from its folder."""
+def test_own_module_config_runs_the_whole_pipeline(tmp_path, capsys):
+    """The README's own-module story: the YAML config beside the example, run from its folder.
+
+    A first attempt with a misspelt ``shared`` fails in one line before any fit, and does not lock the run
+    directory to its settings: the corrected config then runs in the same directory.
+    """
     from lightning_etap.cli import main
 
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((EXAMPLES / "own_module.yaml").read_text().replace("shared: encoder", "shared: encodr"))
+    argv = ["--max-epochs", "2", "--train-groups", "3", "--executor", "local", "--no-progress",
+            "-o", str(tmp_path / "run")]
     cwd = os.getcwd()
     os.chdir(EXAMPLES)
     try:
-        code = main(["run", "-c", "own_module.yaml", "--max-epochs", "2", "--train-groups", "3",
-                     "--executor", "local", "--no-progress", "-o", str(tmp_path / "run")])
+        assert main(["run", "-c", str(typo), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "config key 'shared': AffinityCallback: the module has no submodule 'encodr'" in err
+        assert err.count("\n") == 1 and not (tmp_path / "run" / "affinity").exists()
+        code = main(["run", "-c", "own_module.yaml", *argv])
     finally:
         os.chdir(cwd)
         sys.modules.pop("own_module", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -146,6 +147,13 @@ def test_rerun_skips_every_stage_and_a_new_budget_redoes_only_select_and_report(
         assert after[stage]["token"] != before[stage]["token"]
     assert [e["budget"] for e in json.loads((tiny_run / "selection.json").read_text())["budgets"]] == [2, 3]
     assert "budget 3: ETAP chooses" in out and "time per stage" in out
+    assert f"report: {tiny_run / 'report' / 'index.html'}\n" in out
+    assert "`lightning-etap affinity --force --output" in out  # the hint names the stage's own command
+    # select alone leaves the page behind: the summary must not present it as current
+    code, out, _ = _run(["select", "-o", str(tiny_run), "--budget", "2", "--no-progress"], capsys)
+    assert code == 0 and "index.html is out of date; `lightning-etap report --output" in out
+    code, out, _ = _run(["report", "-o", str(tiny_run), "--no-progress"], capsys)
+    assert code == 0 and "out of date" not in out
 
 
 @pytest.mark.slow
@@ -173,6 +181,10 @@ def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatc
     assert main(["affinity", *TINY, "-o", str(out)]) == 0
     assert main(["gains", "-o", str(out), "--no-progress"]) == 0
     before = _measured(out)
+    from lightning_etap.groundtruth import GainStore
+
+    with GainStore(out / "gains.sqlite") as store:
+        stored = store.counts()["done"]
     capsys.readouterr()
 
     import lightning_etap.groundtruth as groundtruth
@@ -185,6 +197,7 @@ def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(groundtruth, "collect_gains", dies)
     with pytest.raises(RuntimeError, match="killed mid-collection"):
         main(["gains", "--force", "-o", str(out), "--no-progress"])
+    assert f"gains: --force: deleting the {stored} stored trainings in " in capsys.readouterr().out
     assert "gains" not in json.loads((out / "stages.json").read_text())  # not "done" over a wiped store
     monkeypatch.setattr(groundtruth, "collect_gains", real)
     code, text, err = _run(["run", "-o", str(out), "--no-progress"], capsys)
@@ -350,8 +363,69 @@ def test_the_saved_config_is_the_base_and_the_identity_must_match(tmp_path, caps
     out.mkdir()
     (out / "config.yaml").write_text(PipelineConfig(dataset="digits", seeds=[3], output=str(out)).resolved().to_yaml())
     assert resolve_config(None, {"output": str(out)}).seeds == [3]
+    (out / "affinity").mkdir()  # something was computed with the saved settings
     code, _, err = _run(["gains", "-o", str(out), "--seeds", "4"], capsys)
     assert code == 2 and "was created with other settings (seeds: [3] there, [4] now)" in err
+
+
+def test_a_mapping_in_the_file_replaces_the_saved_one(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    saved = PipelineConfig(dataset="digits", predictor={"stage1": "affine"}, recipe={"hidden": [8], "max_epochs": 3},
+                           output=str(out))
+    (out / "config.yaml").write_text(saved.resolved().to_yaml())
+    back = tmp_path / "back.yaml"
+    back.write_text("dataset: digits\npredictor: {}\nrecipe: {hidden: [8]}\n")  # back to the defaults
+    cfg = resolve_config(back, {"output": str(out)})
+    assert cfg.predictor == {} and cfg.recipe == {"hidden": [8]}
+    assert resolve_config(None, {"output": str(out)}).predictor == {"stage1": "affine"}  # not given: the saved one
+
+
+OWN = {"model": "m:build", "datamodule": "m:data", "tasks": ["a", "b", "c"]}
+
+
+@pytest.mark.parametrize("trainer, needle", [
+    ({"max_epoch": 8}, "lightning.Trainer has no argument 'max_epoch' (did you mean 'max_epochs'"),
+    ({"max_epochs": "eight"}, "max_epochs must be int or None (lightning.Trainer's annotation), got 'eight'"),
+    ({"max_epochs": True}, "max_epochs must be int or None"),
+    ({"precision": "bf17"}, "precision must be 64 or 32 or 16 or 'transformer-engine'"),
+    ({"callbacks": ["EarlyStopping"]}, "'callbacks' is set by the pipeline; return your callbacks from"),
+    ({"logger": "csv"}, "'logger' is set by the pipeline; choose the logger with 'logger'"),
+])
+def test_trainer_options_are_checked_against_the_trainer(trainer, needle):
+    with pytest.raises(UserError) as err:
+        PipelineConfig(**OWN, trainer=trainer).resolved()
+    assert "config key 'trainer': " in str(err.value) and needle in str(err.value)
+
+
+def test_own_model_trainer_options_that_fit_pass_and_reference_only_keys_are_refused():
+    fine = {"max_epochs": 3, "precision": "bf16-mixed", "gradient_clip_val": 0.5, "devices": 1, "accelerator": "cpu",
+            "limit_train_batches": 0.5, "val_check_interval": 1.0, "deterministic": "warn", "max_time": "00:00:05:00"}
+    assert PipelineConfig(**OWN, trainer=fine, code_version="abc123").resolved().trainer == fine
+    with pytest.raises(UserError, match="'engine' \\('lightning'\\) chooses how the reference model trains"):
+        PipelineConfig(**OWN, engine="lightning").resolved()
+    with pytest.raises(UserError, match="'code_version' labels your own 'model'"):
+        PipelineConfig(dataset="digits", code_version="v2").resolved()
+
+
+def test_a_run_directory_with_nothing_computed_takes_new_settings(tmp_path):
+    from lightning_etap.pipeline.rundir import RunDirectory
+
+    run = RunDirectory(tmp_path / "r")
+    run.prepare()
+    run.save_config(PipelineConfig(**OWN, trainer={"max_epoch": 8}, output=str(run.path)))  # a failed first run
+    fixed = PipelineConfig(**OWN, trainer={"max_epochs": 8}, output=str(run.path))
+    run.check_config(fixed)  # nothing computed with the old settings: no refusal
+    run.affinity_dir.mkdir()  # once something is computed, the settings are the directory's
+    with pytest.raises(UserError, match="was created with other settings"):
+        run.check_config(fixed)
+    run.affinity_dir.rmdir()
+    run.save_config(fixed)
+    run.check_config(dataclasses.replace(fixed, code_version="v2"))
+    run.record_stage("affinity", fixed, 1.0)
+    with pytest.raises(UserError, match="code_version: None there, 'v2' now"):
+        run.check_config(dataclasses.replace(fixed, code_version="v2"))
+    assert "code_version" not in json.loads(run.state_path.read_text())["affinity"]["inputs"]["config"]
 
 
 # ---------------------------------------------------------------------- user errors: one line each
@@ -392,7 +466,8 @@ def a_file(tmp_path):
         (["run", "--dataset", "digits", "--tasks", "digit_42", "digit_1", "digit_2"], "unknown task(s) ['digit_42']"),
         (["run", "--dataset", "digits", "--tasks", "digit_1", "digit_2"], "needs at least 3 tasks"),
         (["run", "--dataset", "digits", "--max-epochs", "0"], "--max-epochs must be >= 1"),
-        (["run", "--dataset", "digits", "--train-groups", "1"], "'n_train_groups' in the options must be an integer >= 2"),
+        (["run", "--dataset", "digits", "--train-groups", "1"], "'n_train_groups' in the command-line options must be an integer >= 2"),
+        (["run", "--dataset", "digits", "--seeds", "0", "0"], "'seeds' in the command-line options lists a seed twice"),
         (["predict", "--dataset", "digits"], "the affinity stage has not run; predict needs it"),
         (["report", "--dataset", "digits"], "the affinity stage has not run; report needs it"),
     ],

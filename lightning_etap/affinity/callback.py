@@ -783,7 +783,7 @@ class AffinityCallback(Callback):
     def _check_reproducible(self, result: AffinityResult) -> None:
         """Warn (rank zero) when the two split halves of the measurement rank the pairs differently."""
         message = reproducibility_warning(result.split_half, result.measured_steps, result.n_tasks, self._chosen,
-                                          self.every_n_steps == "auto")
+                                          self.every_n_steps == "auto", halves=result.half_matrices is not None)
         if message is not None:
             rank_zero_warn(message, category=RuntimeWarning)
 
@@ -936,13 +936,15 @@ def _settings_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
 
 
 def reproducibility_warning(split_half: float | None, measured_steps: int, n_tasks: int, every: int | None,
-                            auto: bool) -> str | None:
+                            auto: bool, *, halves: bool = True) -> str | None:
     """The end-of-fit warning for a matrix whose ranking is not reproducible, or ``None``.
 
     It warns when fewer than :data:`WARN_MIN_STEPS` steps were measured (too few to trust or to judge), and
     when the split-half Spearman correlation is below :data:`SPLIT_HALF_WARN` with at least
     :data:`WARN_MIN_TASKS` tasks, and names the fix for the schedule: ``every`` is the interval measured
-    (``None`` or 1: every step), ``auto`` whether the callback chose it.
+    (``None`` or 1: every step), ``auto`` whether the callback chose it. ``halves=False`` (the measured
+    steps did not reach the second split half: a short fit) warns too, as the matrix's reproducibility is
+    then unknown.
     """
     k = every or 1
     if k == 1:
@@ -958,6 +960,12 @@ def reproducibility_warning(split_half: float | None, measured_steps: int, n_tas
         few = "train longer" if k == 1 else "pass a smaller every_n_steps for a fit this short (1 measures every step)"
         return (f"AffinityCallback: only {measured_steps} step(s) measured ({schedule}): the matrix rests on "
                 f"{measured_steps} batch(es), too few to trust or to judge its reproducibility. To trust it, {few}.")
+    if not halves and n_tasks >= WARN_MIN_TASKS:
+        return (f"AffinityCallback: {measured_steps} steps measured ({schedule}) all fell in the first split half "
+                "(halves alternate in blocks of about 10 optimizer steps), so there is no split-half figure and "
+                "the matrix's reproducibility is unknown. To judge it, train longer (the second half starts after "
+                "about 10 optimizer steps; several blocks in each half give a steady figure)"
+                + ("" if k == 1 else " or pass a smaller every_n_steps") + ".")
     if split_half is None or split_half >= SPLIT_HALF_WARN or n_tasks < WARN_MIN_TASKS:
         return None
     whole = 2 * split_half / (1 + split_half) if split_half > 0 else None

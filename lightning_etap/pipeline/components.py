@@ -170,6 +170,8 @@ class Workspace:
                 model, datamodule = self.factories()
                 fingerprint = {"model": self.config.model, "datamodule": self.config.datamodule,
                                "trainer": self.config.trainer}
+                if self.config.code_version is not None:  # stores written before the key existed stay valid
+                    fingerprint["code_version"] = self.config.code_version
                 try:
                     self._trainer = FactoryGroupTrainer(model, datamodule, self.task_names,
                                                         fingerprint=fingerprint, trainer_kwargs=self.config.trainer)

@@ -47,7 +47,7 @@ _PREDICTOR_FIXED = ("self", "affinity", "task_names")
 #: refused). Everything else (groups sampled, budgets, executor, logger, ...) may change between runs; the
 #: stages that depend on a changed setting are redone.
 IDENTITY_KEYS = ("dataset", "dataset_options", "preset", "recipe", "engine", "tasks", "model", "datamodule",
-                 "shared", "trainer", "affinity", "seeds")
+                 "code_version", "shared", "trainer", "affinity", "seeds")
 #: How the reference model's ground-truth groups train (see :func:`~lightning_etap.training.train_group`).
 ENGINES = ("loop", "lightning")
 
@@ -72,8 +72,13 @@ class PipelineConfig:
             ``function(tasks) -> LightningModule`` (tasks: a tuple of names).
         datamodule: your own data: ``"package.module:function"``, called as
             ``function(tasks, seed) -> LightningDataModule``.
+        code_version: a label of your own model's and data's code (a git commit, ``"v2"``): the
+            library cannot see inside your factories, so change it when their code changes; a run
+            directory then refuses to mix the two, and the ground-truth store never reuses trainings
+            of another version.
         shared: the shared submodule the affinity is measured on (``AffinityCallback(shared=...)``).
-        trainer: :class:`lightning.Trainer` arguments for your own module (e.g. ``{max_epochs: 20}``).
+        trainer: :class:`lightning.Trainer` arguments for your own module (e.g. ``{max_epochs: 20}``);
+            checked against the Trainer's signature (names and simple types).
         affinity: :class:`~lightning_etap.affinity.AffinityCallback` options (``method``, ``update``,
             ``every_n_steps``, ...: any argument but ``shared``, ``tasks`` and ``keep_step_scores``).
             The pipeline measures every step (``every_n_steps: 1``, repeatable to the bit) unless
@@ -112,6 +117,7 @@ class PipelineConfig:
     tasks: list[str] | None = None
     model: str | None = None
     datamodule: str | None = None
+    code_version: str | None = None
     shared: str = "encoder"
     trainer: dict[str, Any] = field(default_factory=dict)
     affinity: dict[str, Any] = field(default_factory=dict)
@@ -168,7 +174,14 @@ class PipelineConfig:
             if self.preset is not None or self.recipe:
                 raise UserError("'preset' and 'recipe' configure the reference model; with your own 'model' "
                                 "put Lightning Trainer arguments under 'trainer' instead")
+            if self.engine != DEFAULTS["engine"]:
+                raise UserError(f"'engine' ({self.engine!r}) chooses how the reference model trains; your own "
+                                "'model' always trains in a Lightning Trainer: leave 'engine' out")
+            _check_trainer(self.trainer)
         else:
+            if self.code_version is not None:
+                raise UserError("'code_version' labels your own 'model' and 'datamodule' code; the reference "
+                                "model's version is the library's own")
             dataset = (self.dataset or "ettm1").lower()
             if dataset not in DATASETS:
                 raise UserError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(sorted(DATASETS))} "
@@ -237,6 +250,87 @@ def _check_options(key: str, options: Mapping[str, Any], target: str, fixed: Seq
     for option in options:
         if option not in allowed:
             raise UserError(f"unknown {key} option {option!r}; allowed: {', '.join(allowed)}")
+
+
+#: Trainer arguments the pipeline sets itself, with what to do instead
+_TRAINER_OWN = {
+    "logger": "choose the logger with 'logger' (--logger)",
+    "callbacks": "return your callbacks from your LightningModule's configure_callbacks()",
+}
+
+
+def _check_trainer(options: Mapping[str, Any]) -> None:
+    """Refuse ``trainer`` options :class:`lightning.Trainer` does not take, or of a type it does not take.
+
+    Names are checked against the Trainer's signature (with the closest
+    names as a hint), values against its type annotations where those are
+    plain (numbers, strings, booleans, literals, ``None``); anything richer
+    is left to the Trainer.
+    """
+    if not options:
+        return
+    import difflib
+    import inspect
+    import typing
+
+    import lightning as L
+
+    params = inspect.signature(L.Trainer.__init__).parameters
+    try:
+        hints = typing.get_type_hints(L.Trainer.__init__)
+    except Exception:  # an annotation this Python cannot resolve: names only
+        hints = {}
+    for key, value in options.items():
+        if key in _TRAINER_OWN:
+            raise UserError(f"config key 'trainer': {key!r} is set by the pipeline; {_TRAINER_OWN[key]}")
+        if key not in params or key == "self":
+            close = difflib.get_close_matches(key, [p for p in params if p != "self"], n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise UserError(f"config key 'trainer': lightning.Trainer has no argument {key!r}{hint}")
+        if key in hints and _accepts(hints[key], value) is False:
+            raise UserError(f"config key 'trainer': {key} must be {_describe_hint(hints[key])} (lightning.Trainer's "
+                            f"annotation), got {value!r}")
+
+
+def _accepts(hint: Any, value: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint``; ``None`` when the annotation is too rich to tell."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is type(None):
+        return value is None
+    if hint is typing.Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        verdicts = [_accepts(h, value) for h in typing.get_args(hint)]
+        return True if True in verdicts else (None if None in verdicts else False)
+    if origin is typing.Literal:
+        return any(value == v and type(value) is type(v) for v in typing.get_args(hint))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) or None
+    if origin is dict:
+        return isinstance(value, dict) or None
+    return None
+
+
+def _describe_hint(hint: Any) -> str:
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if args:
+        return " or ".join(_describe_hint(a) for a in args)
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _plain(value: Any) -> Any:
@@ -387,6 +481,7 @@ _CHECKS = {
     "tasks": _tasks,
     "model": _opt_str,
     "datamodule": _opt_str,
+    "code_version": _opt_str,
     "shared": _str,
     "trainer": _mapping,
     "affinity": _mapping,
@@ -415,8 +510,9 @@ def resolve_config(config_file: str | os.PathLike[str] | None = None,
 
     The run directory is ``overrides["output"]``, else the file's ``output``, else
     ``runs/<dataset>``; when it already holds a ``config.yaml``, that is the base, so
-    ``lightning-etap report --output DIR`` needs no other option. Mappings
-    (``recipe``, ``trainer``, ...) given in several places are merged key by key.
+    ``lightning-etap report --output DIR`` needs no other option. A key the file or
+    the options give replaces the saved value whole, mappings (``recipe``,
+    ``trainer``, ...) included, so that a key removed from a mapping is removed.
     ``max_epochs`` goes to ``trainer`` with your own model, else to ``recipe``.
 
     Raises:
@@ -426,6 +522,8 @@ def resolve_config(config_file: str | os.PathLike[str] | None = None,
     if config_file is not None:
         given = dict(read_yaml(config_file))
         PipelineConfig.from_dict(given, f"config file {config_file}")  # names the file in errors
+    if overrides:
+        PipelineConfig.from_dict(dict(overrides), "the command-line options")  # names the options in errors
     for key, value in (overrides or {}).items():
         if isinstance(value, Mapping) and isinstance(given.get(key), Mapping):
             given[key] = {**given[key], **value}
@@ -441,11 +539,9 @@ def resolve_config(config_file: str | os.PathLike[str] | None = None,
     if saved_path.is_file():
         merged = dict(read_yaml(saved_path))
         PipelineConfig.from_dict(merged, str(saved_path))
-    for key, value in given.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
+    # what this command gives replaces the saved value whole, mappings included: a file that says
+    # `predictor: {}` means the defaults, not "keep what was saved"
+    merged.update(given)
     merged["output"] = output
     if max_epochs is not None:
         key = "trainer" if merged.get("model") else "recipe"

@@ -375,7 +375,12 @@ def terminal_summary(run: RunDirectory) -> str:
     lines.append("time per stage: " + ", ".join(f"{s} {float(t['seconds']):.1f}s" for s, t in data["timings"].items())
                  + f" (total {total:.1f}s)")
     page = run.report_dir / "index.html"
-    lines.append(f"report: {page}" if page.is_file() else f"report: not written yet (lightning-etap report --output {run.path})")
+    if not page.is_file():
+        lines.append(f"report: not written yet (lightning-etap report --output {run.path})")
+    elif run.stage_status("report", data["config"]) != "done":  # e.g. select redone alone: the page shows the old
+        lines.append(f"report: {page} is out of date; `lightning-etap report --output {run.path}` rewrites it")
+    else:
+        lines.append(f"report: {page}")
     return "\n".join(lines)
 
 

@@ -158,6 +158,8 @@ class RunDirectory:
         old = PipelineConfig.from_dict(saved, f"{self.config_path}").identity()
         new = config.identity()
         diff = [k for k in IDENTITY_KEYS if old[k] != new[k]]
+        if diff and not self._state() and not self.store_path.exists() and not self.affinity_dir.exists():
+            return  # nothing was computed with the saved settings (e.g. a first run that failed): they give way
         if diff:
             shown = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in diff[:4])
             raise UserError(f"run directory {self.path} was created with other settings ({shown}); "
@@ -182,7 +184,8 @@ class RunDirectory:
         full = config.to_dict()
         state = self._state()
         return {
-            "config": {k: full[k] for k in STAGE_KEYS[stage]},
+            # code_version only when set: stages finished before the key existed stay up to date
+            "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k == "code_version" and full[k] is None)},
             "upstream": {s: state.get(s, {}).get("token") for s in STAGES[stage]},
         }
 

@@ -99,7 +99,10 @@ class Pipeline:
         status = self.dir.stage_status(stage, self.config)
         if status == "done" and not force:
             seconds = self.dir.stage_record(stage).get("seconds", math.nan)
-            self._print(f"{label}: up to date ({seconds:.1f}s when it ran; --force redoes it)")
+            redo = f"`lightning-etap {stage} --force --output {self.dir.path}` redoes it"
+            if stage == "gains":
+                redo += ", training every group again"
+            self._print(f"{label}: up to date ({seconds:.1f}s when it ran; {redo})")
             return "skipped"
         self.dir.require(STAGES[stage], self.config, stage)
         if status == "stale" and not force:
@@ -146,6 +149,7 @@ class Pipeline:
             with quiet_lightning():
                 L.seed_everything(seed, workers=True, verbose=False)
                 model = model_factory(tuple(names))
+                _check_shared(model, cfg.shared)
                 datamodule = datamodule_factory(tuple(names), seed)
                 trainer = L.Trainer(callbacks=[*user_callbacks, *callbacks], **kwargs)
                 trainer.fit(model, datamodule=datamodule)
@@ -185,6 +189,9 @@ class Pipeline:
         if measure:
             seen = set(train)
             heldout = [g for g in masks_to_groups(ws.candidates(names), names) if g not in seen]
+        if force and self.dir.store_path.is_file():
+            self._print(f"{label}: --force: deleting the {_stored_trainings(self.dir.store_path)} in "
+                        f"{self.dir.store_path} and training them again")
         if force:  # the write-ahead log and its index go first: a main file never outlives its log's removal
             for suffix in ("-wal", "-shm", ""):
                 (self.dir.store_path.parent / (self.dir.store_path.name + suffix)).unlink(missing_ok=True)
@@ -542,3 +549,25 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     return value
+
+
+def _stored_trainings(path) -> str:
+    """``"N stored trainings"`` of the gain store at ``path`` (for the message before --force deletes them)."""
+    from lightning_etap.groundtruth import GainStore
+
+    try:
+        with GainStore(path, read_only=True) as store:
+            done = store.counts().get("done", 0)
+    except Exception:  # a damaged or locked store is deleted all the same; the count is only for the message
+        return "stored trainings"
+    return f"{done} stored training{'s' if done != 1 else ''}"
+
+
+def _check_shared(model, shared: str) -> None:
+    """Refuse a ``shared`` that names nothing trainable in ``model`` before the fit starts (one line, not a traceback)."""
+    from lightning_etap.affinity.callback import _resolve_shared
+
+    try:
+        _resolve_shared(model, shared)
+    except ValueError as err:
+        raise UserError(f"config key 'shared': {err}") from None
