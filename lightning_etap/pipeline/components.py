@@ -195,7 +195,9 @@ class Workspace:
         try:
             from lightning_etap.groundtruth import RayExecutor
 
-            return RayExecutor(address=self.config.ray_address)
+            if self.config.ray_address is None:  # a local Ray: as many CPUs as the processes executor's workers
+                return RayExecutor(init_kwargs={"num_cpus": self.config.workers})
+            return RayExecutor(address=self.config.ray_address)  # a cluster: its own CPUs
         except ImportError:
             raise UserError("executor 'ray' needs Ray: pip install 'lightning-etap[ray]'") from None
 

@@ -99,7 +99,8 @@ class PipelineConfig:
         selection_time_limit: seconds per selection before the best one found is returned.
         executor: where ground-truth jobs train: ``local`` (this process), ``processes``
             (a local pool of ``workers``) or ``ray`` (a Ray cluster at ``ray_address``).
-        workers: processes of the ``processes`` executor.
+        workers: processes of the ``processes`` executor, or CPUs of a local Ray (``ray`` without
+            ``ray_address``; a cluster uses its own).
         ray_address: Ray cluster address (``auto``, ``ray://host:10001``); ``null`` starts a local Ray.
         logger: ``none``, ``csv``, ``tensorboard`` or ``wandb``; it records the all-task fit, and
             W&B / TensorBoard also receive the report's figures.
