@@ -561,6 +561,10 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
                          f"{_num(float(loss))}</td><td class='{_signed_class(everyone_row[t])}'>"
                          f"{_pct(everyone_row[t], 1)}</td></tr>")
         parts.append("</table>")
+        if len(cfg.seeds) > 1:
+            parts.append(f"<p class='sub'>Losses are means over the {len(cfg.seeds)} seeds; each gain is the mean "
+                         "of the seeds' own gains (eq. 1 per seed), so it differs a little from the gain of the mean "
+                         "losses.</p>")
 
     # timings
     parts.append("<h2>Time per stage</h2><table><tr><th>stage</th><th>seconds</th></tr>")
