@@ -471,7 +471,7 @@ def test_weight_used_outside_its_layer_goes_to_autograd(how, opt_name, recwarn):
     for _ in range(2):  # the check runs once; the second step keeps its verdict
         engine.start_step()
         torch.testing.assert_close(engine.products(fn(), rules), want, rtol=2e-5, atol=1e-9)
-    messages = [str(w.message) for w in recwarn if "outside the layer's own forward" in str(w.message)]
+    messages = [str(w.message) for w in recwarn if "outside the layer's own recorded forward" in str(w.message)]
     if how in ("functional", "penalty"):
         assert len(messages) == 1 and "'encoder.2'" in messages[0] and list(engine.excluded) == [1]
     else:  # nothing to warn about: a plain model keeps the fast path for every layer
@@ -495,4 +495,55 @@ def test_deep_copy_of_the_shared_module_mid_step():
     assert len(engine.tap._record.linear) == 2 and len(engine.tap._record.roots) == 1
     torch.testing.assert_close(engine.products(losses, rules), reference(model, lambda: model.losses(x, ys),
                                                                           params, rules), rtol=2e-5, atol=1e-9)
+    engine.close()
+
+
+
+class Checkpointed(nn.Module):
+    """The second shared layer run inside activation checkpointing (non-reentrant: autograd.grad works)."""
+
+    def __init__(self, n=3):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(n)])
+
+    def losses(self, x, ys):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.tanh(self.encoder[0](input=x))  # called with a keyword argument
+        h = checkpoint(lambda z: torch.tanh(self.encoder[2](z)), h, use_reentrant=False)
+        return torch.stack([((head(h) - y) ** 2).mean() for head, y in zip(self.heads, ys)])
+
+
+def test_layers_called_by_keyword_and_inside_activation_checkpointing(recwarn):
+    torch.manual_seed(15)
+    model = Checkpointed()
+    g = torch.Generator().manual_seed(16)
+    x, ys = torch.randn(9, 6, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
+    fn = lambda: model.losses(x, ys)  # noqa: E731
+    params = shared_params(model)
+    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    engine = GramEngine(model, params, root=model.encoder)
+    engine.start_step()
+    torch.testing.assert_close(engine.products(fn(), rules), reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
+    assert engine.excluded == {} and not [w for w in recwarn if "recorded forward" in str(w.message)]
+    assert engine.last_path == "dense"  # both layers on the fast path
+    engine.close()
+
+
+def test_a_layer_whose_calls_all_went_unrecorded_moves_to_autograd(recwarn):
+    torch.manual_seed(17)
+    model = Shared(hidden=(8, 8), n=3)
+    g = torch.Generator().manual_seed(18)
+    x, ys = torch.randn(9, 12, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
+    fn = lambda: model.losses(x, ys)  # noqa: E731
+    params = shared_params(model)
+    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    engine = GramEngine(model, params, root=model.encoder)
+    engine.start_step()
+    losses = fn()
+    engine.tap._record.linear = [c for c in engine.tap._record.linear if c.layer != 0]  # as if never recorded
+    torch.testing.assert_close(engine.products(losses, rules), reference(model, fn, params, rules), rtol=2e-5,
+                               atol=1e-9)
+    assert list(engine.excluded) == [0] and [w for w in recwarn if "'encoder.0'" in str(w.message)]
     engine.close()

@@ -185,7 +185,7 @@ class ActivationTap:
         # recorded tensors into the copy (non-leaf tensors cannot be deep-copied). The copy's hooks ignore calls
         # of the copy (``module is not ...``), so a teacher's forward is never mistaken for the student's.
         for k, layer in enumerate(self.layers):
-            self._handles.append(layer.module.register_forward_hook(self._linear_hook(k)))
+            self._handles.append(layer.module.register_forward_hook(self._linear_hook(k), with_kwargs=True))
         if root is not None:
             tap = self
 
@@ -201,14 +201,14 @@ class ActivationTap:
             self._handles.append(root.register_forward_hook(root_post))
 
     def _linear_hook(self, k: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self.active or not torch.is_grad_enabled() or not isinstance(output, Tensor):
                 return
             if module is not self.layers[k].module:  # a deep copy of the layer
                 return
-            if not args or not isinstance(args[0], Tensor) or not output.requires_grad:
+            x = args[0] if args else kwargs.get("input")  # layer(x) or layer(input=x)
+            if not isinstance(x, Tensor) or not output.requires_grad:
                 return
-            x = args[0]
             self._record.linear.append(_LinearCall(k, self._record.open_root,
                                                    x.detach().reshape(-1, x.shape[-1]), output))
         return hook
@@ -454,7 +454,7 @@ class GramEngine:
         if self.scope == "last_layer" and calls:
             last = calls[-1].layer
             calls = [c for c in calls if c.layer == last]
-        if not self._verified and calls:
+        if not self._verified and self.layers:
             self._verify(parts, calls, grad_scale, all_reduce)
         if self.excluded:
             calls = [c for c in calls if c.layer not in self.excluded]
@@ -486,7 +486,11 @@ class GramEngine:
         errors are averaged over ranks first, so that every rank decides alike.
         """
         self._verified = True
-        layers = sorted({c.layer for c in calls})
+        # every fast layer (one whose calls all went unrecorded still gets its gradient); under
+        # scope="last_layer" the layer measured
+        layers = sorted({c.layer for c in calls}) if self.scope == "last_layer" else list(range(len(self.layers)))
+        if not layers:
+            return
         live = [p for p in parts if p.requires_grad]
         targets: list[Tensor] = []
         for k in layers:
@@ -494,7 +498,7 @@ class GramEngine:
             targets.append(self.params[lay.weight])
             if lay.bias is not None:
                 targets.append(self.params[lay.bias])
-        errors = torch.zeros(len(layers), dtype=torch.float64, device=calls[0].inputs.device)
+        errors = torch.zeros(len(layers), dtype=torch.float64, device=self.params[self.layers[layers[0]].weight].device)
         if live:
             total = torch.stack([p.reshape(()) for p in live]).sum() * grad_scale
             outputs = [c.output for c in calls]
@@ -541,8 +545,8 @@ class GramEngine:
                            for k, e in bad.items())
         warnings.warn(
             f"AffinityCallback: the weights of shared linear layer(s) {listed} get gradient outside the layer's "
-            "own forward calls (the weight used directly, e.g. F.linear(x, layer.weight) or a penalty on it in a "
-            "task loss, or tied to another module); their per-task gradients now come from exact autograd "
+            "own recorded forward calls (the weight used directly, e.g. F.linear(x, layer.weight) or a penalty on "
+            "it in a task loss); their per-task gradients now come from exact autograd "
             "(engine='autograd' for these layers: correct, slower)",
             stacklevel=2,
         )
