@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -188,6 +189,16 @@ class RestoreBestWeights(Callback):
         if self._state is not None:
             pl_module.load_state_dict(self._state)
 
+    def state_dict(self) -> dict[str, Any]:
+        # in a checkpoint of the fit, so a fit resumed from it restores the same best weights
+        return {"monitor": self.monitor, "best": self.best, "best_epoch": self.best_epoch, "weights": self._state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict["best"])
+        self.best_epoch = int(state_dict["best_epoch"])
+        weights = state_dict["weights"]
+        self._state = None if weights is None else {k: v.detach().clone() for k, v in weights.items()}
+
 
 @contextlib.contextmanager
 def quiet_lightning():
@@ -245,6 +256,7 @@ def train_group(
     logger: Any = False,
     threads: int | None = 1,
     engine: str = "lightning",
+    ckpt_path: str | os.PathLike[str] | None = None,
     **trainer_kwargs: Any,
 ) -> GroupTrainResult:
     """Train one group with early stopping and return every member's test loss.
@@ -269,6 +281,10 @@ def train_group(
             most of their training time (ETTm1: 1.6-2.2x less CPU time, the same
             test losses to the bit on the CPU). It takes no ``callbacks``,
             ``logger`` or Trainer arguments.
+        ckpt_path: resume the fit from this Lightning checkpoint of the same call (same dataset, tasks,
+            config, seed and callbacks), as ``Trainer.fit(ckpt_path=...)`` does; the early stopping and
+            best-weight states are in it. Loaded with ``weights_only=False``: pass only checkpoints you
+            wrote. Only with ``engine="lightning"``.
         **trainer_kwargs: passed to :class:`lightning.Trainer` (e.g. ``accelerator``).
 
     Returns:
@@ -276,10 +292,12 @@ def train_group(
 
     Raises:
         ValueError: an unknown ``engine``, or ``engine="loop"`` with callbacks,
-            a logger or Trainer arguments.
+            a logger, Trainer arguments or ``ckpt_path``.
     """
     if engine not in ("lightning", "loop"):
         raise ValueError(f"engine must be 'lightning' or 'loop', got {engine!r}")
+    if engine == "loop" and ckpt_path is not None:
+        raise ValueError("engine='loop' trains without a Lightning Trainer: it cannot resume from a checkpoint")
     if engine == "loop" and (callbacks or logger or trainer_kwargs):
         raise ValueError("engine='loop' trains without a Lightning Trainer: it takes no callbacks, logger or "
                          f"Trainer arguments (got {sorted(trainer_kwargs) or 'callbacks / a logger'})")
@@ -322,7 +340,10 @@ def train_group(
     try:
         with quiet_lightning():
             trainer = L.Trainer(callbacks=[*callbacks, stopper, restore], **kwargs)
-            trainer.fit(model, datamodule=datamodule)
+            if ckpt_path is None:
+                trainer.fit(model, datamodule=datamodule)
+            else:  # our own checkpoint: it may hold what weights_only refuses (e.g. a numpy random state)
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
             trainer.test(model, datamodule=datamodule, verbose=False)
     finally:
         torch.set_num_threads(previous_threads)

@@ -6,6 +6,7 @@ Layout::
     <run>/stages.json          which stages are done, with what inputs, and when
     <run>/timings.json         wall seconds of the last run of every stage (and its parts)
     <run>/affinity/            AffinityResult.save: affinity.json + affinity.npz
+    <run>/affinity_checkpoint/ the affinity fit's checkpoint while it runs (resumed after an interruption)
     <run>/groups.json          the training groups and the held-out measured groups
     <run>/gains.sqlite         GainStore: one row per trained (group, seed), resumable
     <run>/predictor.json       ETAPPredictor.save
@@ -74,6 +75,7 @@ class RunDirectory:
     state_path = property(lambda self: self.path / "stages.json")
     timings_path = property(lambda self: self.path / "timings.json")
     affinity_dir = property(lambda self: self.path / "affinity")
+    affinity_checkpoint_dir = property(lambda self: self.path / "affinity_checkpoint")
     groups_path = property(lambda self: self.path / "groups.json")
     store_path = property(lambda self: self.path / "gains.sqlite")
     predictor_path = property(lambda self: self.path / "predictor.json")

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from typing_extensions import override
 
 from lightning_etap._atomic import atomic_file, atomic_write_text
@@ -126,7 +128,16 @@ class Pipeline:
 
         cfg, ws = self.config, self.workspace
         names = list(ws.task_names)
+        # the fit writes a checkpoint at the end of every epoch; one from an interrupted fit with the same inputs
+        # is resumed (--force or other inputs delete it first)
+        folder = self.dir.affinity_checkpoint_dir
+        inputs = self.dir.stage_inputs("affinity", self.config)
+        ckpt_path, done, dropped = _affinity_resume_point(folder, inputs, force)
+        if dropped:
+            self._print(f"{label}: {dropped}")
         self._print(f"{label}: all-task fit of {len(names)} tasks ({cfg.dataset}) with the AffinityCallback")
+        if ckpt_path is not None:
+            self._print(f"{label}: resuming the all-task fit from the end of epoch {done} ({folder})")
         # every step by default: the report repeats to the bit (the callback's own default, "auto", picks the
         # measured steps from timings); the reference models are small enough for it
         options = {"every_n_steps": 1, **cfg.affinity}
@@ -136,13 +147,16 @@ class Pipeline:
             raise UserError(f"affinity: {err}") from None
         logger = ws.logger(self.dir.path)
         seed = cfg.seeds[0]
-        callbacks: list[Any] = [callback]
+        # the random states first (restored before any other callback's epoch start); the checkpoint writer is a
+        # Checkpoint callback, which Lightning calls last at the end of an epoch
+        callbacks: list[Any] = [_RandomStates(), callback, _EpochCheckpoint(folder, inputs)]
         if cfg.custom:
             from lightning_etap.groundtruth.trainers import _QUIET_TRAINER
             from lightning_etap.training import quiet_lightning
 
             model_factory, datamodule_factory = ws.factories()
-            kwargs = {**_QUIET_TRAINER, **cfg.trainer, "logger": logger if logger is not None else False}
+            kwargs = {**_QUIET_TRAINER, **cfg.trainer, "logger": logger if logger is not None else False,
+                      "enable_checkpointing": True}
             user_callbacks = list(kwargs.pop("callbacks", []))
             if ws.progress:
                 callbacks.append(EpochProgress("affinity: all-task fit", kwargs.get("max_epochs")))
@@ -151,8 +165,11 @@ class Pipeline:
                 model = model_factory(tuple(names))
                 _check_shared(model, cfg.shared)
                 datamodule = datamodule_factory(tuple(names), seed)
-                trainer = L.Trainer(callbacks=[*user_callbacks, *callbacks], **kwargs)
-                trainer.fit(model, datamodule=datamodule)
+                trainer = L.Trainer(callbacks=[callbacks[0], *user_callbacks, *callbacks[1:]], **kwargs)
+                if ckpt_path is None:
+                    trainer.fit(model, datamodule=datamodule)
+                else:  # our own file (it holds the numpy random state, which weights_only refuses)
+                    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
             epochs = int(trainer.current_epoch)
         else:
             from lightning_etap.training import train_group
@@ -161,12 +178,14 @@ class Pipeline:
             if ws.progress:
                 callbacks.append(EpochProgress("affinity: all-task fit", recipe.max_epochs))
             result = train_group(ws.dataset, names, recipe, seed, callbacks=callbacks,
-                                 logger=logger if logger is not None else False)
+                                 logger=logger if logger is not None else False, ckpt_path=ckpt_path,
+                                 enable_checkpointing=True)
             epochs = result.epochs
         affinity = callback.result
         if self.dir.affinity_dir.exists():
             shutil.rmtree(self.dir.affinity_dir)
         affinity.save(self.dir.affinity_dir)
+        shutil.rmtree(folder, ignore_errors=True)  # the result is saved: the checkpoint has served
         record = logger_record(logger)
         _close_logger(logger)
         r, pairs = affinity.split_half, affinity.split_half_pairs
@@ -571,3 +590,182 @@ def _check_shared(model, shared: str) -> None:
         _resolve_shared(model, shared)
     except ValueError as err:
         raise UserError(f"config key 'shared': {err}") from None
+
+
+# ---------------------------------------------------------------------- resuming the affinity fit
+#: the file in the checkpoint folder that names the current checkpoint, with the stage inputs it was written for
+_PROGRESS = "progress.json"
+
+
+def _same_inputs(saved: Any, inputs: dict[str, Any]) -> bool:
+    return saved == json.loads(json.dumps(inputs))  # as stored: tuples are lists
+
+
+def _affinity_resume_point(folder: Path, inputs: dict[str, Any], force: bool) -> tuple[Path | None, int, str]:
+    """The checkpoint of an interrupted affinity fit to resume from: ``(path, epochs it holds, message)``.
+
+    ``path`` is ``None`` when there is none to resume: no folder, ``force``, a folder written for other inputs
+    (other settings, another dataset, ...) or without a complete checkpoint. The folder is then deleted, and
+    ``message`` says why when a checkpoint was dropped (else it is empty).
+    """
+    if not folder.exists():
+        return None, 0, ""
+    try:
+        progress = json.loads((folder / _PROGRESS).read_text())
+        if not isinstance(progress, dict):
+            progress = {}
+    except (OSError, ValueError):
+        progress = {}
+    name, done = progress.get("checkpoint"), progress.get("epochs")
+    complete = (isinstance(name, str) and Path(name).name == name and isinstance(done, int)
+                and (folder / name).is_file())
+    message = ""
+    if complete and force:
+        message = f"--force: deleting the checkpoint of an interrupted all-task fit (end of epoch {done})"
+    elif complete and not _same_inputs(progress.get("inputs"), inputs):
+        old = progress.get("inputs") if isinstance(progress.get("inputs"), dict) else {}
+        new = json.loads(json.dumps(inputs))
+        keys = [k for k in new["config"] if (old.get("config") or {}).get(k) != new["config"][k]]
+        what = f"other settings ({', '.join(keys)})" if keys else "other inputs"
+        message = f"not resuming the checkpoint in {folder}: it was written with {what}; deleting it"
+    elif complete:
+        return folder / name, done, ""
+    shutil.rmtree(folder, ignore_errors=True)
+    return None, 0, message
+
+
+class _EpochCheckpoint(Checkpoint):
+    """Write a checkpoint of the fit into ``folder`` at the end of every epoch, for an interrupted fit to resume.
+
+    Epoch ``n`` (counted from 1) goes to ``epoch-n.ckpt`` through a temporary file renamed into place; then
+    ``progress.json`` (also replaced atomically) names it, with the stage inputs ``inputs``; then the previous
+    checkpoint is deleted. A kill at any moment leaves ``progress.json`` naming a complete checkpoint.
+
+    Being a :class:`~lightning.pytorch.callbacks.Checkpoint`, Lightning calls it after the module's and every
+    other callback's ``on_train_epoch_end`` (as it does for ``ModelCheckpoint``), so the states it saves
+    (early stopping, best weights, the affinity measurement) hold the whole epoch. Nothing is written when
+    the fit is about to end (early stopping stopped it, or the epoch or step cap is reached): resuming such
+    a checkpoint would end the fit without its end-of-training hooks, while replaying the last epoch from
+    the checkpoint before gives the same numbers.
+    """
+
+    def __init__(self, folder: Path, inputs: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.inputs = inputs
+
+    @staticmethod
+    def _last_epoch(trainer: L.Trainer) -> bool:
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        return bool(trainer.should_stop
+                    or (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs)
+                    or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps))
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._last_epoch(trainer):
+            return
+        done = trainer.current_epoch + 1
+        name = f"epoch-{done}.ckpt"
+        tmp = self.folder / f".{name}.tmp"
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp, weights_only=False)  # on every rank (it synchronises them); rank zero writes
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.folder / name)
+            atomic_write_text(self.folder / _PROGRESS, json.dumps(
+                {"inputs": self.inputs, "epochs": done, "checkpoint": name}, indent=2, sort_keys=True))
+            for old in self.folder.glob("*.ckpt"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+        trainer.strategy.barrier("affinity checkpoint")
+
+
+class _RandomStates(Callback):
+    """Keep the random states in the fit's checkpoint, so a resumed fit draws what the uninterrupted one drew.
+
+    Lightning's checkpoints hold the model, optimizer, schedulers, loops and callback states, but not the
+    global random generators (torch, CUDA, numpy, ``random``) that dropout, a shuffling ``DataLoader``
+    without a generator and augmentations draw from, nor the generators a ``DataLoader`` was given. This
+    callback saves them with the checkpoint and, in the resumed fit, puts them back at the start of its
+    first epoch, then starts that epoch's training iterator again: in the uninterrupted fit the iterator of
+    that epoch is created after the checkpoint (drawing its base seed), while a resumed fit creates it when
+    it sets up the data, from generators not yet restored.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @staticmethod
+    def _generators(trainer: L.Trainer | None) -> list[Any]:
+        """The ``torch.Generator`` objects of the training dataloaders (loader, sampler, batch sampler's)."""
+        import torch
+
+        combined = getattr(getattr(trainer, "fit_loop", None), "_combined_loader", None)
+        out: list[Any] = []
+        for loader in getattr(combined, "flattened", None) or []:
+            sampler = getattr(loader, "sampler", None)
+            inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+            for owner in (loader, sampler, inner):
+                gen = getattr(owner, "generator", None)
+                if isinstance(gen, torch.Generator) and all(gen is not g for g in out):
+                    out.append(gen)
+        return out
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import torch
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global state itself)
+        return {  # tensors and plain numbers only: loadable with weights_only
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                      float(gauss)],
+            "python": random.getstate(),
+            "loaders": [g.get_state() for g in self._generators(self._trainer)],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        import random
+
+        import torch
+
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+        random.setstate(_as_tuples(state["python"]))
+        generators = self._generators(trainer)
+        if len(generators) == len(state["loaders"]):
+            for gen, saved in zip(generators, state["loaders"], strict=True):
+                gen.set_state(saved)
+        else:
+            warnings.warn(f"the resumed fit has {len(generators)} training-data generators, its checkpoint "
+                          f"{len(state['loaders'])}: their states are not restored, so the batches may differ from "
+                          "the uninterrupted fit's", RuntimeWarning, stacklevel=2)
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None:  # this epoch's iterator, created again from the restored generators
+            iter(fetcher)
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.getstate()`` as ``random.setstate`` wants it (a checkpoint may turn its tuples into lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
