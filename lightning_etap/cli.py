@@ -106,6 +106,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     if hasattr(args, "max_epochs") and args.max_epochs < 1:
         raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
     config = resolve_config(args.config, overrides, max_epochs=getattr(args, "max_epochs", None))
+    if "workers" in overrides and config.executor == "ray":
+        print("lightning-etap: --workers sizes the processes executor; Ray uses the CPUs of its cluster (start a "
+              "local one with `ray start --head --num-cpus N` and pass --ray-address auto to choose)",
+              file=sys.stderr, flush=True)
 
     from lightning_etap.groundtruth.executors import is_lightning_interrupt
     from lightning_etap.pipeline.stages import Pipeline

@@ -717,6 +717,18 @@ def test_a_second_fit_of_the_same_trainer_goes_on_measuring(tmp_path):
     assert [w for w in caught if "new measurement" in str(w.message)]
     assert staged.result.epochs.tolist() == [0]
 
+    # the same callback in a new Trainer resumed from a checkpoint drops nothing: the checkpoint's measurement goes on
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    _digits_fit(tmp_path, data, [staged, ckpt], 2)
+    saved = staged.result
+    with quiet_lightning(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[staged], num_sanity_val_steps=0, default_root_dir=tmp_path).fit(
+            model, datamodule=data, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert not [w for w in caught if "new measurement" in str(w.message)]
+    assert staged.result.epochs.tolist() == [0, 1, 2] and staged.result.measured_steps == saved.measured_steps * 3 // 2
+
 
 def test_resume_with_other_settings_is_refused_and_with_another_engine_continues(tmp_path):
     # Lightning passes a callback its state only under the same state_key, which holds the settings

@@ -62,12 +62,3 @@ def test_ray_records_failures_and_dead_workers(tmp_path, ray_session):
     assert rows["a|b"]["status"] == "done" and rows["a|b"]["attempts"] == 2
     assert Counter(r["status"] for r in rows.values()) == Counter({"done": 6, "failed": 1})
 
-
-def test_the_pipeline_sizes_a_local_ray_by_its_workers():
-    from lightning_etap.pipeline import PipelineConfig
-    from lightning_etap.pipeline.components import Workspace
-
-    local = Workspace(PipelineConfig(dataset="digits", executor="ray", workers=3).resolved()).executor()
-    assert local.address is None and local.init_kwargs == {"num_cpus": 3}
-    cluster = Workspace(PipelineConfig(dataset="digits", executor="ray", ray_address="auto").resolved()).executor()
-    assert cluster.address == "auto" and cluster.init_kwargs == {}

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from lightning_etap.cli import main
 from lightning_etap.pipeline import PipelineConfig, UserError
-from lightning_etap.pipeline.config import resolve_config
+from lightning_etap.pipeline.config import check_trainer, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["digit_1", "digit_3", "digit_7", "digit_9"]
@@ -392,16 +393,27 @@ OWN = {"model": "m:build", "datamodule": "m:data", "tasks": ["a", "b", "c"]}
     ({"callbacks": ["EarlyStopping"]}, "'callbacks' is set by the pipeline; return your callbacks from"),
     ({"logger": "csv"}, "'logger' is set by the pipeline; choose the logger with 'logger'"),
 ])
-def test_trainer_options_are_checked_against_the_trainer(trainer, needle):
+def test_trainer_options_are_checked_against_the_trainer(trainer, needle, tmp_path):
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump({**OWN, "trainer": trainer, "output": str(tmp_path / "r")}))
     with pytest.raises(UserError) as err:
-        PipelineConfig(**OWN, trainer=trainer).resolved()
-    assert "config key 'trainer': " in str(err.value) and needle in str(err.value)
+        resolve_config(path)
+    assert f"config key 'trainer' in config file {path}: " in str(err.value) and needle in str(err.value)
 
 
-def test_own_model_trainer_options_that_fit_pass_and_reference_only_keys_are_refused():
+def test_own_model_trainer_options_that_fit_pass_and_reference_only_keys_are_refused(tmp_path):
     fine = {"max_epochs": 3, "precision": "bf16-mixed", "gradient_clip_val": 0.5, "devices": 1, "accelerator": "cpu",
-            "limit_train_batches": 0.5, "val_check_interval": 1.0, "deterministic": "warn", "max_time": "00:00:05:00"}
+            "limit_train_batches": 0.5, "val_check_interval": 1.0, "deterministic": "warn", "max_time": "00:00:05:00",
+            "logger": False, "callbacks": []}  # what the pipeline sets anyway is harmless
+    check_trainer(fine)
     assert PipelineConfig(**OWN, trainer=fine, code_version="abc123").resolved().trainer == fine
+    # a run directory saved before the check is not locked out by it: only what a command gives is checked
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.yaml").write_text(PipelineConfig(**OWN, trainer={"max_epochs": 20.0}, output=str(out)).to_yaml())
+    assert resolve_config(None, {"output": str(out)}).trainer == {"max_epochs": 20.0}
+    with pytest.raises(UserError, match=r"must be a string, got the number 2498023: quote it"):
+        PipelineConfig.from_dict({**OWN, "code_version": 2498023})
     with pytest.raises(UserError, match="'engine' \\('lightning'\\) chooses how the reference model trains"):
         PipelineConfig(**OWN, engine="lightning").resolved()
     with pytest.raises(UserError, match="'code_version' labels your own 'model'"):
@@ -417,9 +429,14 @@ def test_a_run_directory_with_nothing_computed_takes_new_settings(tmp_path):
     fixed = PipelineConfig(**OWN, trainer={"max_epochs": 8}, output=str(run.path))
     run.check_config(fixed)  # nothing computed with the old settings: no refusal
     run.affinity_dir.mkdir()  # once something is computed, the settings are the directory's
-    with pytest.raises(UserError, match="was created with other settings"):
+    with pytest.raises(UserError, match=r"other settings \(trainer.max_epoch: 8 there, unset now; "
+                                        r"trainer.max_epochs: unset there, 8 now\); give the same settings"):
         run.check_config(fixed)
     run.affinity_dir.rmdir()
+    run.affinity_checkpoint_dir.mkdir()  # a half-done affinity fit counts as computed too
+    with pytest.raises(UserError, match="was created with other settings"):
+        run.check_config(fixed)
+    run.affinity_checkpoint_dir.rmdir()
     run.save_config(fixed)
     run.check_config(dataclasses.replace(fixed, code_version="v2"))
     run.record_stage("affinity", fixed, 1.0)
@@ -539,3 +556,9 @@ def test_evaluate_selection_by_hand():
     assert both["total_test_loss"] == pytest.approx(0.9 + 0.9 + 1.3)
     unknown = evaluate_selection(np.array([[1, 0, 0], [0, 1, 1]], dtype=bool), measured)  # bc never trained
     assert unknown["objective"] is None and unknown["measured"] == [True, False]
+
+
+def test_workers_with_ray_says_ray_sizes_itself(tmp_path, capsys):
+    code, _, err = _run(["report", "--dataset", "digits", "--executor", "ray", "--workers", "3",
+                         "-o", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--workers sizes the processes executor; Ray uses the CPUs of its cluster" in err

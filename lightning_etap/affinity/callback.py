@@ -411,12 +411,11 @@ class AffinityCallback(Callback):
         last = getattr(self, "_last_fit", None)
         continuing = (last is not None and last[0] == trainer.global_step > 0 and last[1]() is pl_module
                       and self._acc is not None)
+        self._dropped = 0
         if not self._loaded and not continuing:
-            if self._acc is not None and self._measured:
-                rank_zero_warn(
-                    f"AffinityCallback: this fit starts a new measurement; the previous fit's ({self._measured} "
-                    "measured steps) is dropped. Keep it first (result = affinity.result), or fit on with the "
-                    "same Trainer and module to go on measuring.", category=UserWarning)
+            # said at the start of training, once Lightning has restored any checkpoint (after setup): a
+            # measurement resumed from a checkpoint drops nothing
+            self._dropped = self._measured if self._acc is not None else 0
             self._reset()
         self._last_fit = None
         self._captured: _Captured | None = None
@@ -528,6 +527,12 @@ class AffinityCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         opt = self._optimizer(trainer)
         task_update_rules(opt, self._params, self.update)  # validates the optimizer early
+        if getattr(self, "_dropped", 0) and not self._loaded:
+            rank_zero_warn(
+                f"AffinityCallback: this fit starts a new measurement; the previous fit's ({self._dropped} "
+                "measured steps) is dropped. Keep it first (result = affinity.result), or fit on with the same "
+                "Trainer and module to go on measuring.", category=UserWarning)
+        self._dropped = 0
 
     def _optimizer(self, trainer: L.Trainer) -> torch.optim.Optimizer:
         ids = {id(p) for p in self._params}
@@ -780,10 +785,16 @@ class AffinityCallback(Callback):
             if self.save_dir is not None and trainer.is_global_zero:
                 result.save(self.save_dir)
 
+    def _second_half_empty(self) -> bool:
+        """Whether the measurement keeps split halves and every measured step fell in the first (a short fit);
+        a measurement resumed from a checkpoint written before halves existed has none and is not short."""
+        acc = self._acc
+        return acc is not None and acc.halves is not None and min(acc.half_steps) == 0
+
     def _check_reproducible(self, result: AffinityResult) -> None:
         """Warn (rank zero) when the two split halves of the measurement rank the pairs differently."""
         message = reproducibility_warning(result.split_half, result.measured_steps, result.n_tasks, self._chosen,
-                                          self.every_n_steps == "auto", halves=result.half_matrices is not None)
+                                          self.every_n_steps == "auto", halves=not self._second_half_empty())
         if message is not None:
             rank_zero_warn(message, category=RuntimeWarning)
 

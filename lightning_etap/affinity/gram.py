@@ -46,12 +46,13 @@ never forms the gradients, is not used then.
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_etap.affinity.scores import (
@@ -124,14 +125,22 @@ def linear_layers(module: nn.Module, params: Sequence[Tensor]) -> list[FastLinea
             continue
         b = index.get(id(sub.bias)) if sub.bias is not None else None
         out.append(FastLinearLayer(sub, w, b))
-    # A parameter owned by two layers (tied weights) gets gradient from both: neither layer's activations alone
-    # give its per-task gradients, so both go to the exact autograd path.
-    owners: dict[int, int] = {}
-    for layer in out:
-        for k in (layer.weight, layer.bias):
-            if k is not None:
-                owners[k] = owners.get(k, 0) + 1
-    return [lay for lay in out if owners[lay.weight] == 1 and (lay.bias is None or owners[lay.bias] == 1)]
+    return out
+
+
+def tied_layers(layers: Sequence[FastLinearLayer]) -> set[int]:
+    """Indices of the layers owning a parameter another layer owns too (tied weights).
+
+    Such a parameter gets gradient from both layers: neither layer's
+    activations alone give its per-task gradients, so both take the exact
+    autograd path.
+    """
+    owners: dict[int, list[int]] = {}
+    for k, layer in enumerate(layers):
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                owners.setdefault(p, []).append(k)
+    return {k for ks in owners.values() if len(ks) > 1 for k in ks}
 
 
 def shared_root(module: nn.Module, params: Sequence[Tensor]) -> nn.Module | None:
@@ -157,6 +166,7 @@ class _LinearCall:
     root_call: int  # the enclosing root call, -1 outside any
     inputs: Tensor  # (rows, in), detached
     output: Tensor  # the layer's output, in the graph (any leading shape)
+    version: int = 0  # the output's version counter when recorded (an in-place op on it changes it)
 
 
 @dataclass
@@ -210,7 +220,7 @@ class ActivationTap:
             if not isinstance(x, Tensor) or not output.requires_grad:
                 return
             self._record.linear.append(_LinearCall(k, self._record.open_root,
-                                                   x.detach().reshape(-1, x.shape[-1]), output))
+                                                   x.detach().reshape(-1, x.shape[-1]), output, output._version))
         return hook
 
     def _root_pre(self, module: nn.Module, args: tuple) -> None:
@@ -359,13 +369,16 @@ class GramEngine:
                 "the shared parameters are not all inside one submodule (name it with shared='<submodule>')"
             )
         self.layers = linear_layers(module, self.params) if scope != "representation" else []
-        covered = {lay.weight for lay in self.layers} | {lay.bias for lay in self.layers if lay.bias is not None}
+        #: fast layers whose parameters take the exact autograd path instead: tied weights (from the start,
+        #: value nan) and layers found at the first measured step to get gradient outside their own recorded
+        #: forward calls (:meth:`_verify`; value: the share of the gradient the calls missed)
+        self.excluded: dict[int, float] = {k: math.nan for k in tied_layers(self.layers)}
+        covered = {p for k, lay in enumerate(self.layers) if k not in self.excluded
+                   for p in (lay.weight, lay.bias) if p is not None}
         self.rest = [k for k in range(len(self.params)) if k not in covered] if scope == "shared" else []
         self._module = module
         self._rest_blocks = _reindexed_blocks(self.params, self.rest, module)
-        #: fast layers found, at the first measured step, to get gradient outside their own forward calls
-        #: (:meth:`_verify`); their parameters are on the autograd path since
-        self.excluded: dict[int, float] = {}
+        self._layer_blocks: dict[int, tuple[list[int], list[list[int]]]] = {}  # scope="last_layer": per layer
         self._verified = False
         self._gradients = ExactTaskGradients()
         self.separable = separable
@@ -456,6 +469,9 @@ class GramEngine:
             calls = [c for c in calls if c.layer == last]
         if not self._verified and self.layers:
             self._verify(parts, calls, grad_scale, all_reduce)
+        rest, rest_blocks = self.rest, self._rest_blocks
+        if self.scope == "last_layer":  # the measured layer's parameters by autograd when it is excluded
+            rest, rest_blocks = self._excluded_layer_params(calls[-1].layer if calls else None)
         if self.excluded:
             calls = [c for c in calls if c.layer not in self.excluded]
         data = self._layer_data(task_losses, parts, record, calls, roots, seeds, grad_scale, n)
@@ -467,9 +483,19 @@ class GramEngine:
                   for k, layer_data in data.items()]
         if self._single_block and self.last_path == "dense" and self._rows_shared and data and not any(tricks):
             self._delegate = True
-        if self.rest:
-            self._autograd_products(task_losses, rules, Z, grad_scale, all_reduce, n)
+        if rest:
+            self._autograd_products(task_losses, rules, Z, grad_scale, all_reduce, n, keep=(rest, rest_blocks))
         return Z
+
+    def _excluded_layer_params(self, layer: int | None) -> tuple[list[int], list[list[int]]]:
+        """The parameter indices of ``layer`` and their autograd blocks when it is excluded, else nothing."""
+        if layer is None or layer not in self.excluded:
+            return [], []
+        if layer not in self._layer_blocks:
+            lay = self.layers[layer]
+            keep = [p for p in (lay.weight, lay.bias) if p is not None]
+            self._layer_blocks[layer] = (keep, _reindexed_blocks(self.params, keep, self._module))
+        return self._layer_blocks[layer]
 
     def _verify(self, parts: Sequence[Tensor], calls: list[_LinearCall], grad_scale: float, all_reduce) -> None:
         """Check, once, that the recorded calls account for every fast layer's whole gradient.
@@ -487,8 +513,9 @@ class GramEngine:
         """
         self._verified = True
         # every fast layer (one whose calls all went unrecorded still gets its gradient); under
-        # scope="last_layer" the layer measured
+        # scope="last_layer" the layer measured; not those already excluded (tied weights)
         layers = sorted({c.layer for c in calls}) if self.scope == "last_layer" else list(range(len(self.layers)))
+        layers = [k for k in layers if k not in self.excluded]
         if not layers:
             return
         live = [p for p in parts if p.requires_grad]
@@ -527,28 +554,38 @@ class GramEngine:
                     got = torch.zeros_like(want) if got is None else got.reshape(want.shape)
                     diff += float((want - got).square().sum())
                     norm += max(float(want.square().sum()), float(got.square().sum()))
-                errors[row] = (diff / norm) ** 0.5 if norm > 0 else 0.0
+                if not (math.isfinite(diff) and math.isfinite(norm)):
+                    errors[row] = math.nan  # overflowed: no verdict from this step
+                else:
+                    errors[row] = (diff / norm) ** 0.5 if norm > 0 else 0.0
         if all_reduce is not None:
             errors = all_reduce(errors)
+        if not bool(torch.isfinite(errors).all()):  # e.g. fp16's first steps overflow: check at the next one
+            self._verified = False
+            return
         reduced = any(c.output.dtype not in (torch.float32, torch.float64) for c in calls)
         tolerance = 3e-2 if reduced else 1e-3
         bad = {k: float(e) for k, e in zip(layers, errors.tolist()) if e > tolerance}
         if not bad:
             return
         self.excluded.update(bad)
-        moved = sorted({i for k in bad for i in (self.layers[k].weight, self.layers[k].bias) if i is not None})
-        self.rest = sorted(set(self.rest) | set(moved))
-        self._rest_blocks = _reindexed_blocks(self.params, self.rest, self._module)
-        self._single_block = False
+        if self.scope == "shared":
+            moved = {i for k in bad for i in (self.layers[k].weight, self.layers[k].bias) if i is not None}
+            self.rest = sorted(set(self.rest) | moved)
+            self._rest_blocks = _reindexed_blocks(self.params, self.rest, self._module)
         names = {id(m): name for name, m in self._module.named_modules()}
+        inplace = [k for k in bad if any(c.layer == k and c.output._version != c.version for c in calls)]
         listed = ", ".join(f"{names.get(id(self.layers[k].module), '?')!r} ({100 * e:.1f} % of its gradient)"
                            for k, e in bad.items())
-        warnings.warn(
-            f"AffinityCallback: the weights of shared linear layer(s) {listed} get gradient outside the layer's "
-            "own recorded forward calls (the weight used directly, e.g. F.linear(x, layer.weight) or a penalty on "
-            "it in a task loss); their per-task gradients now come from exact autograd "
-            "(engine='autograd' for these layers: correct, slower)",
-            stacklevel=2,
+        why = ("the weight used directly, e.g. F.linear(x, layer.weight) or a penalty on it in a task loss")
+        if inplace:
+            why = ("the layer's output modified in place, e.g. by nn.ReLU(inplace=True) after it: inplace=False "
+                   "keeps the fast path; or " + why)
+        rank_zero_warn(
+            f"AffinityCallback: the per-task gradients of shared linear layer(s) {listed} cannot be rebuilt from "
+            f"the layer's recorded forward calls ({why}); they now come from exact autograd (engine='autograd' "
+            "for these layers: correct, slower)",
+            category=UserWarning,
         )
 
     def _costs(self, all_calls: list[_LinearCall], data: dict[int, _LayerData], n: int,
@@ -808,12 +845,17 @@ class GramEngine:
             Z += (delta.reshape(n, -1) @ AC.reshape(-1)).double().unsqueeze(0).expand(n, n)
 
     # ------------------------------------------------------------------ other paths
-    def _autograd_products(self, task_losses, rules, Z, grad_scale, all_reduce, n, every: bool = False) -> None:
-        """Products of explicit autograd per-task gradients: of the parameters outside the fast layers, or ``every`` one."""
-        keep = range(len(self.params)) if every else self.rest
-        params = [self.params[k] for k in keep]
-        local_rules = [rules[k] for k in keep]
-        blocks = self._all_blocks if every else self._rest_blocks
+    def _autograd_products(self, task_losses, rules, Z, grad_scale, all_reduce, n, every: bool = False,
+                           keep: tuple[list[int], list[list[int]]] | None = None) -> None:
+        """Products of explicit autograd per-task gradients: of the parameters outside the fast layers (or
+        ``keep``: indices and their blocks), or ``every`` one."""
+        if every:
+            keep = (list(range(len(self.params))), self._all_blocks)
+        elif keep is None:
+            keep = (self.rest, self._rest_blocks)
+        indices, blocks = keep
+        params = [self.params[k] for k in indices]
+        local_rules = [rules[k] for k in indices]
         for k, grads in self._gradients(task_losses, params, blocks, scale=grad_scale):
             flat = grads.reshape(n, -1).float()
             if all_reduce is not None:

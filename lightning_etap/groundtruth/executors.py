@@ -220,7 +220,7 @@ class ProcessPoolExecutor:
             # unfinished chunks again one at a time, so that a second death names its chunk, then go on.
             logger.warning(
                 "a worker process died (killed, out of memory or crashed) and took the pool with it; running "
-                "its %d unfinished chunk(s) (%d jobs) again one at a time, then going on in parallel",
+                "the pool's %d unfinished chunk(s) (%d jobs) again one at a time, then going on in parallel",
                 len(broken), sum(len(chunk) for chunk in broken))
             yield from self._isolated(payload, ctx, broken)
 

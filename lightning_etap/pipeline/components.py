@@ -195,9 +195,7 @@ class Workspace:
         try:
             from lightning_etap.groundtruth import RayExecutor
 
-            if self.config.ray_address is None:  # a local Ray: as many CPUs as the processes executor's workers
-                return RayExecutor(init_kwargs={"num_cpus": self.config.workers})
-            return RayExecutor(address=self.config.ray_address)  # a cluster: its own CPUs
+            return RayExecutor(address=self.config.ray_address)  # the CPUs of its cluster (a local one: all)
         except ImportError:
             raise UserError("executor 'ray' needs Ray: pip install 'lightning-etap[ray]'") from None
 

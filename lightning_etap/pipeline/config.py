@@ -99,8 +99,7 @@ class PipelineConfig:
         selection_time_limit: seconds per selection before the best one found is returned.
         executor: where ground-truth jobs train: ``local`` (this process), ``processes``
             (a local pool of ``workers``) or ``ray`` (a Ray cluster at ``ray_address``).
-        workers: processes of the ``processes`` executor, or CPUs of a local Ray (``ray`` without
-            ``ray_address``; a cluster uses its own).
+        workers: processes of the ``processes`` executor (Ray uses its cluster's CPUs).
         ray_address: Ray cluster address (``auto``, ``ray://host:10001``); ``null`` starts a local Ray.
         logger: ``none``, ``csv``, ``tensorboard`` or ``wandb``; it records the all-task fit, and
             W&B / TensorBoard also receive the report's figures.
@@ -178,7 +177,6 @@ class PipelineConfig:
             if self.engine != DEFAULTS["engine"]:
                 raise UserError(f"'engine' ({self.engine!r}) chooses how the reference model trains; your own "
                                 "'model' always trains in a Lightning Trainer: leave 'engine' out")
-            _check_trainer(self.trainer)
         else:
             if self.code_version is not None:
                 raise UserError("'code_version' labels your own 'model' and 'datamodule' code; the reference "
@@ -260,15 +258,16 @@ _TRAINER_OWN = {
 }
 
 
-def _check_trainer(options: Mapping[str, Any]) -> None:
+def check_trainer(options: Mapping[str, Any], source: str = "the config") -> None:
     """Refuse ``trainer`` options :class:`lightning.Trainer` does not take, or of a type it does not take.
 
     Names are checked against the Trainer's signature (with the closest
     names as a hint), values against its type annotations where those are
     plain (numbers, strings, booleans, literals, ``None``); anything richer
-    is left to the Trainer.
+    is left to the Trainer. :func:`resolve_config` checks the ``trainer`` a
+    command gives (not one saved in a run directory, which already ran).
     """
-    if not options:
+    if not options or not isinstance(options, Mapping):
         return
     import difflib
     import inspect
@@ -282,15 +281,15 @@ def _check_trainer(options: Mapping[str, Any]) -> None:
     except Exception:  # an annotation this Python cannot resolve: names only
         hints = {}
     for key, value in options.items():
-        if key in _TRAINER_OWN:
-            raise UserError(f"config key 'trainer': {key!r} is set by the pipeline; {_TRAINER_OWN[key]}")
+        if key in _TRAINER_OWN and value not in (None, False, [], {}):  # (what the pipeline sets is harmless)
+            raise UserError(f"config key 'trainer' in {source}: {key!r} is set by the pipeline; {_TRAINER_OWN[key]}")
         if key not in params or key == "self":
             close = difflib.get_close_matches(key, [p for p in params if p != "self"], n=3)
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise UserError(f"config key 'trainer': lightning.Trainer has no argument {key!r}{hint}")
+            raise UserError(f"config key 'trainer' in {source}: lightning.Trainer has no argument {key!r}{hint}")
         if key in hints and _accepts(hints[key], value) is False:
-            raise UserError(f"config key 'trainer': {key} must be {_describe_hint(hints[key])} (lightning.Trainer's "
-                            f"annotation), got {value!r}")
+            raise UserError(f"config key 'trainer' in {source}: {key} must be {_describe_hint(hints[key])} "
+                            f"(lightning.Trainer's annotation), got {value!r}")
 
 
 def _accepts(hint: Any, value: Any) -> bool | None:
@@ -464,6 +463,13 @@ def _budgets(key, value, source):
     return sorted(set(int(b) for b in value))
 
 
+def _code_version(key, value, source):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise UserError(f"config key {key!r} in {source} must be a string, got the number {value!r}: quote it "
+                        f"(code_version: '...'), as YAML reads an all-digit git commit as a number")
+    return _opt_str(key, value, source)
+
+
 def _measure_all(key, value, source):
     if isinstance(value, bool):
         return value
@@ -482,7 +488,7 @@ _CHECKS = {
     "tasks": _tasks,
     "model": _opt_str,
     "datamodule": _opt_str,
-    "code_version": _opt_str,
+    "code_version": _code_version,
     "shared": _str,
     "trainer": _mapping,
     "affinity": _mapping,
@@ -523,6 +529,7 @@ def resolve_config(config_file: str | os.PathLike[str] | None = None,
     if config_file is not None:
         given = dict(read_yaml(config_file))
         PipelineConfig.from_dict(given, f"config file {config_file}")  # names the file in errors
+        check_trainer(given.get("trainer") or {}, f"config file {config_file}")
     if overrides:
         PipelineConfig.from_dict(dict(overrides), "the command-line options")  # names the options in errors
     for key, value in (overrides or {}).items():

@@ -160,11 +160,14 @@ class RunDirectory:
         old = PipelineConfig.from_dict(saved, f"{self.config_path}").identity()
         new = config.identity()
         diff = [k for k in IDENTITY_KEYS if old[k] != new[k]]
-        if diff and not self._state() and not self.store_path.exists() and not self.affinity_dir.exists():
+        computed = (self._state() or self.store_path.exists() or self.affinity_dir.exists()
+                    or self.affinity_checkpoint_dir.exists())
+        if diff and not computed:
             return  # nothing was computed with the saved settings (e.g. a first run that failed): they give way
         if diff:
-            shown = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in diff[:4])
-            raise UserError(f"run directory {self.path} was created with other settings ({shown}); "
+            shown = "; ".join(_difference(k, old[k], new[k]) for k in diff[:4])
+            raise UserError(f"run directory {self.path} was created with other settings ({shown}); give the "
+                            "same settings (an option such as --max-epochs given before must be given again), "
                             "use another --output, or delete the directory to start over")
 
     def save_config(self, config: PipelineConfig) -> None:
@@ -259,3 +262,16 @@ class RunDirectory:
             what = "has not run" if status == "missing" else f"is out of date ({self.stale_reason(stage, config)})"
             raise UserError(f"the {stage} stage {what}; {for_stage} needs it: run "
                             f"`lightning-etap {stage} --output {self.path}` (or `lightning-etap run`) first")
+
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    """``key: old there, new now``; for mappings only the entries that differ (``recipe.max_epochs: ...``)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{key}: {old!r} there, {new!r} now"
+
+    def shown(values: dict, k: str) -> str:
+        return repr(values[k]) if k in values else "unset"
+
+    changed = [k for k in sorted(set(old) | set(new), key=str) if shown(old, k) != shown(new, k)]
+    return "; ".join(f"{key}.{k}: {shown(old, k)} there, {shown(new, k)} now" for k in changed)
