@@ -110,14 +110,11 @@ def test_a_checkpoint_of_other_settings_is_not_resumed_and_force_deletes_it(tmp_
     assert _progress(run)["epochs"] == 2
     capsys.readouterr()
     monkeypatch.undo()
-    # the same directory with another recipe (nothing was finished there, so it takes the new settings)
-    assert main(["affinity", "-c", str(_config(tmp_path, short)), "--no-progress", "-o", str(run)]) == 0
-    out = capsys.readouterr().out
-    assert f"affinity: not resuming the checkpoint in {run / 'affinity_checkpoint'}: it was written with other " \
-           "settings (recipe); deleting it" in out
-    assert "resuming the all-task fit" not in out
-    assert not (run / "affinity_checkpoint").exists()
-    _assert_same(tmp_path / "whole", run)
+    # the same directory with another recipe: the half-done fit is computed work, so the directory keeps its
+    # settings (one experiment per directory) and the checkpoint stays
+    assert main(["affinity", "-c", str(_config(tmp_path, short)), "--no-progress", "-o", str(run)]) == 2
+    assert "recipe.max_epochs: 5 there, 4 now" in capsys.readouterr().err
+    assert _progress(run)["epochs"] == 2
 
     # --force: the checkpoint of the interrupted fit goes, and the fit starts again
     forced = tmp_path / "forced"
