@@ -392,6 +392,10 @@ OWN = {"model": "m:build", "datamodule": "m:data", "tasks": ["a", "b", "c"]}
     ({"precision": "bf17"}, "precision must be 64 or 32 or 16 or 'transformer-engine'"),
     ({"callbacks": ["EarlyStopping"]}, "'callbacks' is set by the pipeline; return your callbacks from"),
     ({"logger": "csv"}, "'logger' is set by the pipeline; choose the logger with 'logger'"),
+    ({"strategy": "ddp", "devices": 2}, "the pipeline trains one process per fit (strategy 'ddp', devices 2)"),
+    ({"devices": [0, 1]}, "Lightning's multi-process launchers would re-run the whole command"),
+    ({"strategy": "ddp_spawn"}, "Scale the ground truth with --executor processes or ray instead"),
+    ({"num_nodes": 2}, "the pipeline trains one process per fit"),
 ])
 def test_trainer_options_are_checked_against_the_trainer(trainer, needle, tmp_path):
     path = tmp_path / "own.yaml"

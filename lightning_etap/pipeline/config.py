@@ -275,6 +275,7 @@ def check_trainer(options: Mapping[str, Any], source: str = "the config") -> Non
 
     import lightning as L
 
+    _check_one_process(options, source)
     params = inspect.signature(L.Trainer.__init__).parameters
     try:
         hints = typing.get_type_hints(L.Trainer.__init__)
@@ -290,6 +291,23 @@ def check_trainer(options: Mapping[str, Any], source: str = "the config") -> Non
         if key in hints and _accepts(hints[key], value) is False:
             raise UserError(f"config key 'trainer' in {source}: {key} must be {_describe_hint(hints[key])} "
                             f"(lightning.Trainer's annotation), got {value!r}")
+
+
+def _check_one_process(options: Mapping[str, Any], source: str) -> None:
+    """Refuse a ``trainer`` that would start processes: Lightning's ``ddp`` launcher re-runs the whole command
+    in each new process, and under ``ddp_spawn`` the measurement stays in the spawned workers."""
+    strategy = options.get("strategy")
+    devices = options.get("devices")
+    many = (isinstance(devices, int) and not isinstance(devices, bool) and (devices > 1 or devices == -1)) or \
+        (isinstance(devices, (list, tuple)) and len(devices) > 1) or \
+        (isinstance(devices, str) and (devices.strip() == "-1" or "," in devices.strip(", ")))
+    if many or (isinstance(strategy, str) and any(k in strategy.lower() for k in ("ddp", "fsdp", "deepspeed"))) \
+            or (options.get("num_nodes") not in (None, 1)):
+        raise UserError(
+            f"config key 'trainer' in {source}: the pipeline trains one process per fit (strategy "
+            f"{strategy!r}, devices {devices!r}): Lightning's multi-process launchers would re-run the whole "
+            "command in every process. Scale the ground truth with --executor processes or ray instead; to "
+            "measure the affinity of one multi-GPU fit, add AffinityCallback to your own Trainer (docs/callback.md)")
 
 
 def _accepts(hint: Any, value: Any) -> bool | None:
