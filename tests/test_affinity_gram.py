@@ -187,6 +187,7 @@ def train_and_check(model, opt, engine, rows, d, n, seed, steps=3):
         Z = engine.products(losses, rules)
         paths.append(engine.last_path)
         torch.testing.assert_close(Z, step_products(model.losses(x, ys), params, rules), rtol=2e-5, atol=1e-9)
+        assert engine.excluded == {}  # no layer of these models leaves the fast path
         opt.zero_grad()
         losses.sum().backward()
         opt.step()
