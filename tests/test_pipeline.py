@@ -566,3 +566,35 @@ def test_workers_with_ray_says_ray_sizes_itself(tmp_path, capsys):
     code, _, err = _run(["report", "--dataset", "digits", "--executor", "ray", "--workers", "3",
                          "-o", str(tmp_path / "r")], capsys)
     assert code == 2 and "--workers sizes the processes executor; Ray uses the CPUs of its cluster" in err
+
+
+WANDB_PROBE = """
+import sys
+from lightning_etap.pipeline import PipelineConfig, UserError
+from lightning_etap.pipeline.components import Workspace
+cfg = PipelineConfig(dataset="digits", logger="wandb", output=sys.argv[1]).resolved()
+try:
+    logger = Workspace(cfg).logger(__import__("pathlib").Path(cfg.output))
+    print("mode", logger.experiment.settings.mode)
+    logger.experiment.finish()
+except UserError as err:
+    print("UserError:", err)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_the_wandb_logger_follows_wandb_mode_and_a_missing_login_is_one_line(tmp_path, mode):
+    pytest.importorskip("wandb", reason="the W&B logger needs the wandb extra")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update({"WANDB_MODE": mode, "HOME": str(tmp_path), "WANDB_SILENT": "true",
+                **{k: str(tmp_path / "wandb") for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR",
+                                                       "WANDB_DATA_DIR")}})
+    res = subprocess.run([sys.executable, "-c", WANDB_PROBE, str(tmp_path / "run")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if mode == "offline":  # the config's default leaves the mode to WANDB_MODE (it used to force "online")
+        assert "mode offline" in res.stdout
+    else:  # no API key: one line naming the fixes, before any fit starts
+        assert "UserError: W&B could not start a run (No API key configured" in res.stdout
+        assert "--wandb-mode offline" in res.stdout

@@ -267,9 +267,19 @@ class Workspace:
         except ModuleNotFoundError:
             raise UserError("logger 'wandb' needs wandb: pip install 'lightning-etap[wandb]'") from None
         run_id = (resume or {}).get("id")
-        return WandbLogger(project=self.config.wandb_project, save_dir=str(logs), mode=self.config.wandb_mode,
-                           name=f"{self.config.dataset}-etap", id=run_id, resume="allow" if run_id else None,
-                           config=json.loads(json.dumps(self.config.to_dict())))
+        mode = {} if self.config.wandb_mode is None else {"mode": self.config.wandb_mode}  # None: WANDB_MODE
+        logger = WandbLogger(project=self.config.wandb_project, save_dir=str(logs), name=f"{self.config.dataset}-etap",
+                             id=run_id, resume="allow" if run_id else None,
+                             config=json.loads(json.dumps(self.config.to_dict())), **mode)
+        try:
+            logger.experiment  # noqa: B018  (starts the run here: a login problem fails now, in one line)
+        except Exception as err:  # wandb raises its own error types, from several modules
+            if type(err).__module__.split(".")[0] != "wandb":
+                raise
+            raise UserError(f"W&B could not start a run ({str(err).strip().splitlines()[0]}): run `wandb login` "
+                            "or set WANDB_API_KEY, or log offline with --wandb-mode offline "
+                            "(WANDB_MODE=offline)") from None
+        return logger
 
 
 def logger_record(logger) -> dict[str, Any]:

@@ -104,7 +104,8 @@ class PipelineConfig:
         logger: ``none``, ``csv``, ``tensorboard`` or ``wandb``; it records the all-task fit, and
             W&B / TensorBoard also receive the report's figures.
         wandb_project: the W&B project.
-        wandb_mode: ``online`` or ``offline`` (sync later with ``wandb sync``).
+        wandb_mode: ``online`` or ``offline`` (sync later with ``wandb sync``); ``null`` (default):
+            W&B's own setting (``WANDB_MODE``, else online).
         output: the run directory (default ``runs/<dataset>``).
     """
 
@@ -134,7 +135,7 @@ class PipelineConfig:
     ray_address: str | None = None
     logger: str = "none"
     wandb_project: str = "lightning-etap"
-    wandb_mode: str = "online"
+    wandb_mode: str | None = None
     output: str | None = None
 
     # ------------------------------------------------------------------ building
@@ -415,7 +416,8 @@ def _choice(options):
     def check(key, value, source):
         text = str(value).lower() if isinstance(value, str) else value
         if text not in options:
-            raise UserError(f"config key {key!r} in {source} must be one of {', '.join(options)}, got {value!r}")
+            shown = ", ".join("null" if o is None else str(o) for o in options)
+            raise UserError(f"config key {key!r} in {source} must be one of {shown}, got {value!r}")
         return text
     return check
 
@@ -523,7 +525,7 @@ _CHECKS = {
     "ray_address": _opt_str,
     "logger": _choice(LOGGERS),
     "wandb_project": _str,
-    "wandb_mode": _choice(WANDB_MODES),
+    "wandb_mode": _choice((*WANDB_MODES, None)),
     "output": _opt_str,
 }
 assert set(_CHECKS) == set(PipelineConfig.keys())
