@@ -119,6 +119,16 @@ def per_task_data(n=4, d=12, rows=(5, 7, 3, 6), seed=0):
     return xs, ys
 
 
+def shared_input_case(model, d, n, seed):
+    """Shared inputs (9 rows, ``d`` features, ``n`` tasks) for ``model``: its losses as a function, its shared
+    parameters and plain-SGD update rules."""
+    g = torch.Generator().manual_seed(seed)
+    x, ys = torch.randn(9, d, generator=g), [torch.randn(9, 1, generator=g) for _ in range(n)]
+    params = shared_params(model)
+    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    return (lambda: model.losses(x, ys)), params, rules
+
+
 OPTIMIZERS = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.05),
     "momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -503,7 +513,6 @@ def test_deep_copy_of_the_shared_module_mid_step():
     engine.close()
 
 
-
 class Checkpointed(nn.Module):
     """The second shared layer run inside activation checkpointing (non-reentrant: autograd.grad works)."""
 
@@ -523,11 +532,7 @@ class Checkpointed(nn.Module):
 def test_layers_called_by_keyword_and_inside_activation_checkpointing(recwarn):
     torch.manual_seed(15)
     model = Checkpointed()
-    g = torch.Generator().manual_seed(16)
-    x, ys = torch.randn(9, 6, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
-    fn = lambda: model.losses(x, ys)  # noqa: E731
-    params = shared_params(model)
-    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    fn, params, rules = shared_input_case(model, 6, 3, 16)
     engine = GramEngine(model, params, root=model.encoder)
     engine.start_step()
     torch.testing.assert_close(engine.products(fn(), rules), reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
@@ -539,11 +544,7 @@ def test_layers_called_by_keyword_and_inside_activation_checkpointing(recwarn):
 def test_a_layer_whose_calls_all_went_unrecorded_moves_to_autograd(recwarn):
     torch.manual_seed(17)
     model = Shared(hidden=(8, 8), n=3)
-    g = torch.Generator().manual_seed(18)
-    x, ys = torch.randn(9, 12, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
-    fn = lambda: model.losses(x, ys)  # noqa: E731
-    params = shared_params(model)
-    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    fn, params, rules = shared_input_case(model, 12, 3, 18)
     engine = GramEngine(model, params, root=model.encoder)
     engine.start_step()
     losses = fn()
@@ -559,12 +560,8 @@ def test_last_layer_scope_with_a_tied_last_layer_measures_that_layer():
     model = Tied("tied_module")
     model.tied = nn.Linear(8, 8)  # tie the LAST encoder layer's weight to a module called after it
     model.tied.weight = model.encoder[2].weight
-    g = torch.Generator().manual_seed(20)
-    x, ys = torch.randn(9, 6, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
     model.how = "plain"  # the tied module is never called: the last call is encoder.2's own
-    fn = lambda: model.losses(x, ys)  # noqa: E731
-    params = shared_params(model)
-    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    fn, params, rules = shared_input_case(model, 6, 3, 20)
     last = [k for k, p in enumerate(params) if p is model.encoder[2].weight or p is model.encoder[2].bias]
     want = step_products(fn(), [params[k] for k in last], [rules[k] for k in last])
     engine = GramEngine(model, params, root=model.encoder, scope="last_layer")
@@ -576,11 +573,7 @@ def test_last_layer_scope_with_a_tied_last_layer_measures_that_layer():
 def test_a_non_finite_first_check_is_retried_at_the_next_step(recwarn):
     torch.manual_seed(21)
     model = Tied("functional")
-    g = torch.Generator().manual_seed(22)
-    x, ys = torch.randn(9, 6, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
-    fn = lambda: model.losses(x, ys)  # noqa: E731
-    params = shared_params(model)
-    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    fn, params, rules = shared_input_case(model, 6, 3, 22)
     engine = GramEngine(model, params, root=model.encoder)
     engine._single_block = False  # keep this tiny model off the one-backward shortcut, which needs no check
     engine.start_step()
@@ -597,11 +590,7 @@ def test_an_in_place_op_on_a_layer_output_is_named_in_the_warning(recwarn):
     torch.manual_seed(23)
     model = Shared(hidden=(8, 8), n=3)
     model.encoder[1] = nn.ReLU(inplace=True)  # rewrites the first layer's recorded output
-    g = torch.Generator().manual_seed(24)
-    x, ys = torch.randn(9, 12, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
-    fn = lambda: model.losses(x, ys)  # noqa: E731
-    params = shared_params(model)
-    rules = task_update_rules(torch.optim.SGD(model.parameters(), lr=0.1), params, "gradient")
+    fn, params, rules = shared_input_case(model, 12, 3, 24)
     engine = GramEngine(model, params, root=model.encoder)
     engine.start_step()
     torch.testing.assert_close(engine.products(fn(), rules), reference(model, fn, params, rules), rtol=2e-5,

@@ -337,6 +337,8 @@ class AffinityCallback(Callback):
         self._restore = True  # False while Lightning restores a checkpoint for validate / test / predict
         self._task_names: list[str] | None = None
         self._acc: AffinityAccumulator | None = None
+        self._last_fit: tuple[int, weakref.ref] | None = None  # (global step, module) at the end of the last fit
+        self._dropped = 0  # measured steps a new fit dropped (warned at train start, after any checkpoint restore)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -408,7 +410,7 @@ class AffinityCallback(Callback):
         self._measuring = False
         # A second trainer.fit of the same Trainer and module goes on from the step the last one ended at (staged
         # training): the measurement goes on too, as from a checkpoint of that step. Anything else starts anew.
-        last = getattr(self, "_last_fit", None)
+        last = self._last_fit
         continuing = (last is not None and last[0] == trainer.global_step > 0 and last[1]() is pl_module
                       and self._acc is not None)
         self._dropped = 0
@@ -527,7 +529,7 @@ class AffinityCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         opt = self._optimizer(trainer)
         task_update_rules(opt, self._params, self.update)  # validates the optimizer early
-        if getattr(self, "_dropped", 0) and not self._loaded:
+        if self._dropped and not self._loaded:
             rank_zero_warn(
                 f"AffinityCallback: this fit starts a new measurement; the previous fit's ({self._dropped} "
                 "measured steps) is dropped. Keep it first (result = affinity.result), or fit on with the same "

@@ -100,6 +100,11 @@ class FastLinearLayer:
     weight: int  # index of the weight in the shared parameter list
     bias: int | None  # index of the bias, or None (no bias, or the bias is not shared / frozen)
 
+    @property
+    def indices(self) -> list[int]:
+        """The indices of its shared parameters (weight, then bias if shared)."""
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
 
 def _plain_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` (or a subclass) whose forward is ``nn.Linear``'s own ``F.linear``."""
@@ -137,9 +142,8 @@ def tied_layers(layers: Sequence[FastLinearLayer]) -> set[int]:
     """
     owners: dict[int, list[int]] = {}
     for k, layer in enumerate(layers):
-        for p in (layer.weight, layer.bias):
-            if p is not None:
-                owners.setdefault(p, []).append(k)
+        for p in layer.indices:
+            owners.setdefault(p, []).append(k)
     return {k for ks in owners.values() if len(ks) > 1 for k in ks}
 
 
@@ -373,8 +377,7 @@ class GramEngine:
         #: value nan) and layers found at the first measured step to get gradient outside their own recorded
         #: forward calls (:meth:`_verify`; value: the share of the gradient the calls missed)
         self.excluded: dict[int, float] = {k: math.nan for k in tied_layers(self.layers)}
-        covered = {p for k, lay in enumerate(self.layers) if k not in self.excluded
-                   for p in (lay.weight, lay.bias) if p is not None}
+        covered = {p for k, lay in enumerate(self.layers) if k not in self.excluded for p in lay.indices}
         self.rest = [k for k in range(len(self.params)) if k not in covered] if scope == "shared" else []
         self._module = module
         self._rest_blocks = _reindexed_blocks(self.params, self.rest, module)
@@ -492,8 +495,7 @@ class GramEngine:
         if layer is None or layer not in self.excluded:
             return [], []
         if layer not in self._layer_blocks:
-            lay = self.layers[layer]
-            keep = [p for p in (lay.weight, lay.bias) if p is not None]
+            keep = self.layers[layer].indices
             self._layer_blocks[layer] = (keep, _reindexed_blocks(self.params, keep, self._module))
         return self._layer_blocks[layer]
 
@@ -519,39 +521,30 @@ class GramEngine:
         if not layers:
             return
         live = [p for p in parts if p.requires_grad]
-        targets: list[Tensor] = []
-        for k in layers:
-            lay = self.layers[k]
-            targets.append(self.params[lay.weight])
-            if lay.bias is not None:
-                targets.append(self.params[lay.bias])
-        errors = torch.zeros(len(layers), dtype=torch.float64, device=self.params[self.layers[layers[0]].weight].device)
+        targets = [i for k in layers for i in self.layers[k].indices]
+        errors = torch.zeros(len(layers), dtype=torch.float64, device=self.params[targets[0]].device)
         if live:
             total = torch.stack([p.reshape(()) for p in live]).sum() * grad_scale
             outputs = [c.output for c in calls]
-            grads = torch.autograd.grad(total, targets + outputs, retain_graph=True, allow_unused=True)
-            true = dict(zip(map(id, targets), grads[:len(targets)]))
-            rebuilt: dict[int, list[Tensor]] = {}
+            grads = torch.autograd.grad(total, [self.params[i] for i in targets] + outputs, retain_graph=True,
+                                        allow_unused=True)
+            true = dict(zip(targets, grads[:len(targets)]))
+            # the same gradients rebuilt from the recorded calls: weight Δᵀ A and bias Σ Δ, summed over calls
+            rebuilt: dict[int, Tensor] = {}
             for call, g in zip(calls, grads[len(targets):]):
                 if g is None:
                     continue
                 delta = g.reshape(-1, g.shape[-1]).float()
-                parts_k = rebuilt.setdefault(call.layer, [])
-                parts_k.append(delta.T @ call.inputs.float())
-                parts_k.append(delta.sum(0))
+                lay = self.layers[call.layer]
+                for i, piece in ((lay.weight, delta.T @ call.inputs.float()), (lay.bias, delta.sum(0))):
+                    if i is not None:
+                        rebuilt[i] = rebuilt[i] + piece if i in rebuilt else piece
             for row, k in enumerate(layers):
-                lay = self.layers[k]
-                pieces = rebuilt.get(k, [])
-                w_rebuilt = sum(pieces[0::2]) if pieces else None
-                b_rebuilt = sum(pieces[1::2]) if pieces else None
                 diff = norm = 0.0
-                for param, got in ((self.params[lay.weight], w_rebuilt),
-                                   (self.params[lay.bias] if lay.bias is not None else None, b_rebuilt)):
-                    if param is None:
-                        continue
-                    want = true[id(param)]
-                    want = torch.zeros_like(param, dtype=torch.float32) if want is None else want.float()
-                    got = torch.zeros_like(want) if got is None else got.reshape(want.shape)
+                for i in self.layers[k].indices:
+                    param = self.params[i]
+                    want = torch.zeros_like(param, dtype=torch.float32) if true[i] is None else true[i].float()
+                    got = rebuilt[i].reshape(want.shape) if i in rebuilt else torch.zeros_like(want)
                     diff += float((want - got).square().sum())
                     norm += max(float(want.square().sum()), float(got.square().sum()))
                 if not (math.isfinite(diff) and math.isfinite(norm)):
@@ -570,7 +563,7 @@ class GramEngine:
             return
         self.excluded.update(bad)
         if self.scope == "shared":
-            moved = {i for k in bad for i in (self.layers[k].weight, self.layers[k].bias) if i is not None}
+            moved = {i for k in bad for i in self.layers[k].indices}
             self.rest = sorted(set(self.rest) | moved)
             self._rest_blocks = _reindexed_blocks(self.params, self.rest, self._module)
         names = {id(m): name for name, m in self._module.named_modules()}

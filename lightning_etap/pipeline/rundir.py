@@ -206,7 +206,7 @@ class RunDirectory:
         record = self._state().get(stage) or {}
         old = record.get("inputs") or {"config": {}, "upstream": {}}
         new = self.stage_inputs(stage, config)
-        keys = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
+        keys = changed_settings(old, new)
         ups = [s for s in new["upstream"] if old["upstream"].get(s) != new["upstream"][s]]
         parts = ([f"config {', '.join(keys)}"] if keys else []) + ([f"stage {', '.join(ups)} redone"] if ups else [])
         return "; ".join(parts) or "inputs changed"
@@ -264,7 +264,6 @@ class RunDirectory:
                             f"`lightning-etap {stage} --output {self.path}` (or `lightning-etap run`) first")
 
 
-
 def _difference(key: str, old: Any, new: Any) -> str:
     """``key: old there, new now``; for mappings only the entries that differ (``recipe.max_epochs: ...``)."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
@@ -275,3 +274,9 @@ def _difference(key: str, old: Any, new: Any) -> str:
 
     changed = [k for k in sorted(set(old) | set(new), key=str) if shown(old, k) != shown(new, k)]
     return "; ".join(f"{key}.{k}: {shown(old, k)} there, {shown(new, k)} now" for k in changed)
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The config keys whose values differ between two :meth:`RunDirectory.stage_inputs` (``old`` as stored)."""
+    stored = (old.get("config") if isinstance(old, dict) else None) or {}
+    return [k for k in new["config"] if stored.get(k) != new["config"][k]]

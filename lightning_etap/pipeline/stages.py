@@ -37,7 +37,7 @@ from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.components import Workspace, logger_record
 from lightning_etap.pipeline.config import PipelineConfig
 from lightning_etap.pipeline.errors import UserError
-from lightning_etap.pipeline.rundir import STAGES, RunDirectory
+from lightning_etap.pipeline.rundir import STAGES, RunDirectory, changed_settings
 
 __all__ = ["EpochProgress", "Pipeline", "cross_validated", "evaluate_selection"]
 
@@ -623,9 +623,7 @@ def _affinity_resume_point(folder: Path, inputs: dict[str, Any], force: bool) ->
     if complete and force:
         message = f"--force: deleting the checkpoint of an interrupted all-task fit (end of epoch {done})"
     elif complete and not _same_inputs(progress.get("inputs"), inputs):
-        old = progress.get("inputs") if isinstance(progress.get("inputs"), dict) else {}
-        new = json.loads(json.dumps(inputs))
-        keys = [k for k in new["config"] if (old.get("config") or {}).get(k) != new["config"][k]]
+        keys = changed_settings(progress.get("inputs"), json.loads(json.dumps(inputs)))
         what = f"other settings ({', '.join(keys)})" if keys else "other inputs"
         message = f"not resuming the checkpoint in {folder}: it was written with {what}; deleting it"
     elif complete:
