@@ -201,6 +201,18 @@ class RestoreBestWeights(Callback):
 
 
 @contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with ``threads`` torch intra-op threads (``None``: unchanged), restoring the count after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def quiet_lightning():
     """Silence Lightning's per-Trainer banners and the harmless warnings of small in-memory fits.
 
@@ -311,13 +323,8 @@ def train_group(
     )
     model = build_model(dataset, group, cfg)
     if engine == "loop":
-        previous_threads = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(int(threads))
-        try:
+        with torch_threads(threads):
             test_losses, val_loss, best_epoch, epochs = _fit_loop(model, datamodule, cfg)
-        finally:
-            torch.set_num_threads(previous_threads)
         return GroupTrainResult(tuple(group), test_losses, val_loss, best_epoch, epochs,
                                 time.perf_counter() - start, int(seed))
     restore = RestoreBestWeights("val_loss")
@@ -334,19 +341,13 @@ def train_group(
         deterministic=True,
     )
     kwargs.update(trainer_kwargs)
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        with quiet_lightning():
-            trainer = L.Trainer(callbacks=[*callbacks, stopper, restore], **kwargs)
-            if ckpt_path is None:
-                trainer.fit(model, datamodule=datamodule)
-            else:  # our own checkpoint: it may hold what weights_only refuses (e.g. a numpy random state)
-                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-            trainer.test(model, datamodule=datamodule, verbose=False)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(threads), quiet_lightning():
+        trainer = L.Trainer(callbacks=[*callbacks, stopper, restore], **kwargs)
+        if ckpt_path is None:
+            trainer.fit(model, datamodule=datamodule)
+        else:  # our own checkpoint: it may hold what weights_only refuses (e.g. a numpy random state)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.test(model, datamodule=datamodule, verbose=False)
     return GroupTrainResult(
         tasks=tuple(group),
         test_losses=dict(model.test_losses),

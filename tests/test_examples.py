@@ -36,13 +36,23 @@ def test_own_module_example_measures_its_affinity():
 
 
 @pytest.mark.slow
-def test_own_module_config_runs_the_whole_pipeline(tmp_path, capsys):
+def test_own_module_config_runs_the_whole_pipeline(tmp_path, capsys, monkeypatch):
     """The README's own-module story: the YAML config beside the example, run from its folder.
 
     A first attempt with a misspelt ``shared`` fails in one line before any fit, and does not lock the run
-    directory to its settings: the corrected config then runs in the same directory.
+    directory to its settings: the corrected config then runs in the same directory. The all-task fit runs
+    with one torch thread, as the ground-truth jobs do, and the caller's thread count is restored.
     """
+    import torch
+
+    from lightning_etap.affinity import AffinityCallback
     from lightning_etap.cli import main
+
+    threads_seen = []
+    monkeypatch.setattr(AffinityCallback, "on_train_epoch_start",
+                        lambda self, trainer, module: threads_seen.append(torch.get_num_threads()), raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
 
     typo = tmp_path / "typo.yaml"
     typo.write_text((EXAMPLES / "own_module.yaml").read_text().replace("shared: encoder", "shared: encodr"))
@@ -59,7 +69,10 @@ def test_own_module_config_runs_the_whole_pipeline(tmp_path, capsys):
     finally:
         os.chdir(cwd)
         sys.modules.pop("own_module", None)
+        after = torch.get_num_threads()
+        torch.set_num_threads(before)
     assert code == 0
+    assert threads_seen == [1, 1] and after == 2
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert selection["task_names"] == ["a", "b", "c", "d"] and selection["complete"]
     assert (tmp_path / "run" / "report" / "index.html").is_file()

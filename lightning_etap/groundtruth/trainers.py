@@ -304,18 +304,14 @@ class FactoryGroupTrainer:
 
     def train(self, jobs: Sequence[tuple[tuple[str, ...], int]]) -> list[GroupOutcome]:
         import lightning as L
-        import torch
 
-        from lightning_etap.training import quiet_lightning
+        from lightning_etap.training import quiet_lightning, torch_threads
 
         out = []
         for group, seed in jobs:
             tasks = tuple(group)
             start = time.perf_counter()
-            previous = torch.get_num_threads()
-            if self.threads is not None:
-                torch.set_num_threads(int(self.threads))
-            try:
+            with torch_threads(self.threads):
                 with quiet_lightning():
                     L.seed_everything(int(seed), workers=True, verbose=False)
                     model = self.model_factory(tasks)
@@ -325,8 +321,6 @@ class FactoryGroupTrainer:
                     trainer.fit(model, datamodule=datamodule)
                     trainer.test(model, datamodule=datamodule, verbose=False)
                 losses = self.test_losses(model, trainer, tasks)
-            finally:
-                torch.set_num_threads(previous)
             out.append(GroupOutcome(group=tasks, seed=int(seed), test_losses=dict(losses),
                                     epochs=int(trainer.current_epoch), seconds=time.perf_counter() - start))
         return out

@@ -152,7 +152,7 @@ class Pipeline:
         callbacks: list[Any] = [_RandomStates(), callback, _EpochCheckpoint(folder, inputs)]
         if cfg.custom:
             from lightning_etap.groundtruth.trainers import _QUIET_TRAINER
-            from lightning_etap.training import quiet_lightning
+            from lightning_etap.training import quiet_lightning, torch_threads
 
             model_factory, datamodule_factory = ws.factories()
             kwargs = {**_QUIET_TRAINER, **cfg.trainer, "logger": logger if logger is not None else False,
@@ -160,7 +160,9 @@ class Pipeline:
             user_callbacks = list(kwargs.pop("callbacks", []))
             if ws.progress:
                 callbacks.append(EpochProgress("affinity: all-task fit", kwargs.get("max_epochs")))
-            with quiet_lightning():
+            # one torch thread, as in every ground-truth job (FactoryGroupTrainer's default): the matrix does not
+            # depend on the machine's core count, and a loaded machine does not slow the fit down by oversubscription
+            with torch_threads(1), quiet_lightning():
                 L.seed_everything(seed, workers=True, verbose=False)
                 model = model_factory(tuple(names))
                 _check_shared(model, cfg.shared)
