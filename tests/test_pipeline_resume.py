@@ -230,3 +230,50 @@ def test_a_killed_affinity_fit_resumes_to_the_uninterrupted_matrix(tmp_path, cap
     assert "affinity: resuming the all-task fit from the end of epoch " in out
     assert main(["affinity", "-c", str(config), "--no-progress", "-o", str(tmp_path / "whole")]) == 0
     _assert_same(tmp_path / "whole", run)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_resume_with_persistent_loader_workers_warns_that_their_draws_restart(tmp_path, persistent):
+    """Persistent workers keep their random state across epochs, which no checkpoint holds: said at resume."""
+    import warnings
+
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_etap.pipeline.stages import _EpochCheckpoint, _RandomStates
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(torch.randn(8, 2), batch_size=4, num_workers=1, persistent_workers=persistent)
+
+    class Interrupt(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("interrupted")
+
+    def fit(*extra, ckpt_path=None):
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False,
+                            callbacks=[_RandomStates(), _EpochCheckpoint(folder, {}), *extra])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Tiny(), ckpt_path=ckpt_path, weights_only=False)
+        return [str(w.message) for w in caught if "persistent worker" in str(w.message)]
+
+    folder = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(Interrupt())
+    progress = json.loads((folder / "progress.json").read_text())
+    said = fit(ckpt_path=folder / progress["checkpoint"])
+    assert len(said) == persistent and all("persistent_workers=False resumes exactly" in m for m in said)

@@ -761,6 +761,13 @@ class _RandomStates(Callback):
             warnings.warn(f"the resumed fit has {len(generators)} training-data generators, its checkpoint "
                           f"{len(state['loaders'])}: their states are not restored, so the batches may differ from "
                           "the uninterrupted fit's", RuntimeWarning, stacklevel=2)
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        if any(getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0
+               for loader in getattr(combined, "flattened", None) or []):
+            warnings.warn("the training DataLoader keeps persistent worker processes: in the resumed fit they start "
+                          "from new seeds, so random draws made inside them (augmentations) differ from the "
+                          "uninterrupted fit's, and so may its matrix; persistent_workers=False resumes exactly",
+                          RuntimeWarning, stacklevel=2)
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         if fetcher is not None:  # this epoch's iterator, created again from the restored generators
             iter(fetcher)
