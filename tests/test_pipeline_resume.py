@@ -277,3 +277,38 @@ def test_a_resume_with_persistent_loader_workers_warns_that_their_draws_restart(
     progress = json.loads((folder / "progress.json").read_text())
     said = fit(ckpt_path=folder / progress["checkpoint"])
     assert len(said) == persistent and all("persistent_workers=False resumes exactly" in m for m in said)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb", "csv"])
+def test_a_resumed_fit_logs_into_the_interrupted_fits_run(tmp_path, capsys, monkeypatch, interrupt_at, kind):
+    """TensorBoard and W&B: the resumed fit continues the interrupted fit's version / run, which the report
+    reopens. CSV would delete the earlier rows of a reused version: a new version, the earlier one kept."""
+    if kind == "wandb":
+        pytest.importorskip("wandb", reason="the W&B logger needs the wandb extra")
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+            monkeypatch.setenv(var, str(tmp_path / "wandb"))
+    run = tmp_path / "run"
+    argv = ["affinity", "-c", str(_config(tmp_path, "{max_epochs: 4}")), "--no-progress", "--logger", kind,
+            "-o", str(run)]
+    interrupt_at(2)
+    assert main(argv) == 130
+    first = _progress(run)["logger"]
+    monkeypatch.setattr(AffinityCallback, "on_train_epoch_start", Callback.on_train_epoch_start)
+    assert main(argv) == 0
+    assert "resuming the all-task fit from the end of epoch 2" in capsys.readouterr().out
+    record = _affinity(run)[2]["logger"]
+    if kind == "wandb":
+        assert record == first and record["id"]
+        runs = sorted(p.name for p in (run / "logs" / "wandb").glob("offline-run-*"))
+        assert len(runs) == 2 and all(name.endswith(record["id"]) for name in runs)  # one run, two sessions
+    elif kind == "tensorboard":
+        assert record == first and record["version"] == 0
+        assert [p.name for p in (run / "logs" / "tensorboard").iterdir()] == ["version_0"]
+        assert len(list((run / "logs" / "tensorboard" / "version_0").glob("events.out.tfevents.*"))) == 2
+    else:
+        assert (first["version"], record["version"]) == (0, 1)
+        rows = (run / "logs" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+        assert len(rows) > 1  # the interrupted fit's curves are still there

@@ -145,11 +145,36 @@ class Pipeline:
             callback = AffinityCallback(shared=cfg.shared, tasks=names, **options)
         except (TypeError, ValueError) as err:
             raise UserError(f"affinity: {err}") from None
-        logger = ws.logger(self.dir.path)
+        # a resumed fit goes on logging into the interrupted fit's W&B run / TensorBoard version (a CSV logger
+        # would delete the earlier rows there: it starts a new version)
+        logger = ws.logger(self.dir.path, resume=_resumed_logger(folder, cfg.logger) if ckpt_path else None)
         seed = cfg.seeds[0]
         # the random states first (restored before any other callback's epoch start); the checkpoint writer is a
         # Checkpoint callback, which Lightning calls last at the end of an epoch
-        callbacks: list[Any] = [_RandomStates(), callback, _EpochCheckpoint(folder, inputs)]
+        callbacks: list[Any] = [_RandomStates(), callback, _EpochCheckpoint(folder, inputs, logger_record(logger))]
+        try:
+            epochs = self._affinity_fit(callbacks, logger, seed, ckpt_path)
+        except BaseException:  # an interrupted W&B run is closed as failed (the resumed fit reopens it)
+            _close_logger(logger, failed=True)
+            raise
+        affinity = callback.result
+        if self.dir.affinity_dir.exists():
+            shutil.rmtree(self.dir.affinity_dir)
+        affinity.save(self.dir.affinity_dir)
+        shutil.rmtree(folder, ignore_errors=True)  # the result is saved: the checkpoint has served
+        record = logger_record(logger)
+        _close_logger(logger)
+        r, pairs = affinity.split_half, affinity.split_half_pairs
+        half = "" if r is None else f" (split-half Spearman {r:.2f}" + (
+            "" if pairs is None else f", {pairs:.2f} beyond each task's own effects") + ")"
+        self._print(f"    {affinity.measured_steps} steps measured over {epochs} epochs{half}; "
+                    f"saved to {self.dir.affinity_dir}")
+        return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps}
+
+    def _affinity_fit(self, callbacks: list[Any], logger, seed: int, ckpt_path: Path | None) -> int:
+        """The affinity stage's all-task fit (own module or reference model); the number of epochs it ran."""
+        cfg, ws = self.config, self.workspace
+        names = list(ws.task_names)
         if cfg.custom:
             from lightning_etap.groundtruth.trainers import _QUIET_TRAINER
             from lightning_etap.training import quiet_lightning, torch_threads
@@ -172,30 +197,16 @@ class Pipeline:
                     trainer.fit(model, datamodule=datamodule)
                 else:  # our own file (it holds the numpy random state, which weights_only refuses)
                     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-            epochs = int(trainer.current_epoch)
-        else:
-            from lightning_etap.training import train_group
+            return int(trainer.current_epoch)
+        from lightning_etap.training import train_group
 
-            recipe = ws.train_config()
-            if ws.progress:
-                callbacks.append(EpochProgress("affinity: all-task fit", recipe.max_epochs))
-            result = train_group(ws.dataset, names, recipe, seed, callbacks=callbacks,
-                                 logger=logger if logger is not None else False, ckpt_path=ckpt_path,
-                                 enable_checkpointing=True)
-            epochs = result.epochs
-        affinity = callback.result
-        if self.dir.affinity_dir.exists():
-            shutil.rmtree(self.dir.affinity_dir)
-        affinity.save(self.dir.affinity_dir)
-        shutil.rmtree(folder, ignore_errors=True)  # the result is saved: the checkpoint has served
-        record = logger_record(logger)
-        _close_logger(logger)
-        r, pairs = affinity.split_half, affinity.split_half_pairs
-        half = "" if r is None else f" (split-half Spearman {r:.2f}" + (
-            "" if pairs is None else f", {pairs:.2f} beyond each task's own effects") + ")"
-        self._print(f"    {affinity.measured_steps} steps measured over {epochs} epochs{half}; "
-                    f"saved to {self.dir.affinity_dir}")
-        return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps}
+        recipe = ws.train_config()
+        if ws.progress:
+            callbacks.append(EpochProgress("affinity: all-task fit", recipe.max_epochs))
+        result = train_group(ws.dataset, names, recipe, seed, callbacks=callbacks,
+                             logger=logger if logger is not None else False, ckpt_path=ckpt_path,
+                             enable_checkpointing=True)
+        return result.epochs
 
     # ------------------------------------------------------------------ 2. gains
     def _gains(self, label: str, force: bool):
@@ -430,7 +441,7 @@ class EpochProgress(Callback):
         self.on_train_end(trainer, pl_module)
 
 
-def _close_logger(logger) -> None:
+def _close_logger(logger, failed: bool = False) -> None:
     if logger is None:
         return
     from lightning.pytorch.loggers import WandbLogger
@@ -439,9 +450,9 @@ def _close_logger(logger) -> None:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else None)
     else:
-        logger.finalize("success")
+        logger.finalize("failed" if failed else "success")
 
 
 def cross_validated(predictor, masks: np.ndarray, gains: np.ndarray, progress: bool = False) -> np.ndarray:
@@ -634,11 +645,22 @@ def _affinity_resume_point(folder: Path, inputs: dict[str, Any], force: bool) ->
     return None, 0, message
 
 
+def _resumed_logger(folder: Path, kind: str) -> dict[str, Any] | None:
+    """The logger record an interrupted fit left in ``folder``'s progress file, if a ``kind`` logger can reopen it."""
+    try:
+        record = json.loads((folder / _PROGRESS).read_text()).get("logger")
+    except (OSError, ValueError, AttributeError):
+        return None
+    reopens = {"wandb": "wandb", "tensorboard": "TensorBoardLogger"}.get(kind)
+    return record if isinstance(record, dict) and reopens is not None and record.get("kind") == reopens else None
+
+
 class _EpochCheckpoint(Checkpoint):
     """Write a checkpoint of the fit into ``folder`` at the end of every epoch, for an interrupted fit to resume.
 
     Epoch ``n`` (counted from 1) goes to ``epoch-n.ckpt`` through a temporary file renamed into place; then
-    ``progress.json`` (also replaced atomically) names it, with the stage inputs ``inputs``; then the previous
+    ``progress.json`` (also replaced atomically) names it, with the stage inputs ``inputs`` and the record of
+    the fit's logger ``logger`` (for the resumed fit to log into the same run); then the previous
     checkpoint is deleted. A kill at any moment leaves ``progress.json`` naming a complete checkpoint.
 
     Being a :class:`~lightning.pytorch.callbacks.Checkpoint`, Lightning calls it after the module's and every
@@ -649,9 +671,10 @@ class _EpochCheckpoint(Checkpoint):
     the checkpoint before gives the same numbers.
     """
 
-    def __init__(self, folder: Path, inputs: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, inputs: dict[str, Any], logger: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self.inputs = inputs
+        self.logger = logger or {}
 
     @staticmethod
     def _last_epoch(trainer: L.Trainer) -> bool:
@@ -675,7 +698,8 @@ class _EpochCheckpoint(Checkpoint):
                 os.fsync(handle.fileno())
             os.replace(tmp, self.folder / name)
             atomic_write_text(self.folder / _PROGRESS, json.dumps(
-                {"inputs": self.inputs, "epochs": done, "checkpoint": name}, indent=2, sort_keys=True))
+                {"inputs": self.inputs, "epochs": done, "checkpoint": name, "logger": self.logger},
+                indent=2, sort_keys=True))
             for old in self.folder.glob("*.ckpt"):
                 if old.name != name:
                     old.unlink(missing_ok=True)
