@@ -339,6 +339,8 @@ class AffinityCallback(Callback):
         self._acc: AffinityAccumulator | None = None
         self._last_fit: tuple[int, weakref.ref] | None = None  # (global step, module) at the end of the last fit
         self._dropped = 0  # measured steps a new fit dropped (warned at train start, after any checkpoint restore)
+        self._compiled = False  # the module holds torch.compile'd code (set in setup)
+        self._donated: bool | None = None  # torch's donated-buffer setting to restore at teardown
 
     # ------------------------------------------------------------------ settings
     @property
@@ -402,9 +404,13 @@ class AffinityCallback(Callback):
             )
         self._params = _resolve_shared(pl_module, self.shared)
         self._blocks = parameter_blocks(self._params, pl_module)
-        self._gradients = ExactTaskGradients()
+        self._compiled = _compiled(pl_module)
+        # compiled graphs have no batching rule for a vectorised backward: one backward call per task
+        self._gradients = ExactTaskGradients(batched=not self._compiled)
         self._engine: GramEngine | None = None
-        if self.method == "etap" and (self.engine == "fast" or self.scope != "shared"):
+        if self._compiled:
+            self._prepare_compiled()
+        elif self.method == "etap" and (self.engine == "fast" or self.scope != "shared"):
             root = pl_module.get_submodule(self.shared) if isinstance(self.shared, str) else None
             self._engine = GramEngine(pl_module, self._params, root=root, scope=self.scope)
         self._measuring = False
@@ -436,6 +442,9 @@ class AffinityCallback(Callback):
         if engine is not None:
             engine.close()
             self._engine = None
+        if self._donated is not None:
+            _set_donated_buffers(self._donated)
+            self._donated = None
         self._unwrap()
         self._captured = None
         self._tag_state = None
@@ -446,6 +455,30 @@ class AffinityCallback(Callback):
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")  # a failed fit must not leave the module wrapped
+
+    def _prepare_compiled(self) -> None:
+        """Measure a ``torch.compile``'d module: exact autograd, and a graph that can be backpropagated repeatedly.
+
+        Inside a compiled graph the fast engine's forward hooks are unreliable (they may not run, and the
+        activations they keep may be buffers the compiled code reuses), so the per-task gradients come from
+        exact autograd. Its per-task backward calls go through the graph before the training step's own
+        backward, which a graph compiled with donated buffers refuses: they are off while this fit runs (they
+        save memory only; the numbers are the same) and restored at teardown.
+        """
+        if self.method == "etap" and self.scope != "shared":
+            raise ValueError(
+                f"AffinityCallback: scope={self.scope!r} reads the shared layers' activations through forward "
+                "hooks, which do not run reliably inside a torch.compile'd module. Use scope='shared' (exact, "
+                "measured with autograd on a compiled module), or measure without torch.compile")
+        previous = _set_donated_buffers(False)
+        if self._donated is None:
+            self._donated = previous
+        if self.method == "etap" and self.engine == "fast":
+            rank_zero_warn("AffinityCallback: the module is torch.compile'd: the per-task gradients come from "
+                           "exact autograd, one backward call per task (the fast engine's activation hooks are "
+                           "unreliable inside compiled graphs): the same numbers, at a higher cost. Donated buffers "
+                           "(torch._functorch.config.donated_buffer) are off during this fit, since the measurement "
+                           "backpropagates through the graph more than once.", category=UserWarning)
 
     def _wrap(self, pl_module: L.LightningModule) -> None:
         self._unwrap()
@@ -1074,6 +1107,31 @@ def _resolve_shared(pl_module: nn.Module, shared: SharedSpec) -> list[Tensor]:
         raise ValueError(f"AffinityCallback: all {len(params)} parameters of {what} are frozen (requires_grad=False); "
                          "the affinity is measured on trainable shared parameters")
     return trainable
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` runs ``torch.compile``'d code: compiled by Lightning (``trainer.fit(torch.compile(m))``),
+    in place (``module.compile()``) or through a compiled submodule (``self.encoder = torch.compile(enc)``)."""
+    if getattr(module, "_compiler_ctx", None) is not None:
+        return True
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in module.modules())
+
+
+def _set_donated_buffers(value: bool) -> bool | None:
+    """Set torch's ``donated_buffer`` compile option; its previous value (``None``: this torch has none)."""
+    try:
+        from torch._functorch import config
+    except ImportError:  # pragma: no cover
+        return None
+    previous = getattr(config, "donated_buffer", None)
+    if previous is not None:
+        config.donated_buffer = value
+    return previous
 
 
 @contextlib.contextmanager
