@@ -598,3 +598,39 @@ def test_an_in_place_op_on_a_layer_output_is_named_in_the_warning(recwarn):
     messages = [str(w.message) for w in recwarn if "recorded forward calls" in str(w.message)]
     assert 0 in engine.excluded and len(messages) == 1 and "nn.ReLU(inplace=True)" in messages[0]
     engine.close()
+
+
+class Attention(nn.Module):
+    """A transformer encoder as the shared module: its attention's out_proj is a Linear it never calls."""
+
+    def __init__(self, n=3):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False)
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(n)])
+
+    def losses(self, x, ys):
+        h = self.encoder(x).mean(1)
+        return torch.stack([((head(h) - y) ** 2).mean() for head, y in zip(self.heads, ys, strict=True)])
+
+
+def test_attention_out_proj_goes_to_autograd_without_a_warning(recwarn):
+    torch.manual_seed(17)
+    model = Attention()
+    g = torch.Generator().manual_seed(18)
+    x, ys = torch.randn(5, 4, 8, generator=g), [torch.randn(5, 1, generator=g) for _ in range(3)]
+    fn = lambda: model.losses(x, ys)  # noqa: E731
+    opt = warm_optimizer(OPTIMIZERS["adam"], model, fn)
+    params = shared_params(model)
+    rules = task_update_rules(opt, params, "optimizer")
+    want = reference(model, fn, params, rules)
+    engine = GramEngine(model, params, root=model.encoder)
+    names = {id(m): name for name, m in model.named_modules()}
+    assert sorted(names[id(lay.module)] for lay in engine.layers) == ["encoder.layers.0.linear1",
+                                                                      "encoder.layers.0.linear2"]
+    for _ in range(2):
+        engine.start_step()
+        torch.testing.assert_close(engine.products(fn(), rules), want, rtol=2e-5, atol=1e-9)
+    assert engine.excluded == {}
+    assert not [w for w in recwarn if "recorded forward calls" in str(w.message)]
+    engine.close()

@@ -116,11 +116,14 @@ def linear_layers(module: nn.Module, params: Sequence[Tensor]) -> list[FastLinea
 
     A layer whose weight is not shared (or is frozen) is left to the other
     path for its bias; a layer whose bias is shared goes here only together
-    with its weight.
+    with its weight. ``nn.MultiheadAttention``'s ``out_proj`` is left out
+    (the attention never calls it, it uses its weight).
     """
     index = {id(p): k for k, p in enumerate(params)}
     out: list[FastLinearLayer] = []
-    seen: set[int] = set()
+    # nn.MultiheadAttention's out_proj is a Linear whose forward is never called (the attention uses its
+    # weight directly): left to the autograd path from the start, without the first-step check's warning
+    seen: set[int] = {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
     for sub in module.modules():
         if id(sub) in seen or not _plain_linear(sub):
             continue
