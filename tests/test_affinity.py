@@ -624,6 +624,14 @@ def test_errors_are_clear():
         fit(TinyMTL(optimizer="rmsprop"), tiny_loader(), [AffinityCallback(update="optimizer")], max_epochs=1)
     with pytest.raises(NotImplementedError, match="manual optimization"):
         fit(Manual(), tiny_loader(), [AffinityCallback()], max_epochs=1)
+    # sharded strategies (FSDP needs a GPU to fit, so the callback's setup sees a stand-in trainer)
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
+        with pytest.raises(NotImplementedError, match=rf"{type(strategy).__name__}: it shards.*strategy='ddp'"):
+            AffinityCallback().setup(SimpleNamespace(strategy=strategy), TinyMTL(), "fit")
     with pytest.raises(RuntimeError, match="no training step"):
         AffinityCallback().result  # noqa: B018
     # a subset of the returned tasks, in the requested order

@@ -397,6 +397,12 @@ class AffinityCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        sharded = {c.__name__ for c in type(trainer.strategy).__mro__} & _SHARDED_STRATEGIES
+        if sharded:
+            raise NotImplementedError(
+                f"AffinityCallback does not support {sharded.pop()}: it shards the shared parameters across "
+                "devices, so no rank holds a task's whole gradient to measure. Measure under strategy='ddp' or on "
+                "one device (a smaller model or a shorter run that fits)")
         if not pl_module.automatic_optimization:
             raise NotImplementedError(
                 "AffinityCallback supports automatic optimization only: with manual optimization Lightning "
@@ -1107,6 +1113,10 @@ def _resolve_shared(pl_module: nn.Module, shared: SharedSpec) -> list[Tensor]:
         raise ValueError(f"AffinityCallback: all {len(params)} parameters of {what} are frozen (requires_grad=False); "
                          "the affinity is measured on trainable shared parameters")
     return trainable
+
+
+#: strategies that shard parameters (and their gradients) across devices
+_SHARDED_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
 
 
 def _compiled(module: nn.Module) -> bool:
