@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections import Counter
 from math import comb
 from pathlib import Path
@@ -365,6 +366,15 @@ def test_csv_round_trip_is_exact_and_checked(tmp_path, fakes):
     np.testing.assert_array_equal(ordered.gains, gains.gains[:, ::-1])
     with pytest.raises(ValueError, match="not in task_names"):
         GroupGains.from_csv(tmp_path / "gains.csv", task_names=["a", "b"])
+    # without the STL rows the order is that of first appearance, which may not be the dataset's: said
+    lines = (tmp_path / "gains.csv").read_text().splitlines()
+    assert lines[0].startswith("group,size,")
+    (tmp_path / "multi.csv").write_text("\n".join(line for line in lines if line.split(",")[1] != "1") + "\n")
+    with pytest.warns(UserWarning, match="no single-task rows.*Pass task_names="):
+        GroupGains.from_csv(tmp_path / "multi.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GroupGains.from_csv(tmp_path / "multi.csv", task_names=TASKS).task_names == TASKS
     (tmp_path / "bad.csv").write_text("group,seed\na|b,0\n")
     with pytest.raises(ValueError, match="columns"):
         GroupGains.from_csv(tmp_path / "bad.csv")

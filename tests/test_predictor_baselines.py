@@ -263,6 +263,53 @@ def test_tag_dataframe_names_and_tensor(tmp_path):
     assert loaded.task_names_ == ["x", "y", "z"] and clone(loaded).fit().task_names_ == ["x", "y", "z"]
 
 
+@pytest.mark.parametrize("kind", ["etap", "bayes", "tag"])
+def test_a_dataframe_affinity_is_read_by_label(kind):
+    """Rows listed in another order than the columns are the same matrix; rows naming other tasks are refused."""
+    pd = pytest.importorskip("pandas")
+    from lightning_etap.predictors import BayesianETAPPredictor, ETAPPredictor
+
+    make = {"etap": ETAPPredictor, "bayes": BayesianETAPPredictor, "tag": TAGPredictor}[kind]
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(4, 4))
+    names = list("abcd")
+    frame = pd.DataFrame(A, index=names, columns=names)
+    shuffled = frame.loc[["c", "a", "d", "b"]]  # the same labelled matrix, rows in another order
+    masks = all_groups(4)
+    masks = masks[masks.sum(axis=1) >= 2]
+    gains = np.where(masks, rng.normal(size=masks.shape), np.nan)
+    want = make(frame).fit(masks, gains)
+    got = make(shuffled).fit(masks, gains)
+    assert got.task_names_ == names
+    np.testing.assert_allclose(got.affinity_, want.affinity_)
+    np.testing.assert_allclose(got.predict(masks), want.predict(masks))
+    positional = make(pd.DataFrame(A, columns=names)).fit(masks, gains)  # a default index: rows by position
+    np.testing.assert_allclose(positional.predict(masks), want.predict(masks))
+    with pytest.raises(ValueError, match=r"rows \['w', 'a', 'b', 'c'\] and columns .* name different tasks"):
+        make(pd.DataFrame(A, index=list("wabc"), columns=names)).fit(masks, gains)
+
+
+@pytest.mark.parametrize("kind", ["etap", "bayes", "tag"])
+def test_an_affinity_result_gives_its_task_names_and_saves(kind, tmp_path):
+    from lightning_etap.affinity import AffinityResult
+    from lightning_etap.predictors import BayesianETAPPredictor, ETAPPredictor
+
+    make = {"etap": ETAPPredictor, "bayes": BayesianETAPPredictor, "tag": TAGPredictor}[kind]
+    rng = np.random.default_rng(6)
+    A = rng.normal(size=(4, 4))
+    result = AffinityResult(("p", "q", "r", "s"), A, A[None], [0])
+    masks = all_groups(4)
+    masks = masks[masks.sum(axis=1) >= 2]
+    gains = np.where(masks, rng.normal(size=masks.shape), np.nan)
+    model = make(result).fit(masks, gains)
+    assert model.task_names_ == ["p", "q", "r", "s"]
+    loaded = make.load(model.save(tmp_path / "model.json"))
+    assert loaded.task_names_ == ["p", "q", "r", "s"]
+    np.testing.assert_array_equal(loaded.predict(masks), model.predict(masks))
+    with pytest.raises(ValueError, match="differ from the affinity's own task order"):
+        make(result, task_names=["s", "r", "q", "p"]).fit(masks, gains)
+
+
 # ------------------------------------------------------------------------ HOA
 def test_hoa_hand_computed_example():
     # pair gains: {0,1}: t0 0.1, t1 0.2 | {0,2}: t0 -0.3, t2 0.4 | {1,2}: t1 0.5, t2 -0.6

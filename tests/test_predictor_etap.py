@@ -321,8 +321,53 @@ def test_needs_two_groups_with_two_tasks():
     A = np.random.default_rng(0).normal(size=(4, 4))
     masks = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0]], dtype=bool)
     gains = np.where(masks, 0.1, np.nan)
-    with pytest.raises(ValueError, match="at least 2 training groups"):
+    with pytest.raises(ValueError, match="at least 2 distinct training groups"):
         ETAPPredictor(A).fit(masks, gains)
+    # the same group measured with three seeds is still one group
+    with pytest.raises(ValueError, match="got 1 "):
+        ETAPPredictor(A).fit(np.repeat(masks[:1], 3, axis=0), np.repeat(gains[:1], 3, axis=0))
+    # two tasks: one multi-task group, nothing to predict
+    with pytest.raises(ValueError, match="with 2 tasks there is one multi-task group"):
+        ETAPPredictor(A[:2, :2]).fit(np.ones((3, 2), dtype=bool), np.full((3, 2), 0.1))
+
+
+def test_repeated_measurements_of_a_group_stay_in_one_fold(monkeypatch):
+    """Per-seed rows (collect_gains with several seeds) must not validate a group on its own other seeds."""
+    from lightning_etap.predictors import etap as etap_module
+
+    rng = np.random.default_rng(3)
+    n = 6
+    A = rng.normal(size=(n, n))
+    masks = rng.random((12, n)) < 0.5
+    masks[masks.sum(axis=1) < 2, :2] = True
+    masks = np.unique(masks, axis=0)
+    gains = np.where(masks, rng.normal(size=masks.shape), np.nan)
+    seeds = 3
+    rows = np.repeat(masks, seeds, axis=0)
+    noisy = np.where(rows, np.repeat(gains, seeds, axis=0) + 0.01 * rng.normal(size=rows.shape), np.nan)
+    seen = []
+    real = etap_module._group_folds
+
+    def record(ids, k, random_state):
+        folds = real(ids, k, random_state)
+        seen.append((np.asarray(ids), folds))
+        return folds
+
+    monkeypatch.setattr(etap_module, "_group_folds", record)
+    model = ETAPPredictor(A, random_state=0).fit(rows, noisy)
+    assert model.n_train_groups_ == masks.shape[0] and model.n_train_rows_ == int(rows.sum())
+    assert len(seen) == 1 + n  # stage 1, then one search per task
+    for ids, folds in seen:
+        for tr, va in folds:
+            assert not set(ids[tr]) & set(ids[va])  # no group on both sides
+    # distinct groups fold as before (by row): the same model as row ids would give
+    seen.clear()
+    once = ETAPPredictor(A, random_state=0).fit(masks, gains)
+    monkeypatch.setattr(etap_module, "_group_folds", real)
+    by_row = ETAPPredictor(A, random_state=0)
+    monkeypatch.setattr(etap_module, "_same_group_ids", lambda m: np.arange(len(m)))
+    by_row.fit(masks, gains)
+    np.testing.assert_array_equal(once.predict(masks), by_row.predict(masks))
 
 
 # --------------------------------------------------------- predict semantics

@@ -317,7 +317,8 @@ class GroupGains:
             task_names: the dataset's task order. ``None``: the order in which
                 tasks first appear in the file (the dataset's order when the
                 table holds the STL rows, as ``to_csv`` of a collection with
-                ``include_singletons=True`` writes them first).
+                ``include_singletons=True`` writes them first; without them a
+                warning says the order may not be the dataset's).
 
         Raises:
             ValueError: missing columns, a task outside ``task_names``, a
@@ -337,6 +338,13 @@ class GroupGains:
         for r in records:
             seen.setdefault(r["task"], None)
         names = tuple(str(t) for t in task_names) if task_names is not None else tuple(seen)
+        if task_names is None and len(names) > 1 and not any(str(r["size"]).strip() == "1" for r in records):
+            warnings.warn(
+                f"{path} holds no single-task rows, so its task order {list(names)[:6]}"
+                f"{' ...' if len(names) > 6 else ''} is the order of first appearance, not necessarily the "
+                "dataset's: the masks' columns follow it, and an affinity matrix in another order would be "
+                "matched to the wrong tasks. Pass task_names= the dataset's order (e.g. affinity.task_names)",
+                UserWarning, stacklevel=2)
         index = {t: i for i, t in enumerate(names)}
         unknown = [t for t in seen if t not in index]
         if unknown:

@@ -20,7 +20,7 @@ from sklearn.metrics import r2_score
 from sklearn.utils.validation import check_is_fitted
 
 from ._persist import array_from_json, read_document, write_document
-from ._validation import check_gains, check_masks
+from ._validation import affinity_values, as_float_array, check_gains, check_masks, resolve_task_names
 
 __all__ = [
     "BaselinePredictor",
@@ -53,18 +53,9 @@ class BaselinePredictor(RegressorMixin, BaseEstimator):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- helpers
-    def _resolve_names(self, n: int, source=None) -> list[str] | None:
-        names = getattr(self, "task_names", None)
-        if names is None and hasattr(source, "columns"):
-            names = list(source.columns)
-        if names is None:
-            return None
-        names = [str(t) for t in names]
-        if len(names) != n:
-            raise ValueError(f"task_names has {len(names)} names but the data cover {n} tasks")
-        if len(set(names)) != n:
-            raise ValueError("task_names must be unique")
-        return names
+    def _resolve_names(self, n: int) -> list[str] | None:
+        """``task_names=``, or the names the predictor's affinity carries (an AffinityResult, a DataFrame)."""
+        return resolve_task_names(getattr(self, "task_names", None), getattr(self, "affinity", None), n)
 
     def _label(self, tasks) -> list:
         names = getattr(self, "task_names_", None)
@@ -136,18 +127,16 @@ class BaselinePredictor(RegressorMixin, BaseEstimator):
     # ------------------------------------------------------------- persistence
     def _saved_params(self) -> dict:
         params = self.get_params(deep=False)
-        if "task_names" in params and params["task_names"] is not None:
-            params["task_names"] = [str(t) for t in params["task_names"]]
+        if "task_names" in params:  # the names in use, also those the affinity carried
+            names = getattr(self, "task_names_", None)
+            params["task_names"] = None if names is None else [str(t) for t in names]
         if "random_state" in params and not (
             params["random_state"] is None or isinstance(params["random_state"], (int, np.integer))
         ):
             params["random_state"] = None  # a RandomState object cannot be stored; it only seeds refits
         for name in self._ARRAY_PARAMS:
             if params.get(name) is not None:
-                value = params[name]
-                if hasattr(value, "detach"):
-                    value = value.detach().cpu().numpy()
-                params[name] = np.asarray(value, dtype=np.float64)
+                params[name] = as_float_array(affinity_values(params[name])[0])
         return params
 
     @classmethod

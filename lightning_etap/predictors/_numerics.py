@@ -19,6 +19,7 @@ from sklearn.model_selection import GroupKFold
 
 __all__ = [
     "group_folds",
+    "same_group_ids",
     "ridge_path_predict",
     "spline_basis",
     "spline_predict",
@@ -84,6 +85,18 @@ def ridge_path_predict(
     proj = eigvec.T @ (xc.T @ (y_train - y_mean))
     coefs = eigvec @ (proj[:, None] / (eigval[:, None] + alphas[None, :]))
     return (x_test - x_mean) @ coefs + y_mean
+
+
+def same_group_ids(masks: np.ndarray) -> np.ndarray:
+    """For every row of ``masks``, the index of the first row with the same members.
+
+    Rows of one group measured several times (one per training seed) share
+    an id, so :func:`group_folds` keeps them in one fold; rows of distinct
+    groups keep their own row index as id, so distinct groups fold exactly
+    as they would by row.
+    """
+    _, first, inverse = np.unique(np.asarray(masks, dtype=bool), axis=0, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)]
 
 
 def group_folds(

@@ -8,7 +8,56 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_affinity", "check_gains", "check_masks"]
+__all__ = ["affinity_values", "as_float_array", "check_affinity", "check_gains", "check_masks", "resolve_task_names"]
+
+
+def affinity_values(affinity) -> tuple[object, list[str] | None]:
+    """The matrix of ``affinity`` in its tasks' order, and the task names it carries (``None``: plain array).
+
+    An ``AffinityResult`` carries its ``task_names``; a pandas DataFrame its
+    columns, and its rows are read by label (sources in the columns' order),
+    so a DataFrame whose rows are listed in another order means the same
+    matrix. Rows labelled other than the columns are refused; a default
+    ``RangeIndex`` reads the rows by position.
+    """
+    if hasattr(affinity, "matrix") and hasattr(affinity, "task_names"):  # an AffinityResult
+        return affinity.matrix, [str(t) for t in affinity.task_names]
+    if hasattr(affinity, "columns") and hasattr(affinity, "index") and hasattr(affinity, "loc"):  # a DataFrame
+        cols, rows = list(affinity.columns), list(affinity.index)
+        if rows != cols:
+            positional = rows == list(range(len(rows))) and type(affinity.index).__name__ == "RangeIndex"
+            if len(rows) == len(cols) and set(rows) == set(cols) and len(set(cols)) == len(cols):
+                affinity = affinity.loc[cols]  # sources by label, in the columns' order
+            elif not positional:
+                raise ValueError(
+                    f"the affinity DataFrame's rows {rows} and columns {cols} name different tasks: rows are the "
+                    "source tasks and columns the destination tasks, the same tasks; label both alike "
+                    "(e.g. pd.DataFrame(matrix, index=names, columns=names))")
+        return affinity.to_numpy(), [str(c) for c in cols]
+    return affinity, None
+
+
+def as_float_array(value) -> np.ndarray:
+    """``value`` (numpy array, torch tensor, nested lists, ...) as a float64 numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def resolve_task_names(given, affinity, n: int) -> list[str] | None:
+    """The task names of a predictor: ``given`` (its ``task_names=``) or those ``affinity`` carries, checked."""
+    carried = affinity_values(affinity)[1] if affinity is not None else None
+    if given is not None and carried is not None and [str(t) for t in given] != carried:
+        raise ValueError(f"task_names {list(given)} differ from the affinity's own task order {carried}: the "
+                         "matrix's rows and columns follow the affinity's order; drop task_names= or reorder it")
+    names = carried if given is None else [str(t) for t in given]
+    if names is None:
+        return None
+    if len(names) != n:
+        raise ValueError(f"task_names has {len(names)} names but the data cover {n} tasks")
+    if len(set(names)) != n:
+        raise ValueError("task_names must be unique")
+    return names
 
 
 def check_affinity(affinity) -> np.ndarray:
@@ -16,10 +65,10 @@ def check_affinity(affinity) -> np.ndarray:
 
     ``affinity[i, j]`` is the affinity of source task ``i`` onto destination
     task ``j``. The diagonal is ignored (it may be NaN); every off-diagonal
-    entry must be finite.
+    entry must be finite. A DataFrame's rows are read by label
+    (:func:`affinity_values`).
     """
-    if hasattr(affinity, "matrix") and hasattr(affinity, "task_names"):  # an AffinityResult
-        affinity = affinity.matrix
+    affinity = affinity_values(affinity)[0]
     if hasattr(affinity, "detach"):  # a torch tensor
         affinity = affinity.detach().cpu().numpy()
     try:

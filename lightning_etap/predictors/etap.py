@@ -28,8 +28,16 @@ from threadpoolctl import threadpool_limits
 
 from ._numerics import group_folds as _group_folds
 from ._numerics import ridge_path_predict, spline_basis, spline_predict, uniform_knots
+from ._numerics import same_group_ids as _same_group_ids
 from ._persist import array_from_json, read_document, write_document
-from ._validation import check_affinity, check_gains, check_masks
+from ._validation import (
+    affinity_values,
+    as_float_array,
+    check_affinity,
+    check_gains,
+    check_masks,
+    resolve_task_names,
+)
 
 __all__ = [
     "RELEASED_ALPHA_GRID",
@@ -292,24 +300,7 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         return _int_grid(self.knots_range, "knots_range", minimum=2)
 
     def _resolve_names(self, n: int) -> list[str] | None:
-        names = self.task_names
-        carried = None  # the names an AffinityResult or a DataFrame carries, in the matrix's order
-        if hasattr(self.affinity, "matrix") and hasattr(self.affinity, "task_names"):
-            carried = list(self.affinity.task_names)
-        elif hasattr(self.affinity, "columns"):
-            carried = list(self.affinity.columns)
-        if names is not None and carried is not None and [str(t) for t in names] != [str(t) for t in carried]:
-            raise ValueError(f"task_names {list(names)} differ from the affinity's own task order {carried}: the "
-                             "matrix's rows and columns follow the affinity's order; drop task_names= or reorder it")
-        names = carried if names is None else names
-        if names is None:
-            return None
-        names = [str(t) for t in names]
-        if len(names) != n:
-            raise ValueError(f"task_names has {len(names)} names but the affinity matrix covers {n} tasks")
-        if len(set(names)) != n:
-            raise ValueError("task_names must be unique")
-        return names
+        return resolve_task_names(self.task_names, self.affinity, n)
 
     # ---------------------------------------------------------------------- fit
     def fit(self, masks, gains) -> ETAPPredictor:
@@ -338,16 +329,22 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         masks = check_masks(masks, n)
         gains = check_gains(gains, masks)
         keep = masks.sum(axis=1) >= 2
-        if keep.sum() < 2:
+        masks, gains = masks[keep], gains[keep]
+        # rows of one group (measured with several seeds) share an id: cross-validation keeps them in one fold
+        same = _same_group_ids(masks)
+        n_groups = int(np.unique(same).size)
+        if n_groups < 2:
+            if n == 2:
+                raise ValueError(
+                    "with 2 tasks there is one multi-task group, whose gains are measured: nothing is left to "
+                    "predict (ETAPPredictor needs at least 2 distinct training groups of two or more tasks)")
             raise ValueError(
-                f"ETAPPredictor needs at least 2 training groups with two or more tasks; got {int(keep.sum())} "
+                f"ETAPPredictor needs at least 2 distinct training groups with two or more tasks; got {n_groups} "
                 "(singleton groups carry no affinity and are ignored): measure more groups"
             )
-        masks, gains = masks[keep], gains[keep]
         pair, z, u = _member_features(affinity, masks)
         gi, ti = np.nonzero(pair)
         y = gains[pair]
-        n_groups = masks.shape[0]
 
         slope, intercept = _rescale_coefficients(z, y) if self.rescale else (1.0, 0.0)
         x = intercept + slope * z
@@ -361,7 +358,7 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
                 stacklevel=2,
             )
             n_splits = n_groups
-        folds = _group_folds(gi, n_splits, self.random_state)
+        folds = _group_folds(same[gi], n_splits, self.random_state)
 
         self.n_tasks_ = n
         self.task_names_ = names
@@ -452,9 +449,10 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         if self.stage2 is None:
             return
         gi, ti = np.nonzero(pair)
+        same = _same_group_ids(masks)  # repeated measurements of a group stay in one fold
         if self.stage2 == "gradient_boosting":
             features = _boosting_features(u, pair, stage1)
-            n_splits = min(self.residual_cv, masks.shape[0])
+            n_splits = min(self.residual_cv, int(np.unique(same).size))
             if n_splits < self.residual_cv:
                 warnings.warn(
                     f"only {n_splits} training groups with two or more tasks for residual_cv="
@@ -462,7 +460,7 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
                     UserWarning,
                     stacklevel=3,
                 )
-            folds = _group_folds(gi, n_splits, self.random_state)
+            folds = _group_folds(same[gi], n_splits, self.random_state)
             grid = {"max_depth": [2, 3], "learning_rate": [0.05, 0.1]}
             search = GridSearchCV(GradientBoostingRegressor(n_estimators=100, random_state=self.random_state),
                                   grid, cv=folds, scoring="neg_mean_squared_error", n_jobs=1)
@@ -481,15 +479,16 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         untrained, fewer = [], []
         for t in range(n):
             rows = np.flatnonzero(masks[:, t])
-            if rows.size < 2:
+            distinct = int(np.unique(same[rows]).size)
+            if distinct < 2:
                 untrained.append(t)
                 continue
-            k = min(self.residual_cv, rows.size)
+            k = min(self.residual_cv, distinct)
             if k < self.residual_cv:
                 fewer.append(t)
             design, target = u[rows], resid[rows, t]
             mse = np.empty((len(alphas), k))
-            for f, (tr, va) in enumerate(_group_folds(rows, k, self.random_state)):
+            for f, (tr, va) in enumerate(_group_folds(same[rows], k, self.random_state)):
                 pred = ridge_path_predict(design[tr], target[tr], design[va], alphas)
                 mse[:, f] = ((pred - target[va, None]) ** 2).mean(axis=0)
             mean_mse[t] = mse.mean(axis=1)
@@ -654,7 +653,7 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         from lightning_etap import __version__
 
         params = self.get_params(deep=False)
-        params["affinity"] = np.asarray(getattr(self.affinity, "matrix", self.affinity), dtype=np.float64)
+        params["affinity"] = as_float_array(affinity_values(self.affinity)[0])
         params["task_names"] = None if self.task_names_ is None else [str(t) for t in self.task_names_]
         for key in ("degrees", "alpha_grid", "residual_alpha_grid"):
             if params[key] is not None:

@@ -80,7 +80,7 @@ class TAGPredictor(BaselinePredictor):
         """
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
-        names = self._resolve_names(n, self.affinity)
+        names = self._resolve_names(n)
         if masks is not None:
             checked = check_masks(masks, n)
             if gains is not None:
@@ -91,12 +91,6 @@ class TAGPredictor(BaselinePredictor):
         self.task_names_ = names
         self.affinity_ = affinity
         return self
-
-    def _saved_params(self) -> dict:
-        params = super()._saved_params()
-        if params["task_names"] is None and self.task_names_ is not None:
-            params["task_names"] = list(self.task_names_)  # names taken from a DataFrame's columns
-        return params
 
     def _member_gains(self, masks: np.ndarray) -> np.ndarray:
         return group_affinity(self.affinity_, masks)
