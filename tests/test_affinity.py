@@ -464,16 +464,57 @@ def test_own_module_with_adam_shared_as_list_and_as_callable():
 
 
 # ---------------------------------------------------------------------- counting, skipping, errors
+class AllNaN(TinyMTL):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if self.trainer.global_step in self.nan_steps:  # every task's reported loss NaN: nothing to measure
+            out["task_losses"] = {t: v * float("nan") for t, v in out["task_losses"].items()}
+        return out
+
+
 def test_non_finite_steps_are_skipped_once_warned_and_every_n_steps_counts():
     cb = AffinityCallback("encoder", every_n_steps=2, keep_step_scores=True)
     with pytest.warns(RuntimeWarning, match="skipping a step") as record:
-        fit(TinyMTL(nan_steps={2, 4}), tiny_loader(n=48), [cb], max_epochs=1)  # 6 steps; measured 0, 2, 4
+        fit(AllNaN(nan_steps={2, 4}), tiny_loader(n=48), [cb], max_epochs=1)  # 6 steps; measured 0, 2, 4
     assert sum("skipping a step" in str(w.message) for w in record) == 1
     res = cb.result
     assert res.measured_steps == 1 and res.skipped_steps == 2 and res.steps.tolist() == [0]
     cb3 = AffinityCallback("encoder", every_n_steps=3, keep_step_scores=True)
     fit(TinyMTL(), tiny_loader(n=80), [cb3], max_epochs=1)  # 10 steps
     assert cb3.result.steps.tolist() == [0, 3, 6, 9] and cb3.result.measured_steps == 4
+
+
+@pytest.mark.parametrize("engine", ["fast", "autograd"])
+def test_a_task_with_a_nan_loss_is_absent_from_that_step_only(engine):
+    """No labels for task b in a batch: b's loss is NaN (left out of the training loss). Its row and column do not
+    count in that step; every other entry is measured as usual."""
+    clean = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True, engine=engine)
+    torch.manual_seed(0)
+    fit(TinyMTL(), tiny_loader(n=48), [clean], max_epochs=1)  # 6 steps; training is the same in both runs
+    cb = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True, engine=engine)
+    pair = AffinityCallback("encoder", every_n_steps=1, tasks=["a", "c"], engine=engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no skip, no "not attached" warning
+        torch.manual_seed(0)
+        fit(TinyMTL(nan_steps={2, 4}), tiny_loader(n=48), [cb, pair], max_epochs=1)
+    res, want = cb.result, clean.result
+    assert res.measured_steps == 6 and res.skipped_steps == 0 and res.absent_steps == {"b": 2}
+    steps = want.step_matrices
+    keep = [0, 1, 3, 5]
+    b = TASKS.index("b")
+    np.testing.assert_allclose(res.step_matrices[keep], steps[keep], rtol=1e-12, atol=1e-15)
+    for k in (2, 4):
+        assert np.isnan(res.step_matrices[k][b]).all() and np.isnan(res.step_matrices[k][:, b]).all()
+        other = [i for i in range(len(TASKS)) if i != b]
+        np.testing.assert_allclose(res.step_matrices[k][np.ix_(other, other)], steps[k][np.ix_(other, other)],
+                                   rtol=1e-12, atol=1e-15)
+    # one epoch: the matrix is each entry's mean over the steps it counted in
+    expected = steps.mean(0)
+    expected[b] = steps[keep][:, b].mean(0)
+    expected[:, b] = steps[keep][:, :, b].mean(0)
+    np.testing.assert_allclose(res.matrix, expected, rtol=1e-12, atol=1e-15)
+    ac = [TASKS.index("a"), TASKS.index("c")]
+    np.testing.assert_allclose(pair.result.matrix, res.matrix[np.ix_(ac, ac)], rtol=1e-12, atol=1e-15)
 
 
 class DetachedB(TinyMTL):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
-from test_affinity import TinyMTL, fit, tiny_loader
+from test_affinity import AllNaN, TinyMTL, fit, tiny_loader
 
 from lightning_etap.affinity import AffinityCallback, AffinityResult
 from lightning_etap.affinity import callback as callback_module
@@ -216,7 +216,7 @@ def test_end_of_fit_warns_when_the_halves_disagree(monkeypatch, threshold, warns
 def test_skipped_steps_reach_neither_half():
     cb = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True)
     with pytest.warns(RuntimeWarning, match="skipping a step"):
-        fit(TinyMTL(nan_steps={3, 12}), tiny_loader(n=120), [cb], max_epochs=2)  # 30 steps, two skipped
+        fit(AllNaN(nan_steps={3, 12}), tiny_loader(n=120), [cb], max_epochs=2)  # 30 steps, two skipped
     res = cb.result
     assert res.skipped_steps == 2 and res.measured_steps == 28 and sum(cb._acc.half_steps) == 28
     # blocks of 10 measured steps, counted over the steps that were scored

@@ -377,6 +377,8 @@ class AffinityCallback(Callback):
         self._measured = 0
         self._skipped = 0
         self._zero_loss: list[int] = [0] * len(self._task_names or [])
+        self._absent: list[int] = [0] * len(self._task_names or [])  # steps each task was absent from
+        self._pending_absent = torch.ones(len(self._task_names or []), dtype=torch.bool)
         self._warned: set[str] = set()
         # whether any measured step had a non-zero product / one between two different tasks (tensors, so that
         # a measured step never waits on the device for them; read once at the end of fit)
@@ -435,6 +437,7 @@ class AffinityCallback(Callback):
         self._captured: _Captured | None = None
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_bad = False
+        self._pending_absent = torch.ones(len(self._task_names or []), dtype=torch.bool)
         self._proxying = False
         self._tag_state: tuple | None = None
         self._wrap(pl_module)
@@ -545,6 +548,8 @@ class AffinityCallback(Callback):
             self._task_names = returned
             self._acc = AffinityAccumulator(len(returned), self.keep_step_scores, split=True)
             self._zero_loss = [0] * len(returned)
+            self._absent = [0] * len(returned)
+            self._pending_absent = torch.ones(len(returned), dtype=torch.bool)
         names = self._task_names
         values = []
         for t in names:
@@ -655,21 +660,36 @@ class AffinityCallback(Callback):
         cap, self._captured = self._captured, None
         if cap is None or not (self._measuring or self._proxying):
             return
-        self._measure(trainer, cap)
+        self._measure(trainer, cap, loss)
 
-    def _measure(self, trainer: L.Trainer, cap: _Captured) -> None:
+    def _measure(self, trainer: L.Trainer, cap: _Captured, total: Tensor) -> None:
         names, losses, parts = self._ordered_losses(cap.task_losses)
         values = losses.detach()
-        detached = [t for t in names if not cap.task_losses[t].requires_grad]
+        detached = [t for t in names if not cap.task_losses[t].requires_grad and bool(torch.isfinite(values[
+            names.index(t)]))]
         if detached:
             self._warn_once("detached", f"AffinityCallback: task_losses {detached} are not attached to the autograd "
                             "graph; their gradients count as zero. Return the losses before .detach() / .item()")
         reduce = self._all_reduce(trainer)
+        total_ok = torch.isfinite(total.detach().reshape(())).to(values.dtype)
         if reduce is not None:  # the global batch's losses; every rank then takes the same decisions
-            values = reduce(values.double()).to(values.dtype)
-        if not bool(torch.isfinite(values).all()):
-            self._bad_step("a non-finite task loss")
-            return
+            both = reduce(torch.cat([values.double(), total_ok.double().reshape(1)]))
+            values, total_ok = both[:-1].to(values.dtype), both[-1]
+        present = torch.isfinite(values)
+        if not bool(present.all()):
+            # a task whose loss is NaN / inf while the training loss is finite (no labels in this batch, left out
+            # of the total) is absent from the step: no gradient is taken through its loss, and its row and column
+            # do not count. Anything else non-finite (the training loss itself, or TAG) skips the step.
+            if self.method != "etap" or not bool(present.any()) or float(total_ok) != 1.0:
+                self._bad_step("a non-finite task loss")
+                return
+            parts = [p if ok else p.detach().nan_to_num(0.0, 0.0, 0.0) * 0.0
+                     for p, ok in zip(parts, present.tolist(), strict=True)]
+            losses = torch.stack(parts)
+            values = torch.where(present, values, 0.0)
+            self._pending_absent = self._pending_absent & ~present.cpu()
+        else:
+            self._pending_absent = torch.zeros_like(self._pending_absent)
         opt = self._optimizer(trainer)
         scale = self._grad_scale(trainer)
         if self.method == "etap":
@@ -683,7 +703,7 @@ class AffinityCallback(Callback):
                     return
                 self._engine.stop_step()
                 scores, valid = step_scores(proxy, values, self.normalize_by_loss)
-                self._add_micro(scores, valid, proxy=True)
+                self._add_micro(scores, _entries(valid, present), proxy=True)
                 return
             if self._engine is not None:
                 products = self._engine.products(losses, rules, grad_scale=scale, all_reduce=reduce, parts=parts)
@@ -694,7 +714,7 @@ class AffinityCallback(Callback):
             self._note_products(products)
             scores, valid = step_scores(products, values, self.normalize_by_loss)
             proxy_scores = step_scores(proxy, values, self.normalize_by_loss)[0] if proxy is not None else None
-            self._add_micro(scores, valid, proxy_scores)
+            self._add_micro(scores, _entries(valid, present), proxy_scores)
             return
         # TAG: the per-task updates now (graph alive), the lookahead after the backward
         lr = None
@@ -748,7 +768,7 @@ class AffinityCallback(Callback):
         if reduce is not None:
             after = reduce(after)
         scores, valid = tag_step_scores(before, after, lr)
-        self._add_micro(scores, valid)
+        self._add_micro(scores, _entries(valid))
 
     def _note_products(self, products: Tensor) -> None:
         """Remember whether the products of a measured step carry anything (see :meth:`_check_signal`)."""
@@ -771,9 +791,10 @@ class AffinityCallback(Callback):
                            category=RuntimeWarning)
 
     def _add_micro(self, scores: Tensor, valid: Tensor, proxy: Tensor | bool | None = None) -> None:
-        """Queue a micro-batch's scores (``proxy``: its proxy scores, or ``True`` when ``scores`` are proxy scores)."""
+        """Queue a micro-batch's scores and ``(n, n)`` mask of the entries that count (``proxy``: its proxy
+        scores, or ``True`` when ``scores`` are proxy scores)."""
         checked = [scores] + ([proxy] if isinstance(proxy, Tensor) else [])
-        if not all(bool(torch.isfinite(t[:, valid]).all()) for t in checked):
+        if not all(bool(torch.isfinite(t[valid]).all()) for t in checked):
             self._bad_step("a non-finite gradient or score")
             return
         self._pending.append((scores, valid, proxy))
@@ -782,7 +803,9 @@ class AffinityCallback(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         pending, bad = self._pending, self._pending_bad
+        absent = self._pending_absent  # tasks absent from every micro-batch of the step
         self._pending, self._pending_bad = [], False
+        self._pending_absent = torch.ones_like(absent)
         if bad:
             if self._measuring:  # a proxy-only step with a non-finite value is just left out
                 self._skipped += 1
@@ -794,10 +817,10 @@ class AffinityCallback(Callback):
             total = torch.zeros_like(items[0][0])
             count = torch.zeros_like(items[0][1], dtype=torch.float64)
             for s, v in items:
-                total += torch.where(v.unsqueeze(0), s, 0.0)
+                total += torch.where(v, s, 0.0)
                 count += v.double()
             ok = count > 0
-            return torch.where(ok.unsqueeze(0), total / count.clamp(min=1).unsqueeze(0), 0.0), ok
+            return torch.where(ok, total / count.clamp(min=1), 0.0), ok
 
         if pending[0][2] is True:  # a proxy-only step
             proxy, valid = mean([(s, v) for s, v, _ in pending])
@@ -807,8 +830,11 @@ class AffinityCallback(Callback):
         proxy = None
         if self._cv and all(isinstance(p, Tensor) for _, _, p in pending):
             proxy, _ = mean([(p, v) for _, v, p in pending])
-        for j in torch.nonzero(~valid).flatten().tolist():
-            self._zero_loss[j] += 1
+        for j in range(len(self._zero_loss)):
+            if bool(absent[j]):
+                self._absent[j] += 1
+            elif not bool(valid[:, j].any()):  # present, but its loss was 0 throughout the step
+                self._zero_loss[j] += 1
         self._acc.block = max(1, math.ceil(HALF_BLOCK_STEPS / (self._chosen or 1)))
         self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step, proxy=proxy)
         self._measured += 1
@@ -875,6 +901,7 @@ class AffinityCallback(Callback):
             measured_steps=self._measured,
             skipped_steps=self._skipped,
             zero_loss_skips=dict(zip(self._task_names, self._zero_loss, strict=True)),
+            absent_steps={t: k for t, k in zip(self._task_names, self._absent, strict=True) if k},
             half_matrices=None if (halves := acc.half_matrices(self.reduction)) is None else halves.numpy(),
             settings={**self.settings, "every_n_steps_chosen": self._chosen,
                       **({"control_variate_chosen": bool(self._cv), "proxy_steps": acc.proxy_steps,
@@ -897,6 +924,7 @@ class AffinityCallback(Callback):
             "measured_steps": self._measured,
             "skipped_steps": self._skipped,
             "zero_loss_skips": list(self._zero_loss),
+            "absent_steps": list(self._absent),
             "schedule": schedule,
         }
 
@@ -966,6 +994,8 @@ class AffinityCallback(Callback):
             self._measured = int(state_dict["measured_steps"])
             self._skipped = int(state_dict["skipped_steps"])
             self._zero_loss = [int(v) for v in state_dict["zero_loss_skips"]]
+            self._absent = [int(v) for v in state_dict.get("absent_steps", [0] * len(self._zero_loss))]
+            self._pending_absent = torch.ones(len(self._task_names), dtype=torch.bool)
         schedule = state_dict.get("schedule")
         if schedule is not None and self.every_n_steps == "auto":
             self._anchor = schedule["anchor"]
@@ -1113,6 +1143,17 @@ def _resolve_shared(pl_module: nn.Module, shared: SharedSpec) -> list[Tensor]:
         raise ValueError(f"AffinityCallback: all {len(params)} parameters of {what} are frozen (requires_grad=False); "
                          "the affinity is measured on trainable shared parameters")
     return trainable
+
+
+def _entries(valid: Tensor, present: Tensor | None = None) -> Tensor:
+    """The ``(n, n)`` mask of a step's entries that count: its valid columns, minus the rows and columns of the
+    tasks not ``present`` in it."""
+    n = valid.shape[0]
+    mask = valid.bool().unsqueeze(0).expand(n, n)
+    if present is not None:
+        p = present.to(valid.device).bool()
+        mask = mask & p.unsqueeze(0) & p.unsqueeze(1)
+    return mask.clone()
 
 
 #: strategies that shard parameters (and their gradients) across devices

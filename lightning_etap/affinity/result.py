@@ -61,6 +61,10 @@ class AffinityResult:
             or score (or a zero learning rate under TAG with ``divide_by_lr``).
         zero_loss_skips: task -> number of steps whose column was left out
             because the task's loss was exactly zero (the score divides by it).
+        absent_steps: task -> number of measured steps the task was absent
+            from (its loss NaN / inf while the training loss was finite, e.g.
+            no labels in the batch): its row and column left out of them.
+            Tasks never absent are not listed.
         half_matrices: ``(2, n, n)`` float64, the matrices of the two split
             halves of the measured steps (alternate steps, each half reduced
             like ``matrix``), or ``None`` (fewer than two steps measured, or
@@ -91,6 +95,7 @@ class AffinityResult:
     zero_loss_skips: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     half_matrices: np.ndarray | None = None
+    absent_steps: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = tuple(str(t) for t in self.task_names)
@@ -241,6 +246,7 @@ class AffinityResult:
             "measured_steps": int(self.measured_steps),
             "skipped_steps": int(self.skipped_steps),
             "zero_loss_skips": {str(k): int(v) for k, v in self.zero_loss_skips.items()},
+            "absent_steps": {str(k): int(v) for k, v in self.absent_steps.items()},
             "settings": self.settings,
             "has_steps": self.step_matrices is not None,
             "arrays_sha256": digest,
@@ -276,6 +282,7 @@ class AffinityResult:
             measured_steps=int(meta["measured_steps"]),
             skipped_steps=int(meta["skipped_steps"]),
             zero_loss_skips={k: int(v) for k, v in meta["zero_loss_skips"].items()},
+            absent_steps={k: int(v) for k, v in meta.get("absent_steps", {}).items()},
             settings=dict(meta["settings"]),
             half_matrices=arrays.get("half_matrices"),
         )
@@ -300,6 +307,7 @@ class AffinityResult:
             and self.measured_steps == other.measured_steps
             and self.skipped_steps == other.skipped_steps
             and self.zero_loss_skips == other.zero_loss_skips
+            and self.absent_steps == other.absent_steps
             and self.settings == other.settings
         )
 

@@ -518,14 +518,16 @@ class AffinityAccumulator:
     """Running sums of step scores, per epoch, for either reduction.
 
     For every epoch ``e`` it holds ``sum_e[i, j]`` (float64) and
-    ``count_e[j]``, the number of steps whose column ``j`` counted. Plain
-    tensors, so they can be checkpointed and summed across processes.
+    ``count_e[i, j]``, the number of steps whose entry ``[i, j]`` counted (a
+    column ``j`` does not count while ``L_j = 0``; a row and a column do not
+    count while their task is absent from the step). Plain tensors, so they
+    can be checkpointed and summed across processes.
 
     * ``"epoch_mean_sum"`` (released code): ``Σ_e sum_e / count_e``.
     * ``"mean"`` (paper eq. 6): ``Σ_e sum_e / Σ_e count_e``.
 
-    Epochs (or whole runs) in which a column never counted contribute nothing
-    to it; a column that never counted is NaN.
+    Epochs (or whole runs) in which an entry never counted contribute nothing
+    to it; an entry that never counted is NaN.
 
     **Control variate.** When a cheap proxy score ``P_t`` is known at steps
     whose exact score ``X_t`` was not measured (:meth:`add_proxy`), and at
@@ -576,23 +578,29 @@ class AffinityAccumulator:
     def _epoch(self, e: int) -> None:
         if e not in self.sums:
             self.sums[e] = torch.zeros(self.n, self.n, dtype=torch.float64)
-            self.counts[e] = torch.zeros(self.n, dtype=torch.float64)
+            self.counts[e] = torch.zeros(self.n, self.n, dtype=torch.float64)
+
+    def _entries(self, valid: Tensor) -> Tensor:
+        """``valid`` as an ``(n, n)`` mask of the entries that count: a ``(n,)`` mask names columns."""
+        v = valid.detach().cpu().bool()
+        return v.unsqueeze(0).expand(self.n, self.n) if v.dim() == 1 else v
 
     def add(self, epoch: int, scores: Tensor, valid: Tensor, step: int | None = None,
             proxy: Tensor | None = None) -> None:
-        """Add one measured step's ``(n, n)`` scores (and its proxy scores); only ``valid`` columns count."""
+        """Add one measured step's ``(n, n)`` scores (and its proxy scores); only the ``valid`` entries count
+        (an ``(n, n)`` mask, or an ``(n,)`` mask of columns)."""
         e = int(epoch)
         self._epoch(e)
         s = scores.detach().double().cpu()
-        v = valid.detach().cpu()
-        self.sums[e] += torch.where(v.unsqueeze(0), s, 0.0)
+        v = self._entries(valid)
+        self.sums[e] += torch.where(v, s, 0.0)
         self.counts[e] += v.double()
         if proxy is not None:
-            p = torch.where(v.unsqueeze(0), proxy.detach().double().cpu(), 0.0)
-            x = torch.where(v.unsqueeze(0), s, 0.0)
+            p = torch.where(v, proxy.detach().double().cpu(), 0.0)
+            x = torch.where(v, s, 0.0)
             if self.pairs is None:
-                self.pairs = {k: torch.zeros(self.n, self.n, dtype=torch.float64) for k in ("x", "p", "xp", "pp")}
-                self.pairs["count"] = torch.zeros(self.n, dtype=torch.float64)
+                self.pairs = {k: torch.zeros(self.n, self.n, dtype=torch.float64)
+                              for k in ("x", "p", "xp", "pp", "count")}
             self.pairs["x"] += x
             self.pairs["p"] += p
             self.pairs["xp"] += x * p
@@ -600,7 +608,7 @@ class AffinityAccumulator:
             self.pairs["count"] += v.double()
         if self.keep_steps:
             self.steps.append(-1 if step is None else int(step))
-            self.step_scores.append(torch.where(v.unsqueeze(0), s, float("nan")))
+            self.step_scores.append(torch.where(v, s, float("nan")))
         if self.halves is not None:
             if self.in_block >= self.block:
                 self.half, self.in_block = 1 - self.half, 0
@@ -614,9 +622,9 @@ class AffinityAccumulator:
         self._epoch(e)
         if e not in self.proxy_sums:
             self.proxy_sums[e] = torch.zeros(self.n, self.n, dtype=torch.float64)
-            self.proxy_counts[e] = torch.zeros(self.n, dtype=torch.float64)
-        v = valid.detach().cpu()
-        self.proxy_sums[e] += torch.where(v.unsqueeze(0), proxy.detach().double().cpu(), 0.0)
+            self.proxy_counts[e] = torch.zeros(self.n, self.n, dtype=torch.float64)
+        v = self._entries(valid)
+        self.proxy_sums[e] += torch.where(v, proxy.detach().double().cpu(), 0.0)
         self.proxy_counts[e] += v.double()
         if self.halves is not None:
             self.halves[self.half].add_proxy(e, proxy, valid)
@@ -627,14 +635,14 @@ class AffinityAccumulator:
 
     @property
     def proxy_steps(self) -> int:
-        """Steps measured by the proxy only (the largest count over columns)."""
+        """Steps measured by the proxy only (the largest count over entries)."""
         return int(sum(float(c.max()) for c in self.proxy_counts.values()))
 
     def control_variate(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(X̄, P̄, β)`` per entry over the measured steps, or ``None`` without proxy-only steps."""
         if not self.proxy_sums or self.pairs is None:
             return None
-        m = self.pairs["count"].unsqueeze(0).expand(self.n, self.n)
+        m = self.pairs["count"]
         safe = m.clamp(min=1)
         xbar, pbar = self.pairs["x"] / safe, self.pairs["p"] / safe
         cov = self.pairs["xp"] - m * xbar * pbar
@@ -649,28 +657,28 @@ class AffinityAccumulator:
         cv = self.control_variate()
         if cv is not None:
             xbar, pbar, beta = cv
-            measured = self.pairs["count"] > 0  # a column never measured stays unknown
+            measured = self.pairs["count"] > 0  # an entry never measured stays unknown
         sums, counts = [], []
         for e in self.epochs:
             s, c = self.sums[e], self.counts[e]
             if cv is not None and e in self.proxy_sums:
                 pc = self.proxy_counts[e]
-                extra = pc.unsqueeze(0) * (xbar - beta * pbar) + beta * self.proxy_sums[e]
-                s = s + torch.where(measured.unsqueeze(0), extra, 0.0)
+                extra = pc * (xbar - beta * pbar) + beta * self.proxy_sums[e]
+                s = s + torch.where(measured, extra, 0.0)
                 c = c + torch.where(measured, pc, 0.0)
             sums.append(s)
             counts.append(c)
         return sums, counts
 
     def epoch_means(self) -> Tensor:
-        """``(E, n, n)`` per-epoch means (NaN in columns that never counted in that epoch)."""
+        """``(E, n, n)`` per-epoch means (NaN in entries that never counted in that epoch)."""
         if not self.sums:
             return torch.zeros(0, self.n, self.n, dtype=torch.float64)
         return self._means(*self._filled())
 
     @staticmethod
     def _means(sums: list[Tensor], counts: list[Tensor]) -> Tensor:
-        return torch.stack([s / c.unsqueeze(0) for s, c in zip(sums, counts, strict=True)])
+        return torch.stack([s / c for s, c in zip(sums, counts, strict=True)])
 
     def matrix(self, reduction: str = "epoch_mean_sum") -> Tensor:
         """The time-averaged ``(n, n)`` matrix under ``reduction``."""
@@ -679,12 +687,12 @@ class AffinityAccumulator:
         if not self.sums:
             return torch.full((self.n, self.n), float("nan"), dtype=torch.float64)
         sums, counts = self._filled()
-        counts_t = torch.stack(counts)  # (E, n)
+        counts_t = torch.stack(counts)  # (E, n, n)
         if reduction == "mean":
-            return torch.stack(sums).sum(0) / counts_t.sum(0).unsqueeze(0)
+            return torch.stack(sums).sum(0) / counts_t.sum(0)
         means = torch.nan_to_num(self._means(sums, counts), nan=0.0)
         out = means.sum(0)
-        return torch.where((counts_t.sum(0) > 0).unsqueeze(0), out, float("nan"))
+        return torch.where(counts_t.sum(0) > 0, out, float("nan"))
 
     def half_matrices(self, reduction: str = "epoch_mean_sum") -> Tensor | None:
         """``(2, n, n)``: the matrix of each split half under ``reduction``, or ``None`` without halves (an
@@ -715,17 +723,23 @@ class AffinityAccumulator:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> AffinityAccumulator:
         acc = cls(int(state["n"]), bool(state["keep_steps"]))
+        n = acc.n
+
+        def entries(c: Tensor) -> Tensor:  # checkpoints written before per-entry counts hold column counts
+            c = c.clone().double()
+            return c.unsqueeze(0).expand(n, n).clone() if c.dim() == 1 else c
+
         for e, s, c in zip(state["epochs"], state["sums"], state["counts"], strict=True):
             acc.sums[int(e)] = s.clone().double()
-            acc.counts[int(e)] = c.clone().double()
+            acc.counts[int(e)] = entries(c)
         acc.steps = [int(s) for s in state["steps"]]
         acc.step_scores = [s.clone() for s in state["step_scores"]]
         for e, s, c in zip(state.get("proxy_epochs", []), state.get("proxy_sums", []), state.get("proxy_counts", []),
                            strict=True):
             acc.proxy_sums[int(e)] = s.clone().double()
-            acc.proxy_counts[int(e)] = c.clone().double()
+            acc.proxy_counts[int(e)] = entries(c)
         pairs = state.get("pairs")
-        acc.pairs = None if pairs is None else {k: v.clone().double() for k, v in pairs.items()}
+        acc.pairs = None if pairs is None else {k: entries(v) for k, v in pairs.items()}
         if state.get("halves") is not None:  # checkpoints written before split halves existed have none
             acc.halves = [cls.from_state_dict(h) for h in state["halves"]]
             routing = state["half_routing"]
