@@ -665,8 +665,9 @@ class AffinityCallback(Callback):
     def _measure(self, trainer: L.Trainer, cap: _Captured, total: Tensor) -> None:
         names, losses, parts = self._ordered_losses(cap.task_losses)
         values = losses.detach()
-        detached = [t for t in names if not cap.task_losses[t].requires_grad and bool(torch.isfinite(values[
-            names.index(t)]))]
+        # a NaN loss marks an absent task, attached or not (below)
+        detached = [t for k, t in enumerate(names)
+                    if not cap.task_losses[t].requires_grad and bool(torch.isfinite(values[k]))]
         if detached:
             self._warn_once("detached", f"AffinityCallback: task_losses {detached} are not attached to the autograd "
                             "graph; their gradients count as zero. Return the losses before .detach() / .item()")
