@@ -515,6 +515,12 @@ def test_a_task_with_a_nan_loss_is_absent_from_that_step_only(engine):
     np.testing.assert_allclose(res.matrix, expected, rtol=1e-12, atol=1e-15)
     ac = [TASKS.index("a"), TASKS.index("c")]
     np.testing.assert_allclose(pair.result.matrix, res.matrix[np.ix_(ac, ac)], rtol=1e-12, atol=1e-15)
+    # absent from every measured step: NaN row and column, said at the end of the fit
+    never = AffinityCallback("encoder", every_n_steps=2, engine=engine)
+    with pytest.warns(RuntimeWarning, match=r"task\(s\) \['b'\] had a NaN / inf loss at every measured step"):
+        fit(TinyMTL(nan_steps={0, 2, 4}), tiny_loader(n=48), [never], max_epochs=1)
+    assert never.result.absent_steps == {"b": 3} and np.isnan(never.result.matrix[b]).all()
+    assert np.isfinite(never.result.matrix[np.ix_(other, other)]).all()
 
 
 class DetachedB(TinyMTL):

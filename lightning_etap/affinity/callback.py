@@ -781,6 +781,12 @@ class AffinityCallback(Callback):
         """At the end of fit: warn when no measured step had a gradient, or none had two tasks' gradients meet."""
         if not self._measured:
             return
+        never = [t for t, k in zip(self._task_names, self._absent, strict=True) if k >= self._measured]
+        if never:
+            rank_zero_warn(f"AffinityCallback: task(s) {never} had a NaN / inf loss at every measured step (absent "
+                           "from all of them), so their rows and columns of the matrix are NaN. If a task has labels "
+                           "in only some batches, measure more steps (every_n_steps=1); otherwise check its loss",
+                           category=RuntimeWarning)
         if not bool(self._seen_gradient):
             rank_zero_warn(_NO_GRADIENT, category=RuntimeWarning)
         elif self.method == "etap" and not bool(self._seen_overlap):
