@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import doctest
 import itertools
+import warnings
 
 import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from lightning_etap.groundtruth import CollectionError, GainStore, GroupGains
+from lightning_etap.groundtruth import CollectionError, FingerprintMismatchError, GainStore, GroupGains
 from lightning_etap.groups import all_groups
 from lightning_etap.predictors import BayesianETAPPredictor, ETAPPredictor
 from lightning_etap.search import (
@@ -168,10 +169,48 @@ def test_a_search_closes_the_store_it_opened(table, store):
         assert again.done_among([(g, 0) for g in result.trained]) == {(g, 0) for g in result.trained}
 
 
-def test_a_predictor_in_another_task_order_is_refused(table, store):
+@pytest.mark.parametrize("name", ["random_selection", "quick_reject_search", "mtgnet_search", "active_etap_search"])
+def test_a_predictor_for_other_tasks_is_refused_before_any_training(name, table, store):
+    """A wrong task order or size, or a class instead of an instance: refused before the first training."""
+    pd = pytest.importorskip("pandas")
+    from lightning_etap.search import STRATEGIES as registry
+
+    search = registry[name]
+    kwargs = {"budget": 2, "store": store}
     reordered = ETAPPredictor(AFFINITY[::-1, ::-1], task_names=list(TASKS[::-1]))
-    with pytest.raises(ValueError, match=r"predictor's tasks \['f', 'e'.*not the trainer's \['a', 'b'"):
-        active_etap_search(OracleTrainer(table), 6, predictor=reordered, budget=2, store=store)
+    labelled = ETAPPredictor(pd.DataFrame(AFFINITY, index=list(TASKS[::-1]), columns=list(TASKS[::-1])))
+    oracle = OracleTrainer(table)
+    for predictor in (reordered, labelled):
+        with pytest.raises(ValueError, match=r"predictor's tasks \['f', 'e'.*not the trainer's \['a', 'b'"):
+            search(oracle, 6, predictor=predictor, **kwargs)
+    with pytest.raises(ValueError, match=r"affinity covers 5 tasks, the trainer 6"):
+        search(oracle, 6, predictor=ETAPPredictor(AFFINITY[:5, :5]), **kwargs)
+    with pytest.raises(TypeError, match=r"not the class ETAPPredictor: pass e.g. ETAPPredictor\(affinity\)"):
+        search(oracle, 6, predictor=ETAPPredictor, **kwargs)
+    assert oracle.n_trained == 0  # not even the STL models
+
+
+def test_a_store_of_another_experiment_is_refused_with_advice_that_works(table, store):
+    random_search(OracleTrainer(table), 3, budget=2, store=store)
+    other = OracleTrainer(table, reduce="seed")
+    with pytest.raises(FingerprintMismatchError, match=r"(?s)new store path for this search.*overwrite=True\)") as err:
+        random_search(other, 3, budget=2, store=store)
+    assert "pass overwrite=True" not in str(err.value)
+    GainStore(store, other.fingerprint(), overwrite=True).close()  # the advice, followed
+    assert random_search(other, 3, budget=2, store=store).n_trainings == 3
+
+
+def test_a_quick_reject_walk_that_cannot_move_says_so(store):
+    """Every neighbour of a partition measured and none better: the walk stops with trainings left, and warns."""
+    table = _random_table(5, seed=1)
+    with pytest.warns(UserWarning, match=r"stopped after 2600 proposals with \d+ of 26 trainings left"):
+        result = quick_reject_search(OracleTrainer(table), 26, predictor=ConstantGain(), store=store,
+                                     random_state=1, max_proposals=2600)
+    assert result.details["stalled"] and result.n_trainings < 26
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        done = quick_reject_search(OracleTrainer(table), 3, predictor=ConstantGain(), store=store, random_state=1)
+    assert not done.details["stalled"]
 
 
 def test_more_trainings_than_candidates_warns(table, store):
@@ -476,6 +515,8 @@ def test_registry_and_result_text(table, store):
     from lightning_etap.search import STRATEGIES as registry
 
     assert sorted(registry) == sorted(STRATEGIES)
+    with pytest.raises(KeyError, match=r"no search strategy 'quick_reject'; the strategies are \['active_etap"):
+        registry["quick_reject"]  # noqa: B018
     result = random_search(OracleTrainer(table), 3, budget=2, store=store)
     assert str(result).startswith("random_search: ") and "3 trainings" in str(result)
     assert result.masks.shape == (len(result.groups), len(TASKS))

@@ -52,14 +52,22 @@ from .mtgnet_loop import mtgnet_search, swap_improvements
 from .oracle import OracleTrainer, load_table
 from .quick_reject import ACCEPT_RULES, QUICK_REJECT_SCHEDULE, quick_reject_probability, quick_reject_search
 
+
 #: Every strategy by name.
-STRATEGIES = {
+class _Strategies(dict):
+    """A name -> strategy mapping whose unknown names are refused with the known ones."""
+
+    def __missing__(self, key):
+        raise KeyError(f"no search strategy {key!r}; the strategies are {sorted(self)}")
+
+
+STRATEGIES = _Strategies({
     "random_search": random_search,
     "random_selection": random_selection,
     "quick_reject_search": quick_reject_search,
     "mtgnet_search": mtgnet_search,
     "active_etap_search": active_etap_search,
-}
+})
 
 __all__ = [
     "ACCEPT_RULES",

@@ -23,7 +23,7 @@ import numpy as np
 
 from lightning_etap.groundtruth.collect import collect_gains
 from lightning_etap.groundtruth.gains import GroupGains
-from lightning_etap.groundtruth.store import GainStore
+from lightning_etap.groundtruth.store import FingerprintMismatchError, GainStore
 from lightning_etap.groups import all_groups, groups_to_masks
 from lightning_etap.selection import select_groups
 
@@ -201,10 +201,34 @@ def check_probability(value, name: str) -> float:
 
 
 def check_predictor(predictor, name: str = "predictor"):
+    if isinstance(predictor, type):
+        raise TypeError(f"{name} must be a predictor object, not the class {predictor.__name__}: pass e.g. "
+                        f"{predictor.__name__}(affinity)")
     if not (hasattr(predictor, "fit") and hasattr(predictor, "predict") and hasattr(predictor, "get_params")):
         raise ValueError(f"{name} must be an unfitted scikit-learn-style gain predictor (e.g. "
                          f"ETAPPredictor(affinity)), got {predictor!r}")
     return predictor
+
+
+def check_predictor_tasks(predictor, names: Sequence[str], strategy: str) -> None:
+    """Refuse, before anything is trained, a predictor whose affinity covers other tasks than the trainer's
+    (its size, or the names it carries in another order); what can be read without fitting it."""
+    from lightning_etap.predictors._validation import affinity_values
+
+    affinity = getattr(predictor, "affinity", None)
+    if affinity is None:
+        return
+    matrix, carried = affinity_values(affinity)
+    shape = tuple(getattr(matrix, "shape", ()))
+    if len(shape) == 2 and shape[0] != len(names):
+        raise ValueError(f"{strategy}: the predictor's affinity covers {shape[0]} tasks, the trainer "
+                         f"{len(names)} ({list(names)}): build the affinity for the trainer's tasks")
+    given = getattr(predictor, "task_names", None)
+    for label in (carried, None if given is None else [str(t) for t in given]):
+        if label is not None and list(label) != [str(t) for t in names]:
+            raise ValueError(f"{strategy}: the predictor's tasks {list(label)} are not the trainer's {list(names)} "
+                             "in that order: build the predictor's affinity in the trainer's task order (its "
+                             "masks' columns follow the trainer)")
 
 
 def fit_quietly(predictor, masks: np.ndarray, gains: np.ndarray):
@@ -256,6 +280,7 @@ class Session:
         task_names: Sequence[str] | None,
         checkpoints: Iterable[int] | None,
         allow_any_budget: bool = False,
+        predictor=None,
     ) -> None:
         self.t0 = time.perf_counter()
         self.strategy = strategy
@@ -277,6 +302,8 @@ class Session:
         if n < 2:
             raise ValueError(f"a search needs at least 2 tasks, got {n}")
         self.n = n
+        if predictor is not None:  # before any training: a mismatch found at the first fit wastes trainings
+            check_predictor_tasks(predictor, self.names, strategy)
         self.seeds = list(dict.fromkeys(int(s) for s in seeds))
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one training seed")
@@ -292,12 +319,19 @@ class Session:
         self.checkpoints = sorted({check_count(c, "checkpoints") for c in (checkpoints or ())})
         self.history: list[SearchStep] = []
 
-        if isinstance(store, GainStore):
-            store.claim(trainer.fingerprint(), task_names=list(self.names))
-            self.store = store
-        else:  # a store this search opened is closed when it returns (result) or, after an error, is dropped
-            self.store = GainStore(store, trainer.fingerprint(), task_names=list(self.names))
-            self._close_store = weakref.finalize(self, self.store.close)
+        try:
+            if isinstance(store, GainStore):
+                store.claim(trainer.fingerprint(), task_names=list(self.names))
+                self.store = store
+            else:  # a store this search opened is closed when it returns (result) or, after an error, is dropped
+                self.store = GainStore(store, trainer.fingerprint(), task_names=list(self.names))
+                self._close_store = weakref.finalize(self, self.store.close)
+        except FingerprintMismatchError as err:  # the store's own advice names an option searches do not take
+            text = str(err).split("\nUse a new store path")[0]
+            raise FingerprintMismatchError(
+                f"{text}\nUse a new store path for this search, or, to delete the stored results and start over, "
+                "remove the file or open it once with GainStore(path, trainer.fingerprint(), overwrite=True)"
+            ) from None
         self.order: list[int] = []
         self.known: dict[int, np.ndarray] = {}
         self.trained_now = 0

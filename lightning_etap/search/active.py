@@ -204,7 +204,7 @@ def active_etap_search(
         raise ValueError(f"initial must be one of {INITIAL_DESIGNS}, got {initial!r}")
     session = Session("active_etap_search", trainer, n_trainings=n_trainings, budget=budget, store=store,
                       seeds=seeds, executor=executor, objective=objective, candidates=candidates,
-                      task_names=task_names, checkpoints=checkpoints)
+                      task_names=task_names, checkpoints=checkpoints, predictor=predictor)
     order = random_order(session, np.random.default_rng(random_state))
     first = [session.full]
     affinity = getattr(predictor, "affinity", None)

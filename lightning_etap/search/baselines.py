@@ -17,10 +17,10 @@ __all__ = ["random_search", "random_selection"]
 
 
 def _random_session(name, trainer, n_trainings, budget, store, seeds, executor, objective, candidates,
-                    checkpoints, task_names, random_state):
+                    checkpoints, task_names, random_state, predictor=None):
     session = Session(name, trainer, n_trainings=n_trainings, budget=budget, store=store, seeds=seeds,
                       executor=executor, objective=objective, candidates=candidates, task_names=task_names,
-                      checkpoints=checkpoints)
+                      checkpoints=checkpoints, predictor=predictor)
     order = random_order(session, np.random.default_rng(random_state))
     session.measure(order[: session.n_trainings])  # all at once: a parallel executor trains them together
     return session
@@ -52,7 +52,8 @@ def random_search(
         trainer: any :class:`~lightning_etap.groundtruth.GroupTrainer` (e.g.
             :class:`~lightning_etap.search.OracleTrainer`).
         n_trainings: multi-task groups to train (the all-task group included;
-            the STL models are trained too but not counted).
+            the STL models are trained too but not counted). One training is
+            one group, trained once per seed in ``seeds``.
         budget: the largest number of groups in the answer (STL models count).
         store: the :class:`~lightning_etap.groundtruth.GainStore` (or its path)
             every result goes to; groups it already holds are not trained again.
@@ -121,7 +122,7 @@ def random_selection(
     """
     check_predictor(predictor)
     session = _random_session("random_selection", trainer, n_trainings, budget, store, seeds, executor,
-                              objective, candidates, checkpoints, task_names, random_state)
+                              objective, candidates, checkpoints, task_names, random_state, predictor)
 
     def answer(k: int):
         if k < 2:

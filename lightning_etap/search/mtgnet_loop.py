@@ -116,7 +116,7 @@ def mtgnet_search(
     refit_every = check_count(refit_every, "refit_every")
     session = Session("mtgnet_search", trainer, n_trainings=n_trainings, budget=budget, store=store, seeds=seeds,
                       executor=executor, objective=objective, candidates=candidates, task_names=task_names,
-                      checkpoints=checkpoints)
+                      checkpoints=checkpoints, predictor=predictor)
     order = random_order(session, np.random.default_rng(random_state))
     session.measure([session.full])
     predicted, since_fit, fits, chosen_gain = None, 0, 0, []

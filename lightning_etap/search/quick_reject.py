@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -136,6 +137,10 @@ def quick_reject_search(
        new trainings.
     5. Stop when ``n_trainings`` groups are measured (or after
        ``max_proposals`` proposals) and return the best measured partition.
+       Only unmeasured neighbours let the walk leave a partition that no
+       measured neighbour beats: once every neighbour of such a partition
+       is measured, the walk is stuck and the proposals run out with
+       trainings left, which a warning says (``details["stalled"]``).
 
     The 2023 paper drove the search with its own feature-based predictor
     (:class:`~lightning_etap.predictors.Ayman2023Predictor`, which needs the
@@ -167,7 +172,8 @@ def quick_reject_search(
         ``predicted_better``, ``probability`` (of training it), ``needed``
         (groups to train), ``trained``),
         ``"path"`` (the current partition's measured objective at the start
-        and after every move), ``"best_value"`` (the objective of the
+        and after every move), ``"stalled"`` (the proposals ran out with
+        trainings left), ``"best_value"`` (the objective of the
         returned partition).
     """
     check_predictor(predictor)
@@ -179,7 +185,7 @@ def quick_reject_search(
         raise ValueError(f"accept must be one of {ACCEPT_RULES}, got {accept!r}")
     session = Session("quick_reject_search", trainer, n_trainings=n_trainings, budget=budget, store=store,
                       seeds=seeds, executor=executor, objective=objective, candidates=candidates,
-                      task_names=task_names, checkpoints=checkpoints, allow_any_budget=True)
+                      task_names=task_names, checkpoints=checkpoints, allow_any_budget=True, predictor=predictor)
     max_proposals = 1000 * session.n_trainings if max_proposals is None else check_count(max_proposals,
                                                                                          "max_proposals")
     rng = np.random.default_rng(random_state)
@@ -259,7 +265,16 @@ def quick_reject_search(
             partition = [p for spent, p in improved if spent <= k]
             if partition:
                 session.record(session.answer(partition[-1], session.losses(None)), n_trainings=k)
+    stalled = proposals >= max_proposals and session.remaining > 0 and bool(session.unmeasured.any())
+    if stalled:
+        warnings.warn(
+            f"quick_reject_search: stopped after {max_proposals} proposals with {session.remaining} of "
+            f"{session.n_trainings} trainings left: the walk is at a partition whose neighbours are all measured "
+            "and none is better, so it cannot move (the best measured partition is returned). Another "
+            "random_state starts the walk elsewhere; random_search spends every training",
+            UserWarning, stacklevel=2)
     details = {
+        "stalled": stalled,
         "proposals": proposals,
         "moves": moves,
         "path": np.asarray(path, dtype=float),
