@@ -519,6 +519,14 @@ def test_registry_and_result_text(table, store):
         registry["quick_reject"]  # noqa: B018
     result = random_search(OracleTrainer(table), 3, budget=2, store=store)
     assert str(result).startswith("random_search: ") and "3 trainings" in str(result)
+    import json
+
+    for found in (result, active_etap_search(OracleTrainer(table), 4, predictor=etap(), budget=2, store=store,
+                                             checkpoints=[2, 4])):
+        data = json.loads(json.dumps(found.to_dict()))  # plain JSON, the fitted model left out
+        assert data["groups"] == [list(g) for g in found.groups] and data["n_trainings"] == found.n_trainings
+        assert [h["n_trainings"] for h in data["history"]] == [h.n_trainings for h in found.history]
+        assert "model" not in data["details"]
     assert result.masks.shape == (len(result.groups), len(TASKS))
 
 

@@ -63,6 +63,9 @@ class SearchStep:
     measured: bool
 
 
+_SKIP = object()  # SearchResult.to_dict: a value that is not data
+
+
 @dataclass(frozen=True, eq=False)
 class SearchResult:
     """What a search strategy returns.
@@ -106,6 +109,40 @@ class SearchResult:
     history: tuple[SearchStep, ...]
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON data (``json.dumps`` takes it): every field but ``masks`` (the same
+        groups as ``groups``); ``details`` with arrays as lists and without fitted models."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                items = {str(k): plain(v) for k, v in value.items()}
+                return {k: v for k, v in items.items() if v is not _SKIP}
+            if isinstance(value, (list, tuple)):
+                return [v for v in map(plain, value) if v is not _SKIP]
+            if isinstance(value, np.ndarray):
+                return value.tolist()
+            if isinstance(value, np.generic):
+                return value.item()
+            if value is None or isinstance(value, (bool, int, float, str)):
+                return value
+            return _SKIP  # a fitted predictor and the like: not data
+
+        return {
+            "strategy": self.strategy,
+            "task_names": list(self.task_names),
+            "groups": [list(g) for g in self.groups],
+            "budget": self.budget,
+            "estimated_loss": float(self.estimated_loss),
+            "measured": bool(self.measured),
+            "n_trainings": int(self.n_trainings),
+            "trained": [list(g) for g in self.trained],
+            "trained_now": int(self.trained_now),
+            "history": [{"n_trainings": int(h.n_trainings), "groups": [list(g) for g in h.groups],
+                         "estimated_loss": float(h.estimated_loss), "measured": bool(h.measured)}
+                        for h in self.history],
+            "seconds": float(self.seconds),
+            "details": plain(self.details),
+        }
 
     def __str__(self) -> str:
         kind = "measured" if self.measured else "estimated"
