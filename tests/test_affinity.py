@@ -515,12 +515,45 @@ def test_a_task_with_a_nan_loss_is_absent_from_that_step_only(engine):
     np.testing.assert_allclose(res.matrix, expected, rtol=1e-12, atol=1e-15)
     ac = [TASKS.index("a"), TASKS.index("c")]
     np.testing.assert_allclose(pair.result.matrix, res.matrix[np.ix_(ac, ac)], rtol=1e-12, atol=1e-15)
+    # a pair never present together: its entries are NaN, said at the end of the fit
+    alternating = AffinityCallback("encoder", every_n_steps=1, engine=engine)
+    with pytest.warns(RuntimeWarning, match=r"no measured step scored a->b, b->a \(the two tasks were never"):
+        fit(Alternating(), tiny_loader(n=48), [alternating], max_epochs=1)
+    unknown = np.isnan(alternating.result.matrix)
+    assert unknown[0, 1] and unknown[1, 0] and unknown.sum() == 2
     # absent from every measured step: NaN row and column, said at the end of the fit
     never = AffinityCallback("encoder", every_n_steps=2, engine=engine)
     with pytest.warns(RuntimeWarning, match=r"task\(s\) \['b'\] had a NaN / inf loss at every measured step"):
         fit(TinyMTL(nan_steps={0, 2, 4}), tiny_loader(n=48), [never], max_epochs=1)
     assert never.result.absent_steps == {"b": 3} and np.isnan(never.result.matrix[b]).all()
     assert np.isfinite(never.result.matrix[np.ix_(other, other)]).all()
+
+
+class Alternating(TinyMTL):
+    """Task a has no labels at even steps, task b none at odd steps: the two are never measured together."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        gone = "a" if self.trainer.global_step % 2 == 0 else "b"
+        out["task_losses"][gone] = out["task_losses"][gone] * float("nan")
+        return out
+
+
+class NaNTotal(TinyMTL):
+    """At the last step the training loss is NaN while every task loss is finite."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if self.trainer.global_step == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_a_step_whose_training_loss_is_not_finite_is_skipped():
+    cb = AffinityCallback("encoder", every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match="skipping a step with a non-finite training loss"):
+        fit(NaNTotal(), tiny_loader(n=48), [cb], max_epochs=1)  # 6 steps
+    assert cb.result.measured_steps == 5 and cb.result.skipped_steps == 1
 
 
 class DetachedB(TinyMTL):
@@ -1161,6 +1194,18 @@ def test_control_variate_auto_scores_the_proxy_every_step_or_every_other_step_by
         again = AffinityCallback("encoder", overhead=overhead)
         again.load_state_dict(state)
         assert (again._cv, again._proxy_every, again._chosen) == (cv, every, k)
+
+
+def test_control_variate_with_every_other_step_measured_scores_the_proxy_at_the_others():
+    """Forced on under "auto": with every 2nd step measured the proxy scores all the others (the offset rule
+    would never pick one), and with every step measured it is off (nothing to estimate)."""
+    for overhead, k, proxies in ((0.3, 2, 12), (0.5, 1, 0)):
+        torch.manual_seed(0)
+        cb = AffinityCallback("encoder", control_variate=True, overhead=overhead)
+        fit(TinyMTL(hidden=(32, 32)), tiny_loader(n=96), [cb], max_epochs=2)  # 24 steps
+        settings = cb.result.settings
+        assert settings["every_n_steps_chosen"] == k and settings["proxy_steps"] == proxies
+        assert settings["control_variate_chosen"] is (k > 1)
 
 
 def test_control_variate_auto_turns_on_only_where_the_proxy_is_cheap():

@@ -85,6 +85,21 @@ def test_a_compiled_module_gets_the_eager_matrix_and_trains_as_without_the_callb
         assert torch.equal(p, q)
 
 
+def test_two_callbacks_on_a_compiled_module_restore_torchs_setting():
+    before = torch._functorch.config.donated_buffer
+    callbacks = [AffinityCallback(shared="encoder", tasks=list(TASKS), every_n_steps=k) for k in (1, 2)]
+    torch.manual_seed(0)
+    module = SharedEncoder()
+    module.encoder = torch.compile(module.encoder)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=_loader())
+    assert all(cb.result.measured_steps for cb in callbacks)
+    assert torch._functorch.config.donated_buffer == before
+
+
 def test_tag_on_a_compiled_module_matches_eager():
     def tag(how):
         callback = AffinityCallback(shared="encoder", tasks=list(TASKS), method="tag", every_n_steps=1)

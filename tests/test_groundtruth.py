@@ -370,11 +370,15 @@ def test_csv_round_trip_is_exact_and_checked(tmp_path, fakes):
     lines = (tmp_path / "gains.csv").read_text().splitlines()
     assert lines[0].startswith("group,size,")
     (tmp_path / "multi.csv").write_text("\n".join(line for line in lines if line.split(",")[1] != "1") + "\n")
-    with pytest.warns(UserWarning, match="no single-task rows.*Pass task_names="):
+    with pytest.warns(UserWarning, match="does not start with every task's single-task rows.*Pass task_names="):
         GroupGains.from_csv(tmp_path / "multi.csv")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert GroupGains.from_csv(tmp_path / "multi.csv", task_names=TASKS).task_names == TASKS
+    stl = [line for line in lines[1:] if line.split(",")[1] == "1"]
+    (tmp_path / "late.csv").write_text("\n".join([lines[0], *[x for x in lines[1:] if x not in stl], *stl]) + "\n")
+    with pytest.warns(UserWarning, match="does not start with every task's single-task rows"):
+        GroupGains.from_csv(tmp_path / "late.csv")  # single-task rows after the multi-task ones
     (tmp_path / "bad.csv").write_text("group,seed\na|b,0\n")
     with pytest.raises(ValueError, match="columns"):
         GroupGains.from_csv(tmp_path / "bad.csv")

@@ -289,6 +289,21 @@ def test_a_dataframe_affinity_is_read_by_label(kind):
         make(pd.DataFrame(A, index=list("wabc"), columns=names)).fit(masks, gains)
 
 
+def test_ayman_pairwise_dataframe_is_saved_as_the_fit_read_it(tmp_path):
+    """Only an affinity is read by label; the 2023 predictor's pairwise-gain table keeps its own reading."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(8)
+    pairwise = rng.normal(size=(4, 4))
+    frame = pd.DataFrame(pairwise, index=[f"r{i}" for i in range(4)], columns=list("abcd"))
+    masks = all_groups(4)
+    masks = masks[masks.sum(axis=1) >= 2]
+    gains = np.where(masks, rng.normal(size=masks.shape), np.nan)
+    model = Ayman2023Predictor(pairwise=frame).fit(masks, gains)
+    loaded = Ayman2023Predictor.load(model.save(tmp_path / "ayman.json"))
+    np.testing.assert_array_equal(loaded.get_params()["pairwise"], pairwise)
+    np.testing.assert_allclose(clone(loaded).fit(masks, gains).predict(masks), model.predict(masks))
+
+
 @pytest.mark.parametrize("kind", ["etap", "bayes", "tag"])
 def test_an_affinity_result_gives_its_task_names_and_saves(kind, tmp_path):
     from lightning_etap.affinity import AffinityResult

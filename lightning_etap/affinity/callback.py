@@ -340,7 +340,7 @@ class AffinityCallback(Callback):
         self._last_fit: tuple[int, weakref.ref] | None = None  # (global step, module) at the end of the last fit
         self._dropped = 0  # measured steps a new fit dropped (warned at train start, after any checkpoint restore)
         self._compiled = False  # the module holds torch.compile'd code (set in setup)
-        self._donated: bool | None = None  # torch's donated-buffer setting to restore at teardown
+        self._holds_donated = False  # this callback keeps torch's donated buffers off (a compiled module)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -451,9 +451,11 @@ class AffinityCallback(Callback):
         if engine is not None:
             engine.close()
             self._engine = None
-        if self._donated is not None:
-            _set_donated_buffers(self._donated)
-            self._donated = None
+        if self._holds_donated:
+            self._holds_donated = False
+            _DONATED["holders"] -= 1
+            if _DONATED["holders"] == 0 and _DONATED["saved"] is not None:
+                _set_donated_buffers(_DONATED["saved"])
         self._unwrap()
         self._captured = None
         self._tag_state = None
@@ -479,9 +481,11 @@ class AffinityCallback(Callback):
                 f"AffinityCallback: scope={self.scope!r} reads the shared layers' activations through forward "
                 "hooks, which do not run reliably inside a torch.compile'd module. Use scope='shared' (exact, "
                 "measured with autograd on a compiled module), or measure without torch.compile")
-        previous = _set_donated_buffers(False)
-        if self._donated is None:
-            self._donated = previous
+        if not self._holds_donated:  # one hold per callback; torch's setting comes back when the last is released
+            if _DONATED["holders"] == 0:
+                _DONATED["saved"] = _set_donated_buffers(False)
+            _DONATED["holders"] += 1
+            self._holds_donated = True
         if self.method == "etap" and self.engine == "fast":
             rank_zero_warn("AffinityCallback: the module is torch.compile'd: the per-task gradients come from "
                            "exact autograd, one backward call per task (the fast engine's activation hooks are "
@@ -622,8 +626,10 @@ class AffinityCallback(Callback):
             k, cv, every = trainer.strategy.broadcast((k, cv, every), src=0)
         self._chosen, self._anchor = int(k), trainer.global_step
         if self._cv is None:
-            self._cv = bool(cv)
-            self._proxy_every = int(every) if self._cv else 1
+            self._cv = bool(cv) and k > 1  # with every step measured the proxy has nothing to estimate
+            # every other step: with every 2nd step measured, the unmeasured steps are those (all odd offsets,
+            # which the offset rule of on_train_batch_start would never pick)
+            self._proxy_every = (1 if k == 2 else int(every)) if self._cv else 1
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
@@ -676,12 +682,15 @@ class AffinityCallback(Callback):
         if reduce is not None:  # the global batch's losses; every rank then takes the same decisions
             both = reduce(torch.cat([values.double(), total_ok.double().reshape(1)]))
             values, total_ok = both[:-1].to(values.dtype), both[-1]
+        if float(total_ok) != 1.0:  # the training loss itself (on some rank) is not finite
+            self._bad_step("a non-finite training loss")
+            return
         present = torch.isfinite(values)
         if not bool(present.all()):
             # a task whose loss is NaN / inf while the training loss is finite (no labels in this batch, left out
             # of the total) is absent from the step: no gradient is taken through its loss, and its row and column
             # do not count. Anything else non-finite (the training loss itself, or TAG) skips the step.
-            if self.method != "etap" or not bool(present.any()) or float(total_ok) != 1.0:
+            if self.method != "etap" or not bool(present.any()):
                 self._bad_step("a non-finite task loss")
                 return
             parts = [p if ok else p.detach().nan_to_num(0.0, 0.0, 0.0) * 0.0
@@ -787,6 +796,16 @@ class AffinityCallback(Callback):
                            "from all of them), so their rows and columns of the matrix are NaN. If a task has labels "
                            "in only some batches, measure more steps (every_n_steps=1); otherwise check its loss",
                            category=RuntimeWarning)
+        if self._acc is not None:  # other entries no step measured: two tasks never present together, a zero loss
+            names = self._task_names
+            unknown = torch.isnan(self._acc.matrix(self.reduction))
+            pairs = [f"{names[i]}->{names[j]}" for i, j in torch.nonzero(unknown).tolist()
+                     if i != j and names[i] not in never and names[j] not in never]
+            if pairs:
+                listed = ", ".join(pairs[:8]) + (f" and {len(pairs) - 8} more" if len(pairs) > 8 else "")
+                rank_zero_warn(f"AffinityCallback: no measured step scored {listed} (the two tasks were never present "
+                               "in the same step, or the destination's loss was always 0), so those entries are NaN; "
+                               "measure more steps (every_n_steps=1) or train longer", category=RuntimeWarning)
         if not bool(self._seen_gradient):
             rank_zero_warn(_NO_GRADIENT, category=RuntimeWarning)
         elif self.method == "etap" and not bool(self._seen_overlap):
@@ -1178,6 +1197,10 @@ def _compiled(module: nn.Module) -> bool:
         return False
     return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
                for m in module.modules())
+
+
+#: callbacks keeping torch's donated buffers off, and the setting to restore when the last one is done
+_DONATED: dict[str, Any] = {"holders": 0, "saved": None}
 
 
 def _set_donated_buffers(value: bool) -> bool | None:

@@ -317,8 +317,9 @@ class GroupGains:
             task_names: the dataset's task order. ``None``: the order in which
                 tasks first appear in the file (the dataset's order when the
                 table holds the STL rows, as ``to_csv`` of a collection with
-                ``include_singletons=True`` writes them first; without them a
-                warning says the order may not be the dataset's).
+                ``include_singletons=True`` writes them first; a file that does
+                not start with every task's single-task rows gets a warning that
+                the order may not be the dataset's).
 
         Raises:
             ValueError: missing columns, a task outside ``task_names``, a
@@ -338,13 +339,20 @@ class GroupGains:
         for r in records:
             seen.setdefault(r["task"], None)
         names = tuple(str(t) for t in task_names) if task_names is not None else tuple(seen)
-        if task_names is None and len(names) > 1 and not any(str(r["size"]).strip() == "1" for r in records):
-            warnings.warn(
-                f"{path} holds no single-task rows, so its task order {list(names)[:6]}"
-                f"{' ...' if len(names) > 6 else ''} is the order of first appearance, not necessarily the "
-                "dataset's: the masks' columns follow it, and an affinity matrix in another order would be "
-                "matched to the wrong tasks. Pass task_names= the dataset's order (e.g. affinity.task_names)",
-                UserWarning, stacklevel=2)
+        if task_names is None and len(names) > 1:
+            # the order is the dataset's only when every task's single-task row comes before any multi-task row
+            leading: set[str] = set()
+            for r in records:
+                if str(r["size"]).strip() != "1":
+                    break
+                leading.add(r["task"])
+            if leading != set(names):
+                warnings.warn(
+                    f"{path} does not start with every task's single-task rows, so its task order "
+                    f"{list(names)[:6]}{' ...' if len(names) > 6 else ''} is the order of first appearance, not "
+                    "necessarily the dataset's: the masks' columns follow it, and an affinity matrix in another "
+                    "order would be matched to the wrong tasks. Pass task_names= the dataset's order (e.g. "
+                    "affinity.task_names)", UserWarning, stacklevel=2)
         index = {t: i for i, t in enumerate(names)}
         unknown = [t for t in seen if t not in index]
         if unknown:

@@ -136,7 +136,8 @@ class BaselinePredictor(RegressorMixin, BaseEstimator):
             params["random_state"] = None  # a RandomState object cannot be stored; it only seeds refits
         for name in self._ARRAY_PARAMS:
             if params.get(name) is not None:
-                params[name] = as_float_array(affinity_values(params[name])[0])
+                value = params[name]  # an affinity is read by label (as the fit reads it), other arrays as given
+                params[name] = as_float_array(affinity_values(value)[0] if name == "affinity" else value)
         return params
 
     @classmethod
