@@ -63,7 +63,13 @@ def test_tiny_run_writes_every_file(tiny_run):
     assert list(json.loads((tiny_run / "timings.json").read_text())) == ["affinity", "gains", "predict", "select",
                                                                         "report"]
     assert set(stages) == {"affinity", "gains", "predict", "select", "report"}
+    import torch
+
+    for stage in ("affinity", "gains"):  # what the numbers depend on besides the inputs: kept with the stage
+        env = stages[stage]["environment"]
+        assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     page = (tiny_run / "report" / "index.html").read_text()
+    assert f"Trained with torch {torch.__version__} (CPU kernels {torch.backends.cpu.get_cpu_capability()})" in page
     pngs = sorted((tiny_run / "report").glob("*.png"))
     assert {p.stem for p in pngs} == {"affinity_heatmap", "affinity_curves", "predicted_vs_measured", "selection",
                                       "timings"}

@@ -71,6 +71,7 @@ def _load(run: RunDirectory) -> dict[str, Any]:
         "config": config, "affinity": affinity, "groups": groups, "predictions": predictions,
         "measured": measured, "selection": selection, "timings": run.timings(),
         "names": tuple(groups["task_names"]),
+        "environment": run.stage_record("gains").get("environment") or run.stage_record("affinity").get("environment"),
     }
 
 
@@ -431,6 +432,14 @@ def _img(path: Path, caption: str, alt: str) -> str:
             f'<figcaption>{_e(caption)} <span class="file">({_e(path.name)})</span></figcaption></figure>')
 
 
+def _trained_with(env: dict[str, Any] | None) -> str:
+    """`` Trained with torch 2.13.0 (CPU kernels AVX512), lightning 2.6.0.`` from a stage's environment record."""
+    if not env:
+        return ""
+    return (f" Trained with torch {env.get('torch', '?')} (CPU kernels {env.get('cpu_capability', '?')}), "
+            f"lightning {env.get('lightning', '?')}.")
+
+
 def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) -> str:
     from lightning_etap import __version__
 
@@ -446,7 +455,7 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
     parts.append(f"<p class='sub'>{n} tasks ({_e(', '.join(names))}); ETAP fitted on "
                  f"{len(data['groups']['train'])} training groups (the all-task group included), seeds "
                  f"{_e(cfg.seeds)}; {sel['n_candidates']} candidate groups. lightning-etap {_e(__version__)}, {stamp}."
-                 "</p>")
+                 f"{_e(_trained_with(data.get('environment')))}</p>")
 
     # headline cards
     cards = []

@@ -169,7 +169,8 @@ class Pipeline:
             "" if pairs is None else f", {pairs:.2f} beyond each task's own effects") + ")"
         self._print(f"    {affinity.measured_steps} steps measured over {epochs} epochs{half}; "
                     f"saved to {self.dir.affinity_dir}")
-        return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps}
+        return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps,
+                    "environment": environment()}
 
     def _affinity_fit(self, callbacks: list[Any], logger, seed: int, ckpt_path: Path | None) -> int:
         """The affinity stage's all-task fit (own module or reference model); the number of epochs it ran."""
@@ -245,7 +246,7 @@ class Pipeline:
             collect_gains(trainer, heldout, cfg.seeds, store=self.dir.store_path, executor=executor,
                           progress=ws.progress, task_names=names)
             parts["held-out groups"] = time.perf_counter() - start
-        return parts, {"n_train_groups": len(train), "n_heldout_groups": len(heldout)}
+        return parts, {"n_train_groups": len(train), "n_heldout_groups": len(heldout), "environment": environment()}
 
     # ------------------------------------------------------------------ 3. predict
     def _predict(self, label: str, force: bool):
@@ -439,6 +440,25 @@ class EpochProgress(Callback):
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)
+
+
+def environment() -> dict[str, str]:
+    """What the numbers of a fit depend on besides the inputs: library versions and the CPU kernels torch uses
+    (another kind of CPU rounds differently, and the training drifts apart; recorded with the stage). The
+    ground-truth jobs of an executor on other machines may differ from this process's."""
+    import platform
+
+    import torch
+
+    from lightning_etap import __version__
+
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # pragma: no cover - older torch
+        capability = "unknown"
+    return {"lightning_etap": __version__, "torch": torch.__version__, "lightning": L.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_capability": capability}
 
 
 def _close_logger(logger, failed: bool = False) -> None:
