@@ -91,7 +91,11 @@ class SearchResult:
         trained_now: of those, how many this call actually trained (the
             others came from the store, e.g. after a crash).
         history: the grouping the search would have returned at each of the
-            requested ``checkpoints`` (:class:`SearchStep`).
+            requested ``checkpoints`` (:class:`SearchStep`). A checkpoint the
+            search did not reach (it spent fewer trainings) is absent, and so
+            is one inside a step that measured several groups at once where
+            the strategy has no answer between them (e.g.
+            ``quick_reject_search``'s initial groups).
         seconds: wall time of the call.
         details: strategy-specific records (documented by each strategy).
     """
