@@ -211,6 +211,16 @@ def test_a_quick_reject_walk_that_cannot_move_says_so(store):
         warnings.simplefilter("error", UserWarning)
         done = quick_reject_search(OracleTrainer(table), 3, predictor=ConstantGain(), store=store, random_state=1)
     assert not done.details["stalled"]
+    # opt-in random restarts spend every training, never one twice, and return the best measured partition
+    oracle = OracleTrainer(table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        again = quick_reject_search(oracle, 26, predictor=ConstantGain(), store=store.with_name("restart.sqlite"),
+                                    random_state=1, restart_after=50, max_proposals=20000)
+    assert again.n_trainings == 26 and again.details["restarts"] > 0 and not again.details["stalled"]
+    assert len(set(again.trained)) == 26 and oracle.n_trained == 26  # every group once
+    assert again.estimated_loss <= result.estimated_loss + 1e-12
+    assert again.estimated_loss == pytest.approx(total_test_loss(again.groups, table))
 
 
 def test_more_trainings_than_candidates_warns(table, store):

@@ -90,6 +90,7 @@ def quick_reject_search(
     refit_every: int = 1,
     accept: str = "trained",
     max_proposals: int | None = None,
+    restart_after: int | None = None,
     store: GainStore | str | os.PathLike = "gains.sqlite",
     seeds: Iterable[int] = (0,),
     executor: Executor | None = None,
@@ -160,6 +161,11 @@ def quick_reject_search(
         accept: ``"trained"`` (default) or ``"better"``, see step 4 and
             :data:`ACCEPT_RULES`.
         max_proposals: stop after this many proposals (default ``1000 * n_trainings``).
+        restart_after: ``None`` (default, the 2023 search): a stuck walk
+            stays stuck. An integer: after this many proposals in a row
+            without a training or a move, the walk restarts from a random
+            partition with an unmeasured group, which is trained (a random
+            restart), so that the trainings get spent.
         store, seeds, executor, objective, candidates, checkpoints,
         random_state, task_names: as for :func:`~lightning_etap.search.random_search`
             (a checkpoint records the best measured partition so far).
@@ -173,7 +179,8 @@ def quick_reject_search(
         (groups to train), ``trained``),
         ``"path"`` (the current partition's measured objective at the start
         and after every move), ``"stalled"`` (the proposals ran out with
-        trainings left), ``"best_value"`` (the objective of the
+        trainings left), ``"restarts"`` (random restarts, with
+        ``restart_after``), ``"best_value"`` (the objective of the
         returned partition).
     """
     check_predictor(predictor)
@@ -188,6 +195,8 @@ def quick_reject_search(
                       task_names=task_names, checkpoints=checkpoints, allow_any_budget=True, predictor=predictor)
     max_proposals = 1000 * session.n_trainings if max_proposals is None else check_count(max_proposals,
                                                                                          "max_proposals")
+    if restart_after is not None:
+        restart_after = check_count(restart_after, "restart_after")
     rng = np.random.default_rng(random_state)
     order = random_order(session, rng)
     session.measure(order[: min(n_initial, session.n_trainings)])
@@ -221,12 +230,30 @@ def quick_reject_search(
     best_value, best = current_value, current
     tol = 1e-12 * max(1.0, float(np.abs(session.stl).sum()))
     log = {"spent": [], "predicted_better": [], "probability": [], "needed": [], "trained": []}
-    proposals = moves = since_fit = 0
+    proposals = moves = since_fit = restarts = idle = 0
     path = [current_value]  # the current partition's measured value, after every move
 
     improved = [(session.spent, best)]  # (trainings spent, best measured partition from then on)
     while session.remaining > 0 and proposals < max_proposals and session.unmeasured.any():
         proposals += 1
+        idle += 1
+        if restart_after is not None and idle > restart_after:  # stuck: start again from a random partition
+            fresh = _restart(session, n, limit, rng)
+            if fresh is None:
+                break
+            session.measure(unmeasured(fresh))
+            since_fit, idle, restarts = since_fit + 1, 0, restarts + 1
+            measured_totals = group_values(None)
+            if since_fit >= refit_every:
+                model, since_fit = session.fit(predictor), 0
+            totals = group_values(model)
+            current_value, current = value(fresh, measured_totals), fresh
+            moves += 1
+            path.append(current_value)
+            if current_value > best_value + tol:
+                best_value, best = current_value, current
+                improved.append((session.spent, best))
+            continue
         proposal = _move(current, n, limit, rng)
         if proposal is None:
             continue
@@ -248,6 +275,7 @@ def quick_reject_search(
                 continue
             session.measure(need)
             since_fit += len(need)
+            idle = 0
             measured_totals = group_values(None)
             if since_fit >= refit_every:
                 model, since_fit = session.fit(predictor), 0
@@ -255,7 +283,7 @@ def quick_reject_search(
         measured_value = value(proposal, measured_totals)
         if (need and accept == "trained") or measured_value > current_value + tol:
             current_value, current = measured_value, proposal
-            moves += 1
+            moves, idle = moves + 1, 0
             path.append(current_value)
         if current_value > best_value + tol:
             best_value, best = current_value, current
@@ -271,10 +299,12 @@ def quick_reject_search(
             f"quick_reject_search: stopped after {max_proposals} proposals with {session.remaining} of "
             f"{session.n_trainings} trainings left: the walk is at a partition whose neighbours are all measured "
             "and none is better, so it cannot move (the best measured partition is returned). Another "
-            "random_state starts the walk elsewhere; random_search spends every training",
+            "random_state starts the walk elsewhere, restart_after= restarts a stuck walk from a random partition, "
+            "and random_search spends every training",
             UserWarning, stacklevel=2)
     details = {
         "stalled": stalled,
+        "restarts": restarts,
         "proposals": proposals,
         "moves": moves,
         "path": np.asarray(path, dtype=float),
@@ -282,6 +312,22 @@ def quick_reject_search(
         "best_value": float(best_value),
     }
     return session.result(session.answer(best, session.losses(None)), details)
+
+
+def _restart(session, n: int, limit: int | None, rng: np.random.Generator, tries: int = 1000) -> Partition | None:
+    """A random partition (of at most ``limit`` groups) with one unmeasured candidate group and none outside the
+    candidates, whose trainings fit in what is left (``None``: none found in ``tries`` draws)."""
+    most = n if limit is None else min(limit, n)
+    for _ in range(tries):
+        labels = rng.integers(int(rng.integers(1, most + 1)), size=n)
+        groups = [tuple(int(t) for t in np.flatnonzero(labels == k)) for k in np.unique(labels)]
+        codes = [session.code_index(g) for g in groups if len(g) > 1]
+        if any(c is None for c in codes):
+            continue
+        need = [c for c in codes if c not in session.known]
+        if need and len(need) <= session.remaining:
+            return tuple(sorted(groups, key=lambda g: (-len(g), g)))
+    return None
 
 
 def _move(partition: Partition, n: int, limit: int | None, rng: np.random.Generator) -> Partition | None:
