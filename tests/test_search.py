@@ -259,6 +259,38 @@ def test_active_etap_with_a_posterior_measures_the_optimum(table, store):
     assert oracle.n_trained == 10
 
 
+def test_active_etap_with_a_posterior_models_the_selection_values_with_the_search_grid(table, tmp_path):
+    """The posterior model is fitted on each member's STL loss minus its loss (the objective's units), with
+    SEARCH_PRIOR_GRID unless the predictor sets a grid; with objective="gain" on the gains themselves."""
+    from lightning_etap.search.active import SEARCH_PRIOR_GRID
+
+    fitted = []
+
+    class Recording(BayesianETAPPredictor):
+        def fit(self, masks, gains):
+            fitted.append((np.asarray(masks).copy(), np.asarray(gains).copy(), self.prior_grid))
+            return super().fit(masks, gains)
+
+    result = active_etap_search(OracleTrainer(table), 5, predictor=Recording(AFFINITY, task_names=TASKS), budget=2,
+                                store=tmp_path / "a.sqlite", random_state=3)
+    masks, values, grid = fitted[-1]
+    truth = table.mean_over_seeds()
+    for m, v in zip(masks, values, strict=True):
+        row = int(np.flatnonzero((truth.masks == m).all(axis=1))[0])
+        np.testing.assert_allclose(v[m], (STL - truth.test_losses[row])[m], rtol=1e-12)  # values, not gains
+    assert grid == SEARCH_PRIOR_GRID
+    assert result.details["model"].get_params()["prior_grid"] == SEARCH_PRIOR_GRID
+    fitted.clear()
+    mine = {"shared": (0.3,)}
+    active_etap_search(OracleTrainer(table), 4, predictor=Recording(AFFINITY, task_names=TASKS, prior_grid=mine),
+                       budget=2, store=tmp_path / "b.sqlite", random_state=3, objective="gain")
+    masks, gains, grid = fitted[-1]
+    assert grid == mine  # a grid the user set is kept
+    for m, g in zip(masks, gains, strict=True):
+        row = int(np.flatnonzero((truth.masks == m).all(axis=1))[0])
+        np.testing.assert_allclose(g[m], truth.gains[row][m], rtol=1e-12)  # gains under objective="gain"
+
+
 def test_active_etap_posterior_draws_and_batches(table, tmp_path):
     def run(path, **kw):
         return active_etap_search(OracleTrainer(table), 7, predictor=BayesianETAPPredictor(AFFINITY), budget=3,

@@ -46,7 +46,14 @@ Example:
 """
 
 from ._common import OBJECTIVES, SearchResult, SearchStep, total_test_loss
-from .active import ANSWERS, INITIAL_DESIGNS, active_etap_search, bootstrap_template, has_posterior
+from .active import (
+    ANSWERS,
+    INITIAL_DESIGNS,
+    SEARCH_PRIOR_GRID,
+    active_etap_search,
+    bootstrap_template,
+    has_posterior,
+)
 from .baselines import random_search, random_selection
 from .mtgnet_loop import mtgnet_search, swap_improvements
 from .oracle import OracleTrainer, load_table
@@ -75,6 +82,7 @@ __all__ = [
     "INITIAL_DESIGNS",
     "OBJECTIVES",
     "QUICK_REJECT_SCHEDULE",
+    "SEARCH_PRIOR_GRID",
     "STRATEGIES",
     "OracleTrainer",
     "SearchResult",

@@ -457,13 +457,18 @@ class Session:
         gains = np.where(masks, (self.stl - losses) / self.stl, np.nan)
         return idx, masks, gains
 
-    def fit(self, predictor, rows: Sequence[int] | None = None, upto: int | None = None):
+    def fit(self, predictor, rows: Sequence[int] | None = None, upto: int | None = None, values: bool = False):
         """``predictor`` cloned and fitted on the measured groups.
 
         ``upto``: only the first ``upto`` measured; ``rows``: positions into
-        that list (repeats allowed, e.g. a bootstrap sample).
+        that list (repeats allowed, e.g. a bootstrap sample). ``values``: fit
+        the selection values (:meth:`values`: with the loss objective each
+        member's STL loss minus its loss, in loss units) instead of the
+        relative gains.
         """
         _, masks, gains = self.known_arrays(upto)
+        if values and self.objective == "loss":
+            gains = gains * self.stl
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             masks, gains = masks[rows], gains[rows]

@@ -11,11 +11,13 @@ from sklearn.base import clone
 from lightning_etap.groundtruth.base import GroupTrainer
 from lightning_etap.groundtruth.executors import Executor
 from lightning_etap.groundtruth.store import GainStore
+from lightning_etap.predictors.bayes import PRIOR_GRID
 
 from ._common import SearchResult, Session, check_count, check_predictor, fit_quietly, random_order
 from .mtgnet_loop import swap_improvements
 
-__all__ = ["ANSWERS", "INITIAL_DESIGNS", "active_etap_search", "bootstrap_template", "has_posterior"]
+__all__ = ["ANSWERS", "INITIAL_DESIGNS", "SEARCH_PRIOR_GRID", "active_etap_search", "bootstrap_template",
+           "has_posterior"]
 
 #: How :func:`active_etap_search` chooses its first groups after the all-task
 #: group: ``"affinity"`` (the group of largest mean group affinity first, then
@@ -92,10 +94,15 @@ def active_etap_search(
        possible values of every unmeasured group:
        * a predictor with a posterior (:func:`has_posterior`, e.g.
          :class:`~lightning_etap.predictors.BayesianETAPPredictor`, the
-         recommended one): joint draws from its posterior of the mean gains
-         (noise left out: the improvement is judged as the model would
-         predict it once the group is measured; adding the fitted noise to
-         the draws changed nothing measurable on the benchmark tables);
+         recommended one): the model is fitted to the selection values
+         (with ``objective="loss"`` each member's STL loss minus its loss,
+         the objective's own units, so that a task weighs in the fit as it
+         weighs in the objective), with :data:`SEARCH_PRIOR_GRID` unless
+         the predictor sets ``prior_grid``; joint draws from its posterior
+         of the mean values (noise left out: the improvement is judged as
+         the model would predict it once the group is measured; adding the
+         fitted noise to the draws changed nothing measurable on the
+         benchmark tables);
        * any other predictor: ``ensemble`` bootstrap copies, each fitted on a
          resample (with replacement) of the measured groups other than the
          all-task group, which every copy keeps (:func:`bootstrap_template`:
@@ -181,7 +188,8 @@ def active_etap_search(
         order after the initial ones; 0 for disagreement choices),
         ``"rule"`` (``"improvement"`` or ``"disagreement"`` per choice),
         ``"uncertainty"`` (``"posterior"`` or ``"bootstrap"``),
-        ``"model"`` (the predictor fitted on every measured group).
+        ``"model"`` (the predictor fitted on every measured group; with a
+        posterior, on their selection values, see step 2).
     """
     check_predictor(predictor)
     posterior = has_posterior(predictor)
@@ -216,16 +224,27 @@ def active_etap_search(
     improvements: list[float] = []
     rules: list[str] = []
 
+    # with a posterior: the model of the selection values themselves (the objective's units, so that a task's
+    # weight in the fit is its weight in the objective), with the search's wider prior grid unless one is set
+    estimator = _posterior_estimator(predictor) if posterior else predictor
+
+    def fit(upto: int | None = None):
+        return session.fit(estimator, upto=upto, values=posterior)
+
+    def predicted_gains(model) -> np.ndarray:
+        out = model.predict(session.cands)
+        return out / session.stl if posterior and session.objective == "loss" else out
+
     def answer_after(k: int):
         if answer == "predicted" and k >= fits_from:
-            model = session.fit(predictor, upto=k)
-            return session.predicted_answer(model.predict(session.cands), upto=k)
+            model = fit(upto=k)
+            return session.predicted_answer(predicted_gains(model), upto=k)
         found = session.incumbent(upto=k)
         return None if found is None else found[0]
 
     model = None
     while session.spent >= fits_from:
-        model = session.fit(predictor)
+        model = fit()
         if session.remaining <= 0 or not session.unmeasured.any():
             break
         size = check_count(batch(session.spent), "batch_size")
@@ -237,7 +256,7 @@ def active_etap_search(
         if k < session.spent:
             session.record(answer_after(k), n_trainings=k)
     if answer == "predicted" and model is not None:
-        final = session.predicted_answer(model.predict(session.cands))
+        final = session.predicted_answer(predicted_gains(model))
     else:
         found = session.incumbent()
         final = None if found is None else found[0]
@@ -246,6 +265,24 @@ def active_etap_search(
     details = {"expected_improvement": np.asarray(improvements, dtype=float), "rule": rules,
                "uncertainty": "posterior" if posterior else "bootstrap", "model": model}
     return session.result(final, details)
+
+
+#: The prior grid of a posterior predictor inside :func:`active_etap_search` (when the predictor sets none):
+#: :data:`~lightning_etap.predictors.bayes.PRIOR_GRID` with one larger candidate for the shared and the pairwise
+#: membership effects, which fits of selection values on the ETTm1 table reached the top of.
+SEARCH_PRIOR_GRID: dict[str, tuple[float, ...]] = {
+    **PRIOR_GRID,
+    "shared": (*PRIOR_GRID["shared"], 3.0),
+    "pairwise": (*PRIOR_GRID["pairwise"], 1.0),
+}
+
+
+def _posterior_estimator(predictor):
+    """``predictor`` with :data:`SEARCH_PRIOR_GRID` when it has a ``prior_grid`` left at ``None``."""
+    params = predictor.get_params(deep=False)
+    if "prior_grid" in params and params["prior_grid"] is None:
+        return clone(predictor).set_params(prior_grid=SEARCH_PRIOR_GRID)
+    return predictor
 
 
 def _top_affinity_group(session: Session, affinity) -> int:
@@ -290,12 +327,11 @@ def _choose(session: Session, model, predictor, ensemble: int, batch_size: int, 
 
 def _draws(session: Session, model, predictor, ensemble: int, rows: np.ndarray, rng, posterior: bool):
     """``ensemble`` possible selection values ``(len(rows), n)`` of the unmeasured candidates ``rows``."""
-    if posterior:
-        scale = session.stl if session.objective == "loss" else 1.0
+    if posterior:  # the model is fitted on the selection values (Session.fit(values=True)): draws are values
         draws = model.iter_samples(session.cands[rows], ensemble, rng) if hasattr(model, "iter_samples") else \
             model.sample(session.cands[rows], ensemble, rng)
         for draw in draws:  # one (rows, n) draw at a time: the draws of 2^16 groups would not fit at once
-            yield np.where(session.cands[rows], draw * scale, np.nan)
+            yield np.where(session.cands[rows], draw, np.nan)
         return
     template = bootstrap_template(model, predictor)
     order = np.array(session.order)
