@@ -189,7 +189,9 @@ def active_etap_search(
         ``"rule"`` (``"improvement"`` or ``"disagreement"`` per choice),
         ``"uncertainty"`` (``"posterior"`` or ``"bootstrap"``),
         ``"model"`` (the predictor fitted on every measured group; with a
-        posterior, on their selection values, see step 2).
+        posterior, on their selection values, see step 2: with
+        ``objective="loss"`` its predictions are STL loss minus loss, divide
+        them by the STL losses for relative gains).
     """
     check_predictor(predictor)
     posterior = has_posterior(predictor)
