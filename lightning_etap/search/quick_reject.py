@@ -237,42 +237,34 @@ def quick_reject_search(
     while session.remaining > 0 and proposals < max_proposals and session.unmeasured.any():
         proposals += 1
         idle += 1
-        if restart_after is not None and idle > restart_after:  # stuck: start again from a random partition
-            fresh = _restart(session, n, limit, rng)
-            if fresh is None:
+        restart = restart_after is not None and idle > restart_after
+        if restart:  # stuck: a random partition, trained and taken whatever its value
+            proposal = _restart(session, n, limit, rng)
+            if proposal is None:
                 break
-            session.measure(unmeasured(fresh))
-            since_fit, idle, restarts = since_fit + 1, 0, restarts + 1
-            measured_totals = group_values(None)
-            if since_fit >= refit_every:
-                model, since_fit = session.fit(predictor), 0
-            totals = group_values(model)
-            current_value, current = value(fresh, measured_totals), fresh
-            moves += 1
-            path.append(current_value)
-            if current_value > best_value + tol:
-                best_value, best = current_value, current
-                improved.append((session.spent, best))
-            continue
-        proposal = _move(current, n, limit, rng)
-        if proposal is None:
-            continue
-        predicted = value(proposal, totals)
-        if predicted is None:  # a group outside the candidates
-            continue
-        need = unmeasured(proposal)
-        if need:
-            better = predicted > current_value + tol
-            p = better_probability if better else quick_reject_probability(
-                session.spent / session.n_trainings, False, worse_schedule=schedule)
-            train = bool(rng.random() < p) and len(need) <= session.remaining
-            log["spent"].append(session.spent)
-            log["predicted_better"].append(better)
-            log["probability"].append(p)
-            log["needed"].append(len(need))
-            log["trained"].append(train)
-            if not train:
+            need = unmeasured(proposal)
+            restarts += 1
+        else:
+            proposal = _move(current, n, limit, rng)
+            if proposal is None:
                 continue
+            predicted = value(proposal, totals)
+            if predicted is None:  # a group outside the candidates
+                continue
+            need = unmeasured(proposal)
+            if need:
+                better = predicted > current_value + tol
+                p = better_probability if better else quick_reject_probability(
+                    session.spent / session.n_trainings, False, worse_schedule=schedule)
+                train = bool(rng.random() < p) and len(need) <= session.remaining
+                log["spent"].append(session.spent)
+                log["predicted_better"].append(better)
+                log["probability"].append(p)
+                log["needed"].append(len(need))
+                log["trained"].append(train)
+                if not train:
+                    continue
+        if need:
             session.measure(need)
             since_fit += len(need)
             idle = 0
@@ -281,7 +273,7 @@ def quick_reject_search(
                 model, since_fit = session.fit(predictor), 0
             totals = group_values(model)
         measured_value = value(proposal, measured_totals)
-        if (need and accept == "trained") or measured_value > current_value + tol:
+        if restart or (need and accept == "trained") or measured_value > current_value + tol:
             current_value, current = measured_value, proposal
             moves, idle = moves + 1, 0
             path.append(current_value)
