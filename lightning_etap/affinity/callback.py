@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
@@ -682,17 +683,19 @@ class AffinityCallback(Callback):
         if reduce is not None:  # the global batch's losses; every rank then takes the same decisions
             both = reduce(torch.cat([values.double(), total_ok.double().reshape(1)]))
             values, total_ok = both[:-1].to(values.dtype), both[-1]
-        if float(total_ok) != 1.0:  # the training loss itself (on some rank) is not finite
-            self._bad_step("a non-finite training loss")
-            return
-        present = torch.isfinite(values)
-        if not bool(present.all()):
+        finite = torch.isfinite(values)
+        present = None  # every task is (the common case: one check, one wait on the device)
+        if not bool(torch.cat([finite, total_ok.reshape(1) == 1]).all()):
+            if float(total_ok) != 1.0:  # the training loss itself (on some rank) is not finite
+                self._bad_step("a non-finite training loss")
+                return
             # a task whose loss is NaN / inf while the training loss is finite (no labels in this batch, left out
             # of the total) is absent from the step: no gradient is taken through its loss, and its row and column
-            # do not count. Anything else non-finite (the training loss itself, or TAG) skips the step.
-            if self.method != "etap" or not bool(present.any()):
+            # do not count. Anything else non-finite (every task, or TAG) skips the step.
+            if self.method != "etap" or not bool(finite.any()):
                 self._bad_step("a non-finite task loss")
                 return
+            present = finite
             parts = [p if ok else p.detach().nan_to_num(0.0, 0.0, 0.0) * 0.0
                      for p, ok in zip(parts, present.tolist(), strict=True)]
             losses = torch.stack(parts)
@@ -786,8 +789,9 @@ class AffinityCallback(Callback):
         self._seen_gradient = nonzero.any() | self._seen_gradient
         self._seen_overlap = nonzero.fill_diagonal_(False).any() | self._seen_overlap
 
-    def _check_signal(self) -> None:
-        """At the end of fit: warn when no measured step had a gradient, or none had two tasks' gradients meet."""
+    def _check_signal(self, matrix: Any) -> None:
+        """At the end of fit: warn about entries of ``matrix`` (the result's) no step measured, and when no measured
+        step had a gradient, or none had two tasks' gradients meet."""
         if not self._measured:
             return
         never = [t for t, k in zip(self._task_names, self._absent, strict=True) if k >= self._measured]
@@ -796,16 +800,14 @@ class AffinityCallback(Callback):
                            "from all of them), so their rows and columns of the matrix are NaN. If a task has labels "
                            "in only some batches, measure more steps (every_n_steps=1); otherwise check its loss",
                            category=RuntimeWarning)
-        if self._acc is not None:  # other entries no step measured: two tasks never present together, a zero loss
-            names = self._task_names
-            unknown = torch.isnan(self._acc.matrix(self.reduction))
-            pairs = [f"{names[i]}->{names[j]}" for i, j in torch.nonzero(unknown).tolist()
-                     if i != j and names[i] not in never and names[j] not in never]
-            if pairs:
-                listed = ", ".join(pairs[:8]) + (f" and {len(pairs) - 8} more" if len(pairs) > 8 else "")
-                rank_zero_warn(f"AffinityCallback: no measured step scored {listed} (the two tasks were never present "
-                               "in the same step, or the destination's loss was always 0), so those entries are NaN; "
-                               "measure more steps (every_n_steps=1) or train longer", category=RuntimeWarning)
+        names = self._task_names  # other entries no step measured: two tasks never present together, a zero loss
+        pairs = [f"{names[i]}->{names[j]}" for i, j in zip(*np.nonzero(np.isnan(matrix)), strict=True)
+                 if i != j and names[i] not in never and names[j] not in never]
+        if pairs:
+            listed = ", ".join(pairs[:8]) + (f" and {len(pairs) - 8} more" if len(pairs) > 8 else "")
+            rank_zero_warn(f"AffinityCallback: no measured step scored {listed} (the two tasks were never present "
+                           "in the same step, or the destination's loss was always 0), so those entries are NaN; "
+                           "measure more steps (every_n_steps=1) or train longer", category=RuntimeWarning)
         if not bool(self._seen_gradient):
             rank_zero_warn(_NO_GRADIENT, category=RuntimeWarning)
         elif self.method == "etap" and not bool(self._seen_overlap):
@@ -856,11 +858,11 @@ class AffinityCallback(Callback):
         proxy = None
         if self._cv and all(isinstance(p, Tensor) for _, _, p in pending):
             proxy, _ = mean([(p, v) for _, v, p in pending])
-        for j in range(len(self._zero_loss)):
-            if bool(absent[j]):
-                self._absent[j] += 1
-            elif not bool(valid[:, j].any()):  # present, but its loss was 0 throughout the step
-                self._zero_loss[j] += 1
+        counted = valid.any(dim=0).cpu()  # columns some entry of which counted
+        for j in torch.nonzero(absent).flatten().tolist():
+            self._absent[j] += 1
+        for j in torch.nonzero(~counted & ~absent).flatten().tolist():  # present, but its loss was 0 throughout
+            self._zero_loss[j] += 1
         self._acc.block = max(1, math.ceil(HALF_BLOCK_STEPS / (self._chosen or 1)))
         self._acc.add(trainer.current_epoch, scores, valid, step=trainer.global_step, proxy=proxy)
         self._measured += 1
@@ -872,7 +874,7 @@ class AffinityCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._acc is not None and self._measured:
             result = self.result
-            self._check_signal()
+            self._check_signal(result.matrix)
             self._check_reproducible(result)
             self.dashboard.log_final(trainer, result)
             if self.save_dir is not None and trainer.is_global_zero:
