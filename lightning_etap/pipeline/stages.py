@@ -643,12 +643,7 @@ def _affinity_resume_point(folder: Path, inputs: dict[str, Any], force: bool) ->
     """
     if not folder.exists():
         return None, 0, ""
-    try:
-        progress = json.loads((folder / _PROGRESS).read_text())
-        if not isinstance(progress, dict):
-            progress = {}
-    except (OSError, ValueError):
-        progress = {}
+    progress = _read_progress(folder)
     name, done = progress.get("checkpoint"), progress.get("epochs")
     complete = (isinstance(name, str) and Path(name).name == name and isinstance(done, int)
                 and (folder / name).is_file())
@@ -665,12 +660,18 @@ def _affinity_resume_point(folder: Path, inputs: dict[str, Any], force: bool) ->
     return None, 0, message
 
 
+def _read_progress(folder: Path) -> dict[str, Any]:
+    """The progress file of an affinity checkpoint folder (empty when missing or unreadable)."""
+    try:
+        progress = json.loads((folder / _PROGRESS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return progress if isinstance(progress, dict) else {}
+
+
 def _resumed_logger(folder: Path, kind: str) -> dict[str, Any] | None:
     """The logger record an interrupted fit left in ``folder``'s progress file, if a ``kind`` logger can reopen it."""
-    try:
-        record = json.loads((folder / _PROGRESS).read_text()).get("logger")
-    except (OSError, ValueError, AttributeError):
-        return None
+    record = _read_progress(folder).get("logger")
     reopens = {"wandb": "wandb", "tensorboard": "TensorBoardLogger"}.get(kind)
     return record if isinstance(record, dict) and reopens is not None and record.get("kind") == reopens else None
 
