@@ -309,7 +309,9 @@ def test_a_resumed_fit_logs_into_the_interrupted_fits_run(tmp_path, capsys, monk
     elif kind == "tensorboard":
         assert record == first and record["version"] == 0
         assert [p.name for p in (run / "logs" / "tensorboard").iterdir()] == ["version_0"]
-        assert len(list((run / "logs" / "tensorboard" / "version_0").glob("events.out.tfevents.*"))) == 2
+        # both sessions wrote there (a session may leave more than one file: one per writer it opens, each named
+        # by the second it was opened in)
+        assert len(list((run / "logs" / "tensorboard" / "version_0").glob("events.out.tfevents.*"))) >= 2
     else:
         assert (first["version"], record["version"]) == (0, 1)
         rows = (run / "logs" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
