@@ -112,6 +112,14 @@ def warm_optimizer(opt_fn, model, losses_fn, steps=2):
     return opt
 
 
+def warmed_rules(opt_name, model, losses_fn, update="optimizer"):
+    """``model``'s shared parameters and the per-task update rules of an ``opt_name`` optimizer warmed on
+    ``losses_fn`` (:func:`warm_optimizer`)."""
+    opt = warm_optimizer(OPTIMIZERS[opt_name], model, losses_fn)
+    params = shared_params(model)
+    return params, task_update_rules(opt, params, update)
+
+
 def per_task_data(n=4, d=12, rows=(5, 7, 3, 6), seed=0):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(r, d, generator=g) for r in rows[:n]]
@@ -148,9 +156,7 @@ def test_separable_per_task_rows_match_autograd(opt_name, update):
     model = PerTask()
     xs, ys = per_task_data()
     fn = lambda: model.losses(xs, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
-    params = shared_params(model)
-    rules = task_update_rules(opt, params, update)
+    params, rules = warmed_rules(opt_name, model, fn, update)
     Z, path = engine_products(model, fn, params, rules)
     assert path == "separable"
     torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
@@ -165,9 +171,7 @@ def test_dense_shared_inputs_match_autograd(opt_name, trick):
     g = torch.Generator().manual_seed(2)
     x, ys = torch.randn(6, 40, generator=g), [torch.randn(6, 1, generator=g) for _ in range(5)]
     fn = lambda: model.losses(x, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
-    params = shared_params(model)
-    rules = task_update_rules(opt, params, "optimizer")
+    params, rules = warmed_rules(opt_name, model, fn)
     Z, path = engine_products(model, fn, params, rules, use_gram_trick=trick)
     assert path == "dense"
     torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
@@ -211,18 +215,14 @@ def test_sequence_inputs_small_chunks_and_batchnorm_fall_back_to_dense():
     g = torch.Generator().manual_seed(4)
     x, ys = torch.randn(4, 5, 6, generator=g), [torch.randn(4, 1, generator=g) for _ in range(3)]
     fn = lambda: model.losses(x, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS["momentum"], model, fn)
-    params = shared_params(model)
-    rules = task_update_rules(opt, params, "optimizer")
+    params, rules = warmed_rules("momentum", model, fn)
     Z, _ = engine_products(model, fn, params, rules, max_chunk_bytes=64, use_gram_trick=False)
     torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
 
     bn = PerTask(bn=True)
     xs, ys = per_task_data()
     fn = lambda: bn.losses(xs, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS["sgd"], bn, fn)
-    params = shared_params(bn)
-    rules = task_update_rules(opt, params, "gradient")
+    params, rules = warmed_rules("sgd", bn, fn, "gradient")
     Z, path = engine_products(bn, fn, params, rules)
     assert path == "dense"  # batch statistics mix the tasks' rows
     torch.testing.assert_close(Z, reference(bn, fn, params, rules), rtol=2e-5, atol=1e-9)
@@ -235,10 +235,8 @@ def test_reused_layer_convolution_and_frozen_layer(opt_name):
     g = torch.Generator().manual_seed(6)
     x, ys = torch.randn(7, 2, 6, generator=g), [torch.randn(7, 1, generator=g) for _ in range(3)]
     fn = lambda: model.losses(x, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
-    params = shared_params(model)
+    params, rules = warmed_rules(opt_name, model, fn)
     assert len(linear_layers(model, params)) == 2  # lin and again; frozen is not shared-trainable
-    rules = task_update_rules(opt, params, "optimizer")
     Z, _ = engine_products(model, fn, params, rules)
     torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
 
@@ -366,9 +364,7 @@ def test_engine_with_per_task_root_gradients_matches_autograd(monkeypatch, layou
         g = torch.Generator().manual_seed(10)
         x, ys = torch.randn(7, 12, generator=g), [torch.randn(7, 1, generator=g) for _ in range(3)]
         fn = lambda: model.losses(x, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS["momentum"], model, fn)
-    params = shared_params(model)
-    rules = task_update_rules(opt, params, "optimizer")
+    params, rules = warmed_rules("momentum", model, fn)
     engine = GramEngine(model, params, root=model.encoder)
     engine.start_step()
     losses = fn()
@@ -415,9 +411,7 @@ def test_separable_rows_in_any_layout_match_autograd(route, how, opt_name):
     x = torch.randn(len(route), 12, generator=g)
     y = torch.randint(0, 2, (len(route), 1), generator=g).float()
     fn = lambda: model.losses(x, y)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
-    params = shared_params(model)
-    rules = task_update_rules(opt, params, "optimizer")
+    params, rules = warmed_rules(opt_name, model, fn)
     Z, path = engine_products(model, fn, params, rules, max_chunk_bytes=600)  # several chunks of rows of W
     assert path == "separable"
     torch.testing.assert_close(Z, reference(model, fn, params, rules), rtol=2e-5, atol=1e-9)
@@ -473,9 +467,7 @@ def test_weight_used_outside_its_layer_goes_to_autograd(how, opt_name, recwarn):
     g = torch.Generator().manual_seed(12)
     x, ys = torch.randn(9, 6, generator=g), [torch.randn(9, 1, generator=g) for _ in range(3)]
     fn = lambda: model.losses(x, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS[opt_name], model, fn)
-    params = shared_params(model)
-    rules = task_update_rules(opt, params, "optimizer")
+    params, rules = warmed_rules(opt_name, model, fn)
     want = reference(model, fn, params, rules)
     engine = GramEngine(model, params, root=model.encoder)
     # a weight tied to another module is left to autograd from the start; the others are caught at the first step
@@ -620,9 +612,7 @@ def test_attention_out_proj_goes_to_autograd_without_a_warning(recwarn):
     g = torch.Generator().manual_seed(18)
     x, ys = torch.randn(5, 4, 8, generator=g), [torch.randn(5, 1, generator=g) for _ in range(3)]
     fn = lambda: model.losses(x, ys)  # noqa: E731
-    opt = warm_optimizer(OPTIMIZERS["adam"], model, fn)
-    params = shared_params(model)
-    rules = task_update_rules(opt, params, "optimizer")
+    params, rules = warmed_rules("adam", model, fn)
     want = reference(model, fn, params, rules)
     engine = GramEngine(model, params, root=model.encoder)
     names = {id(m): name for name, m in model.named_modules()}
