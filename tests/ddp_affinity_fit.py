@@ -33,9 +33,9 @@ TASKS = ("a", "b", "c")
 class SharedInputs(L.LightningModule):
     """Shared inputs; its loader gives rank r the examples r, r + world, ... of each global batch, in order."""
 
-    def __init__(self, data=None, batch=8):
+    def __init__(self, data=None, batch=8, absent=()):
         super().__init__()
-        self.data, self.batch = data, batch
+        self.data, self.batch, self.absent = data, batch, set(absent)
         self.encoder = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
         self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in TASKS])
 
@@ -43,7 +43,11 @@ class SharedInputs(L.LightningModule):
         x, y = batch
         h = self.encoder(x)
         losses = {t: F.mse_loss(head(h).squeeze(-1), y[:, k]) for k, (t, head) in enumerate(zip(TASKS, self.heads))}
-        return {"loss": sum(losses.values()), "task_losses": losses}
+        reported = dict(losses)
+        last = self.trainer.global_rank == self.trainer.world_size - 1
+        if self.trainer.global_step in self.absent and last:  # no labels for b in this rank's share of the batch
+            reported["b"] = losses["b"] * float("nan")
+        return {"loss": sum(losses.values()), "task_losses": reported}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -85,6 +89,8 @@ def main() -> None:
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--force-k", type=int, default=None, help="the auto schedule's interval (reference run)")
     ap.add_argument("--no-callbacks", action="store_true", help="plain training (to compare the trajectories)")
+    ap.add_argument("--absent", type=int, nargs="*", default=(),
+                    help="global steps at which task b's reported loss is NaN on the last rank only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -102,7 +108,7 @@ def main() -> None:
     if args.force_k is not None and "default" in callbacks:
         callbacks["default"]._choose_interval = lambda trainer: args.force_k
     L.seed_everything(0, verbose=False)
-    model = SharedInputs(TensorDataset(x, y), args.batch)
+    model = SharedInputs(TensorDataset(x, y), args.batch, args.absent)
     logger = CountingLogger()
     trainer = L.Trainer(
         max_epochs=2, accelerator="cpu", devices=args.devices, strategy=args.strategy if args.devices > 1 else "auto",
@@ -125,6 +131,7 @@ class Dump(L.Callback):
             "world_size": trainer.world_size,
             "results": {k: {"matrix": cb.result.matrix.tolist(), "measured": cb.result.measured_steps,
                             "chosen": cb.result.settings["every_n_steps_chosen"],
+                            "absent": cb.result.absent_steps,
                             "halves": None if cb.result.half_matrices is None else cb.result.half_matrices.tolist()}
                         for k, cb in self.callbacks.items()},
             "params": [p.detach().flatten().tolist() for p in pl_module.parameters()],

@@ -529,6 +529,46 @@ def test_a_task_with_a_nan_loss_is_absent_from_that_step_only(engine):
     assert np.isfinite(never.result.matrix[np.ix_(other, other)]).all()
 
 
+class CountedSteps(TinyMTL):
+    """Counts training_step calls (the step's own forward and TAG's lookahead forwards)."""
+
+    calls = 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_tag_leaves_an_absent_task_out_of_that_step_only():
+    """TAG with a task whose loss is NaN in some batches: as ETAP, its row and column do not count there, every
+    other entry is the clean run's, and no lookahead forward is spent on it."""
+    clean = AffinityCallback("encoder", every_n_steps=1, method="tag", keep_step_scores=True)
+    torch.manual_seed(0)
+    plain = CountedSteps()
+    fit(plain, tiny_loader(n=48), [clean], max_epochs=1)  # 6 steps
+    cb = AffinityCallback("encoder", every_n_steps=1, method="tag", keep_step_scores=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no skipped step
+        torch.manual_seed(0)
+        sparse = CountedSteps(nan_steps={2, 4})
+        fit(sparse, tiny_loader(n=48), [cb], max_epochs=1)
+    res, steps = cb.result, clean.result.step_matrices
+    assert res.measured_steps == 6 and res.skipped_steps == 0 and res.absent_steps == {"b": 2}
+    assert plain.calls == 6 * (1 + len(TASKS)) and sparse.calls == plain.calls - 2
+    b = TASKS.index("b")
+    other = [i for i in range(len(TASKS)) if i != b]
+    keep = [0, 1, 3, 5]
+    np.testing.assert_allclose(res.step_matrices[keep], steps[keep], rtol=1e-12, atol=1e-15)
+    for k in (2, 4):
+        assert np.isnan(res.step_matrices[k][b]).all() and np.isnan(res.step_matrices[k][:, b]).all()
+        np.testing.assert_allclose(res.step_matrices[k][np.ix_(other, other)], steps[k][np.ix_(other, other)],
+                                   rtol=1e-12, atol=1e-15)
+    expected = steps.mean(0)
+    expected[b] = steps[keep][:, b].mean(0)
+    expected[:, b] = steps[keep][:, :, b].mean(0)
+    np.testing.assert_allclose(res.matrix, expected, rtol=1e-12, atol=1e-15)
+
+
 class Alternating(TinyMTL):
     """Task a has no labels at even steps, task b none at odd steps: the two are never measured together."""
 

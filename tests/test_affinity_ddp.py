@@ -65,6 +65,25 @@ def test_every_rank_holds_the_global_batch_affinity(runs):
     assert ddp[0]["results"]["every_step"]["halves"] is not None
 
 
+def test_a_task_absent_on_one_rank_is_absent_from_the_global_step(tmp_path):
+    """Task b has no labels in rank 1's share of two steps: the global step has no complete loss for it, so b is
+    absent from those steps on every rank (ETAP and TAG), as in one process where it is absent there."""
+    absent = ["--absent", "1", "4"]
+    ddp = run(tmp_path / "ddp", "--devices", "2", "--batch", "8", *absent)
+    k = ddp[0]["results"]["default"]["chosen"]
+    single = run(tmp_path / "single", "--devices", "1", "--batch", "16", "--force-k", str(k), *absent)
+    for name in ("every_step", "autograd", "tag"):
+        res, other, one = ddp[0]["results"][name], ddp[1]["results"][name], single[0]["results"][name]
+        assert res["matrix"] == other["matrix"], f"{name}: ranks disagree"
+        assert res["absent"] == other["absent"] == one["absent"], name
+        assert res["measured"] == one["measured"], name
+        tol = 1e-4 if name == "tag" else 1e-5
+        np.testing.assert_allclose(res["matrix"], one["matrix"], rtol=tol, atol=1e-9, err_msg=name)
+    # every step measured: b was absent from both; every second step (autograd): from step 4 only
+    assert ddp[0]["results"]["every_step"]["absent"] == ddp[0]["results"]["tag"]["absent"] == {"b": 2}
+    assert ddp[0]["results"]["autograd"]["absent"] == {"b": 1}
+
+
 def test_curves_are_logged_by_rank_zero_only(runs):
     ddp, single = runs
     assert ddp[0]["affinity_log_calls"] > 0 and ddp[1]["affinity_log_calls"] == 0

@@ -691,8 +691,8 @@ class AffinityCallback(Callback):
                 return
             # a task whose loss is NaN / inf while the training loss is finite (no labels in this batch, left out
             # of the total) is absent from the step: no gradient is taken through its loss, and its row and column
-            # do not count. Anything else non-finite (every task, or TAG) skips the step.
-            if self.method != "etap" or not bool(finite.any()):
+            # do not count (TAG: no lookahead from it either). Every task non-finite skips the step.
+            if not bool(finite.any()):
                 self._bad_step("a non-finite task loss")
                 return
             present = finite
@@ -752,14 +752,16 @@ class AffinityCallback(Callback):
         # lookahead's from a forward outside it: their ratio would measure the rounding, not the update. Then
         # the reference losses are recomputed by the lookahead's own forward (one more forward per step).
         same = str(trainer.precision) in _FULL_PRECISION
-        self._tag_state = (names, values if same else None, updates, lr, cap, reduce)
+        self._tag_state = (names, values if same else None, updates, lr, cap, reduce, present)
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state, self._tag_state = self._tag_state, None
         if state is None:
             return
-        names, before, updates, lr, cap, reduce = state
+        names, before, updates, lr, cap, reduce, present = state
+        # an absent task: no lookahead from it (its update is zero), and its column does not count
+        sources = None if present is None else torch.nonzero(present).flatten().tolist()
         original = self._tap.original
 
         def evaluate() -> Tensor:
@@ -775,13 +777,17 @@ class AffinityCallback(Callback):
                     before = evaluate().double()
                     if reduce is not None:
                         before = reduce(before)
-                after = lookahead_task_losses(self._params, updates, evaluate, reset)
+                after = lookahead_task_losses(self._params, updates, evaluate, reset, sources=sources)
         finally:
             _LOOKAHEAD[0] -= 1
         if reduce is not None:
             after = reduce(after)
+        if present is not None:
+            keep = present.to(before.device)
+            before = torch.where(keep, before, 0.0)  # NaN when recomputed under reduced precision
+            after = torch.where(keep.unsqueeze(0) & keep.unsqueeze(1).to(after.device), after, 0.0)
         scores, valid = tag_step_scores(before, after, lr)
-        self._add_micro(scores, _entries(valid))
+        self._add_micro(scores, _entries(valid, present))
 
     def _note_products(self, products: Tensor) -> None:
         """Remember whether the products of a measured step carry anything (see :meth:`_check_signal`)."""

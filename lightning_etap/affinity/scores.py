@@ -23,6 +23,7 @@ non-linear in the gradient, ``U Gᵀ`` is accumulated block by block.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -482,7 +483,7 @@ def preserved_module_state(module: nn.Module, rng_state: Tensor | None = None) -
 
 def lookahead_task_losses(
     params: Sequence[Tensor], updates: Sequence[Tensor], evaluate: Callable[[], Tensor],
-    reset: Callable[[], None] | None = None,
+    reset: Callable[[], None] | None = None, sources: Sequence[int] | None = None,
 ) -> Tensor:
     """Task losses after each task's own update: ``out[i, j] = L_j(θ − u_i)``.
 
@@ -492,13 +493,19 @@ def lookahead_task_losses(
         evaluate: recomputes the ``(n,)`` task losses at the current parameters.
         reset: called before every evaluation (buffers / RNG, see
             :func:`preserved_module_state`).
+        sources: the tasks ``i`` to look ahead from (default: all); the other
+            rows are NaN and cost no forward pass.
     """
     n = updates[0].shape[0] if updates else 0
     saved = [p.detach().clone() for p in params]
-    rows = []
+    rows: list[Tensor | None] = []
+    wanted = set(range(n)) if sources is None else {int(i) for i in sources}
     try:
         with torch.no_grad():
             for i in range(n):
+                if i not in wanted:
+                    rows.append(None)
+                    continue
                 for p, u in zip(params, updates, strict=True):
                     p.sub_(u[i])
                 if reset is not None:
@@ -510,7 +517,10 @@ def lookahead_task_losses(
         with torch.no_grad():
             for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
-    return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)
+    done = [r for r in rows if r is not None]
+    if not done:
+        return torch.full((n, n), math.nan, dtype=torch.float64)
+    return torch.stack([r if r is not None else torch.full_like(done[0], math.nan) for r in rows])
 
 
 # --------------------------------------------------------------------------- accumulation
