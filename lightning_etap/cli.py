@@ -55,6 +55,9 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-epochs", dest="max_epochs", type=int, default=S, metavar="N", help="epoch cap of every fit")
     g.add_argument("--engine", choices=["loop", "lightning"], default=S,
                    help="how ground-truth groups train: a plain loop (default, faster, same numbers) or a Trainer")
+    g.add_argument("--affinity-from", dest="affinity_from", default=S, metavar="DIR",
+                   help="use the affinity saved in DIR (AffinityResult.save, e.g. from your own DDP training) "
+                        "instead of an all-task fit ('none': measure it here again)")
     g = p.add_argument_group("ground truth, prediction and selection")
     g.add_argument("--train-groups", dest="n_train_groups", type=int, default=S, metavar="N",
                    help="|G_train|: sampled training groups besides the all-task group (default 10)")
@@ -93,9 +96,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("output", "dataset", "data_root", "preset", "engine", "tasks", "n_train_groups", "seeds", "measure_all",
+    keys = ("output", "dataset", "data_root", "preset", "engine", "tasks", "affinity_from", "n_train_groups", "seeds",
+            "measure_all",
             "budgets", "executor", "workers", "ray_address", "logger", "wandb_mode", "wandb_project")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if str(out.get("affinity_from", "x")).strip().lower() in ("", "none"):
+        out["affinity_from"] = None  # back to the pipeline's own all-task fit
     return out
 
 

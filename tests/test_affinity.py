@@ -948,6 +948,35 @@ def test_save_load_round_trip_is_exact(tmp_path):
         AffinityResult.load(tmp_path / "plain")
 
 
+def test_subset_keeps_each_entry_of_the_whole_fit(tmp_path):
+    """subset(): rows and columns of the chosen tasks in every matrix, in the chosen order; saved and loaded."""
+    rng = np.random.default_rng(0)
+    names = ("a", "b", "c", "d")
+    steps = rng.normal(size=(6, 4, 4))
+    res = AffinityResult(names, steps.mean(0), np.stack([steps[:3].mean(0), steps[3:].mean(0)]), [0, 1],
+                         step_matrices=steps, steps=np.arange(6), measured_steps=6, skipped_steps=1,
+                         zero_loss_skips={"a": 1, "c": 2}, absent_steps={"d": 3}, settings={"method": "etap"},
+                         half_matrices=np.stack([steps[::2].mean(0), steps[1::2].mean(0)]))
+    sub = res.subset(["c", "a", "d"])
+    idx = [2, 0, 3]
+    assert sub.task_names == ("c", "a", "d")
+    for k, i in enumerate(idx):
+        for m, j in enumerate(idx):
+            assert sub.matrix[k, m] == res.matrix[i, j] == res.score(names[i], names[j])
+            assert np.array_equal(sub.step_matrices[:, k, m], steps[:, i, j])
+            assert np.array_equal(sub.epoch_matrices[:, k, m], res.epoch_matrices[:, i, j])
+            assert np.array_equal(sub.half_matrices[:, k, m], res.half_matrices[:, i, j])
+    assert sub.group_score(["a", "c"]) == res.group_score(["a", "c"])
+    assert sub.zero_loss_skips == {"a": 1, "c": 2} and sub.absent_steps == {"d": 3}
+    assert (sub.measured_steps, sub.skipped_steps) == (6, 1) and sub.settings["subset_of"] == list(names)
+    assert sub.subset(["a", "c"]).settings["subset_of"] == list(names)  # the fit's tasks, not the subset's
+    assert AffinityResult.load(sub.save(tmp_path / "sub")) == sub
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['e'\]"):
+        res.subset(["a", "e"])
+    with pytest.raises(ValueError, match="duplicate"):
+        res.subset(["a", "a"])
+
+
 def test_docstring_examples_run():
     import doctest
 

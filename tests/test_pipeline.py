@@ -182,6 +182,92 @@ def test_resume_after_the_gains_stage_trains_nothing(tmp_path, capsys, monkeypat
     assert "budget 2: ETAP chooses" in text
 
 
+def _saved_affinity(folder: Path, names, matrix=None, seed=0):
+    """A saved AffinityResult over ``names`` (random matrix unless given), as a user's own training writes it."""
+    from lightning_etap.affinity import AffinityResult
+
+    n = len(names)
+    m = np.random.default_rng(seed).normal(size=(n, n)) if matrix is None else np.asarray(matrix, float)
+    halves = np.stack([m + 0.01, m - 0.01])
+    AffinityResult(tuple(names), m, m[None], [0], measured_steps=40, settings={"method": "etap"},
+                   half_matrices=halves).save(folder)
+    return m
+
+
+@pytest.mark.slow
+def test_affinity_from_a_saved_result_replaces_the_all_task_fit(tiny_run, tmp_path, capsys, monkeypatch):
+    """--affinity-from: the saved result's matrix of the run's tasks (its own order and extra tasks notwithstanding)
+    is the affinity stage's result; the gain store is kept; a result saved again redoes the stage."""
+    from lightning_etap.affinity import AffinityResult
+    from lightning_etap.predictors import ETAPPredictor
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    source = ["digit_9", "digit_0", "digit_1", "digit_7", "digit_3"]  # another order and one more task
+    m = _saved_affinity(tmp_path / "mine", source)
+    order = [source.index(t) for t in TASKS]
+
+    import lightning_etap.training as training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("importing the affinity trained something")
+
+    monkeypatch.setattr(training, "train_group", no_training)
+    monkeypatch.chdir(tmp_path)  # a relative path is saved as an absolute one
+    code, out, err = _run(["run", "-o", str(run), "--affinity-from", "mine", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "no all-task fit: the affinity of 4 tasks imported from" in out and "left out: digit_0" in out
+    assert "[2/5] gains: up to date" in out and "[3/5] predict: done" in out
+    got = AffinityResult.load(run / "affinity")
+    assert got.task_names == tuple(TASKS) and np.array_equal(got.matrix, m[np.ix_(order, order)])
+    assert got.split_half is not None and got.settings["subset_of"] == source
+    record = json.loads((run / "stages.json").read_text())["affinity"]
+    assert record["imported_from"] == str(tmp_path / "mine") and record["left_out"] == ["digit_0"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["affinity_from"] == str(tmp_path / "mine")
+    assert "Imported from <code>" in (run / "report" / "index.html").read_text()
+    predictor = ETAPPredictor.load(run / "predictor.json")
+    off = ~np.eye(len(TASKS), dtype=bool)
+    assert np.array_equal(predictor.affinity_[off], got.matrix[off])
+    # up to date from another directory (the saved path is absolute) ...
+    monkeypatch.chdir(REPO)
+    code, out, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0 and out.count("up to date") == 5, out + err
+    # ... until the result is saved again
+    m2 = _saved_affinity(tmp_path / "mine", source, seed=1)
+    code, out, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0 and "[1/5] affinity: redoing" in out and "[2/5] gains: up to date" in out, out + err
+    assert np.array_equal(AffinityResult.load(run / "affinity").matrix, m2[np.ix_(order, order)])
+    # 'none' goes back to the pipeline's own fit
+    monkeypatch.undo()
+    code, out, err = _run(["affinity", "-o", str(run), "--affinity-from", "none", "--no-progress"], capsys)
+    assert code == 0 and "with the AffinityCallback" in out, out + err
+    assert np.array_equal(AffinityResult.load(run / "affinity").matrix, AffinityResult.load(tiny_run / "affinity").matrix)
+
+
+def test_affinity_from_refuses_what_it_cannot_use(tmp_path, capsys):
+    names = TASKS
+    base = ["run", "--dataset", "digits", "--tasks", *names, "--no-progress", "-o", str(tmp_path / "run")]
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(["affinity", *base[1:], "--affinity-from", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "holds no saved affinity result (no affinity.json)" in err and "result.save(" in err, err
+    _saved_affinity(tmp_path / "three", names[:3])
+    code, _, err = _run(["affinity", *base[1:], "--affinity-from", str(tmp_path / "three")], capsys)
+    assert code == 2 and "has no affinity for task(s) ['digit_9']" in err, err
+    m = np.ones((4, 4))
+    m[1, 2] = np.nan  # digit_3 and digit_7 never measured together
+    _saved_affinity(tmp_path / "gap", names, matrix=m)
+    code, _, err = _run(["affinity", *base[1:], "--affinity-from", str(tmp_path / "gap")], capsys)
+    assert code == 2 and "no finite affinity for digit_3->digit_7" in err and err.count("\n") == 1, err
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "affinity.json").write_text("{")
+    code, _, err = _run(["affinity", *base[1:], "--affinity-from", str(tmp_path / "damaged")], capsys)
+    assert code == 2 and "cannot read the affinity result in" in err, err
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text(f"dataset: digits\naffinity: {{method: tag}}\naffinity_from: {tmp_path / 'gap'}\n")
+    code, _, err = _run(["run", "-c", str(cfg), "-o", str(tmp_path / "r2")], capsys)
+    assert code == 2 and "give one of the two" in err, err
+
+
 def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatch):
     """A forced redo that dies after wiping the store must not leave the old "done" record behind."""
     out = tmp_path / "run"

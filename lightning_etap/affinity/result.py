@@ -210,6 +210,44 @@ class AffinityResult:
             for i in range(n) for j in range(i + 1, n)
         }
 
+    def subset(self, tasks: Sequence[str]) -> AffinityResult:
+        """The result restricted to ``tasks``, in that order: every matrix's rows and columns of those tasks.
+
+        Each entry is averaged over its own steps, so an entry of the subset is exactly the entry of the
+        whole: the affinity of a group depends on its members only. Counts of steps stay those of the
+        whole fit; ``settings["subset_of"]`` keeps the fit's task names.
+
+        Example:
+            >>> import numpy as np
+            >>> m = np.arange(9.0).reshape(3, 3)
+            >>> AffinityResult(("a", "b", "c"), m, m[None], [0]).subset(["c", "a"]).matrix
+            array([[8., 6.],
+                   [2., 0.]])
+        """
+        idx = self._indices(tasks)
+        if len(idx) < 1:
+            raise ValueError("subset needs at least one task")
+        grid = np.ix_(idx, idx)
+        names = tuple(self.task_names[k] for k in idx)
+
+        def cut(stack: np.ndarray | None) -> np.ndarray | None:
+            return None if stack is None else stack[(slice(None), *grid)]
+
+        return AffinityResult(
+            task_names=names,
+            matrix=self.matrix[grid],
+            epoch_matrices=cut(self.epoch_matrices),
+            epochs=self.epochs.copy(),
+            step_matrices=cut(self.step_matrices),
+            steps=None if self.steps is None else self.steps.copy(),
+            measured_steps=self.measured_steps,
+            skipped_steps=self.skipped_steps,
+            zero_loss_skips={t: k for t, k in self.zero_loss_skips.items() if t in names},
+            settings={**self.settings, "subset_of": list(self.settings.get("subset_of", self.task_names))},
+            half_matrices=cut(self.half_matrices),
+            absent_steps={t: k for t, k in self.absent_steps.items() if t in names},
+        )
+
     def to_pandas(self):
         """The matrix as a ``pandas.DataFrame`` (index: source task, columns: target task)."""
         import pandas as pd

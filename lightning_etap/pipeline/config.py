@@ -83,6 +83,11 @@ class PipelineConfig:
             ``every_n_steps``, ...: any argument but ``shared``, ``tasks`` and ``keep_step_scores``).
             The pipeline measures every step (``every_n_steps: 1``, repeatable to the bit) unless
             this says otherwise; ``every_n_steps: auto`` bounds the cost for a large model.
+        affinity_from: a saved :class:`~lightning_etap.affinity.AffinityResult` directory
+            (``callback.result.save(path)``) to use instead of the pipeline's own all-task fit:
+            the affinity measured in your own training (multi-GPU DDP, a long run, another
+            machine). It must hold every task of ``tasks``; other tasks are left out. The
+            affinity stage is redone when the saved result changes.
         n_train_groups: ``|G_train|``: sampled multi-task groups trained for ground truth,
             besides the all-task group (always trained, as in the released code).
         seeds: training seeds; gains are averaged over them. The first seed also seeds the
@@ -122,6 +127,7 @@ class PipelineConfig:
     shared: str = "encoder"
     trainer: dict[str, Any] = field(default_factory=dict)
     affinity: dict[str, Any] = field(default_factory=dict)
+    affinity_from: str | None = None
     n_train_groups: int = 10
     seeds: list[int] = field(default_factory=lambda: [0])
     measure_all: bool | str = "auto"
@@ -203,6 +209,13 @@ class PipelineConfig:
                 raise UserError(f"--max-epochs (recipe.max_epochs) must be an integer >= 1, "
                                 f"got {self.recipe['max_epochs']!r}")
         _check_options("affinity", self.affinity, "lightning_etap.affinity:AffinityCallback", _AFFINITY_FIXED)
+        if self.affinity_from is not None:
+            if self.affinity:
+                raise UserError(f"'affinity' options ({', '.join(self.affinity)}) configure the all-task fit the "
+                                "pipeline runs, and 'affinity_from' replaces that fit with a saved result: give one "
+                                "of the two")
+            # absolute: the saved config.yaml is read again by later commands, from any directory
+            changes["affinity_from"] = str(Path(self.affinity_from).expanduser().resolve())
         _check_options("predictor", self.predictor, "lightning_etap.predictors:ETAPPredictor", _PREDICTOR_FIXED)
         changes["dataset"] = dataset
         if self.output is None:
@@ -512,6 +525,7 @@ _CHECKS = {
     "shared": _str,
     "trainer": _mapping,
     "affinity": _mapping,
+    "affinity_from": _opt_str,
     "n_train_groups": _int(2),
     "seeds": _seeds,
     "measure_all": _measure_all,

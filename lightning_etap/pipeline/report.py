@@ -37,7 +37,7 @@ __all__ = ["FIGURES", "prediction_quality", "terminal_summary", "write_report"]
 
 #: The report's figures: file stem -> caption.
 FIGURES: dict[str, str] = {
-    "affinity_heatmap": "Task affinity measured during the all-task fit (row: source task, column: target task).",
+    "affinity_heatmap": "Task affinity measured during training (row: source task, column: target task).",
     "affinity_curves": "Affinity over training: the mean step score of every epoch.",
     "predicted_vs_measured": "Predicted against measured relative gain (eq. 1). Training groups are predicted by "
                              "leave-one-group-out refits; held-out groups were never seen by the predictor.",
@@ -72,6 +72,7 @@ def _load(run: RunDirectory) -> dict[str, Any]:
         "measured": measured, "selection": selection, "timings": run.timings(),
         "names": tuple(groups["task_names"]),
         "environment": run.stage_record("gains").get("environment") or run.stage_record("affinity").get("environment"),
+        "affinity_source": run.stage_record("affinity").get("imported_from"),
     }
 
 
@@ -523,6 +524,9 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
     # affinity
     parts.append("<h2>Task affinity</h2>")
     aff = data["affinity"]
+    if data.get("affinity_source"):
+        parts.append(f"<p>Imported from <code>{_e(data['affinity_source'])}</code> (<code>affinity_from</code>): "
+                     "measured in a training run of its own, not by this run's all-task fit.</p>")
     parts.append(f"<p>{aff.measured_steps} training steps measured ({aff.skipped_steps} skipped), method "
                  f"<code>{_e(aff.settings.get('method'))}</code>, reduction "
                  f"<code>{_e(aff.settings.get('reduction'))}</code>. Positive: the source task's update lowers "

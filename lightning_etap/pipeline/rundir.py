@@ -5,7 +5,8 @@ Layout::
     <run>/config.yaml          the resolved config (written by the first command)
     <run>/stages.json          which stages are done, with what inputs, and when
     <run>/timings.json         wall seconds of the last run of every stage (and its parts)
-    <run>/affinity/            AffinityResult.save: affinity.json + affinity.npz
+    <run>/affinity/            AffinityResult.save: affinity.json + affinity.npz (measured, or the
+                               tasks of the result named by ``affinity_from``)
     <run>/affinity_checkpoint/ the affinity fit's checkpoint while it runs (resumed after an interruption)
     <run>/groups.json          the training groups and the held-out measured groups
     <run>/gains.sqlite         GainStore: one row per trained (group, seed), resumable
@@ -24,6 +25,7 @@ stage makes every stage after it out of date.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sqlite3
@@ -52,12 +54,25 @@ STAGES: dict[str, tuple[str, ...]] = {
 
 #: The config keys each stage's result depends on (besides its upstream stages).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "affinity": IDENTITY_KEYS,
+    "affinity": (*IDENTITY_KEYS, "affinity_from"),
     "gains": (*IDENTITY_KEYS, "n_train_groups", "measure_all", "max_candidates"),
     "predict": ("predictor", "max_candidates"),
     "select": ("budgets", "singleton_gain", "selection_time_limit"),
     "report": (),
 }
+
+
+#: config keys added after the first release: a stage's inputs name them only when they are set
+_LATER_KEYS = ("code_version", "affinity_from")
+
+
+def affinity_fingerprint(folder: str | os.PathLike[str]) -> str | None:
+    """SHA-256 of a saved affinity result's ``affinity.json`` (which records its arrays' SHA-256), or ``None``
+    when it cannot be read: a result saved again makes the stage that imported it out of date."""
+    try:
+        return hashlib.sha256((Path(folder) / "affinity.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 class RunDirectory:
@@ -188,11 +203,14 @@ class RunDirectory:
         """What ``stage`` would read now: its config keys and the tokens of its upstream stages."""
         full = config.to_dict()
         state = self._state()
-        return {
-            # code_version only when set: stages finished before the key existed stay up to date
-            "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k == "code_version" and full[k] is None)},
+        inputs: dict[str, Any] = {
+            # keys added later count only when set: stages finished before they existed stay up to date
+            "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k in _LATER_KEYS and full[k] is None)},
             "upstream": {s: state.get(s, {}).get("token") for s in STAGES[stage]},
         }
+        if stage == "affinity" and config.affinity_from is not None:
+            inputs["source"] = affinity_fingerprint(config.affinity_from)
+        return inputs
 
     def stage_status(self, stage: str, config: PipelineConfig) -> str:
         """``"done"`` (up to date), ``"stale"`` (finished with other inputs) or ``"missing"``."""

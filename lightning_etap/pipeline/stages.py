@@ -127,6 +127,8 @@ class Pipeline:
         from lightning_etap.affinity import AffinityCallback
 
         cfg, ws = self.config, self.workspace
+        if cfg.affinity_from is not None:
+            return self._import_affinity(label)
         names = list(ws.task_names)
         # the fit writes a checkpoint at the end of every epoch; one from an interrupted fit with the same inputs
         # is resumed (--force or other inputs delete it first)
@@ -171,6 +173,47 @@ class Pipeline:
                     f"saved to {self.dir.affinity_dir}")
         return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps,
                     "environment": environment()}
+
+    def _import_affinity(self, label: str):
+        """The affinity stage with ``affinity_from``: the saved result's matrices of the run's tasks, no fit."""
+        from lightning_etap.affinity import AffinityResult
+
+        source = Path(self.config.affinity_from)
+        names = list(self.workspace.task_names)
+        save = f"`affinity.result.save({str(source)!r})` after your fit"
+        if not (source / "affinity.json").is_file():
+            raise UserError(f"affinity_from: {source} holds no saved affinity result (no affinity.json); write one "
+                            f"with {save}, or leave affinity_from out to measure the affinity in an all-task fit "
+                            "here")
+        try:
+            result = AffinityResult.load(source)
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"affinity_from: cannot read the affinity result in {source} ({err}); save it again "
+                            f"with {save}") from None
+        missing = [t for t in names if t not in result.task_names]
+        if missing:
+            raise UserError(f"affinity_from: the result in {source} has no affinity for task(s) {missing} (it "
+                            f"measured {list(result.task_names)}); measure every task of this run, or list only "
+                            "measured tasks under 'tasks'")
+        left_out = [t for t in result.task_names if t not in names]
+        result = result.subset(names)
+        unknown = [f"{names[i]}->{names[j]}" for i, j in zip(*np.nonzero(~np.isfinite(result.matrix)), strict=True)
+                   if i != j]
+        if unknown:
+            raise UserError(f"affinity_from: the result in {source} has no finite affinity for "
+                            f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''} (never measured: the two "
+                            "tasks were never present in one measured step); ETAP needs every pair of the run's "
+                            "tasks: measure them together, or leave one of each such pair out of 'tasks'")
+        if self.dir.affinity_dir.exists():
+            shutil.rmtree(self.dir.affinity_dir)
+        result.save(self.dir.affinity_dir)
+        shutil.rmtree(self.dir.affinity_checkpoint_dir, ignore_errors=True)  # of an earlier fit: not needed now
+        r = result.split_half
+        half = "" if r is None else f", split-half Spearman {r:.2f}"
+        dropped = f"; left out: {', '.join(left_out)}" if left_out else ""
+        self._print(f"{label}: no all-task fit: the affinity of {len(names)} tasks imported from {source} "
+                    f"({result.measured_steps} steps measured{half}{dropped}); saved to {self.dir.affinity_dir}")
+        return {}, {"imported_from": str(source), "measured_steps": result.measured_steps, "left_out": left_out}
 
     def _affinity_fit(self, callbacks: list[Any], logger, seed: int, ckpt_path: Path | None) -> int:
         """The affinity stage's all-task fit (own module or reference model); the number of epochs it ran."""
