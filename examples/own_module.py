@@ -2,6 +2,7 @@
 
     python examples/own_module.py            # affinity of 4 synthetic tasks in an ordinary fit
     python examples/own_module.py --tiny     # the same in a few seconds (what CI runs)
+    python examples/own_module.py --devices 2 --save runs/sine-affinity   # under DDP (2 CPU processes), saved
 
 The module below is plain Lightning. It needs two things for lightning-etap:
 
@@ -13,6 +14,10 @@ The module below is plain Lightning. It needs two things for lightning-etap:
 (``examples/own_module.yaml``), so the same code also runs the whole job::
 
     cd examples && lightning-etap run --config own_module.yaml
+
+and, with the affinity your own (DDP) training saved, without an all-task fit of its own::
+
+    cd examples && lightning-etap run --config own_module.yaml --affinity-from ../runs/sine-affinity
 """
 
 from __future__ import annotations
@@ -122,14 +127,22 @@ def build_datamodule(tasks, seed):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="two epochs (for CI)")
+    ap.add_argument("--devices", type=int, default=1, help="CPU processes; more than 1 trains under DDP")
+    ap.add_argument("--save", default=None, metavar="DIR",
+                    help="save the affinity there (for the pipeline's --affinity-from)")
     args = ap.parse_args()
 
     L.seed_everything(0, verbose=False)
     affinity = AffinityCallback(shared="encoder")          # 1. the callback
     trainer = L.Trainer(max_epochs=2 if args.tiny else 20, callbacks=[affinity], logger=False,
+                        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(TinyMultiTask(), datamodule=SineTasks())   # 2. an ordinary fit
-    result = affinity.result                               # 3. the labelled matrix
+    result = affinity.result                               # 3. the labelled matrix (the same on every rank)
+    if not trainer.is_global_zero:
+        return
+    if args.save:
+        print(f"saved to {result.save(args.save)}")
     print(result)
     print(result.to_pandas().round(3))
     for (a, b), score in sorted(result.pairwise().items(), key=lambda kv: -kv[1]):

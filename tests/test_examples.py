@@ -36,6 +36,31 @@ def test_own_module_example_measures_its_affinity():
 
 
 @pytest.mark.slow
+def test_own_module_affinity_from_a_ddp_fit_feeds_the_pipeline(tmp_path, capsys):
+    """The DDP story end to end: the example trains under DDP (2 CPU processes) and saves the affinity on rank
+    zero; the pipeline takes it with --affinity-from and runs no all-task fit of its own."""
+    from lightning_etap.affinity import AffinityResult
+    from lightning_etap.cli import main
+
+    out = _example("own_module.py", "--tiny", "--devices", "2", "--save", str(tmp_path / "aff"), cwd=tmp_path,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.count("saved to") == 1 and "AffinityResult(4 tasks" in out  # rank zero only
+    saved = AffinityResult.load(tmp_path / "aff")
+    cwd = os.getcwd()
+    os.chdir(EXAMPLES)
+    try:
+        code = main(["run", "-c", "own_module.yaml", "--affinity-from", str(tmp_path / "aff"), "--max-epochs", "2",
+                     "--train-groups", "3", "--executor", "local", "--no-progress", "-o", str(tmp_path / "run")])
+    finally:
+        os.chdir(cwd)
+        sys.modules.pop("own_module", None)
+    text = capsys.readouterr().out
+    assert code == 0 and "no all-task fit: the affinity of 4 tasks imported from" in text
+    assert AffinityResult.load(tmp_path / "run" / "affinity").matrix.tolist() == saved.matrix.tolist()
+    assert json.loads((tmp_path / "run" / "selection.json").read_text())["complete"]
+
+
+@pytest.mark.slow
 def test_own_module_config_runs_the_whole_pipeline(tmp_path, capsys, monkeypatch):
     """The README's own-module story: the YAML config beside the example, run from its folder.
 
