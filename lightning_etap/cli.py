@@ -61,6 +61,9 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ground truth, prediction and selection")
     g.add_argument("--train-groups", dest="n_train_groups", type=int, default=S, metavar="N",
                    help="|G_train|: sampled training groups besides the all-task group (default 10)")
+    g.add_argument("--sampling", choices=["random", "active"], default=S,
+                   help="how the training groups are chosen: random (default, the paper's protocol) or active "
+                        "(active ETAP: one at a time, where a measurement is expected to improve the grouping most)")
     g.add_argument("--seeds", nargs="+", type=int, default=S, metavar="S", help="training seeds (default 0)")
     g.add_argument("--measure-all", dest="measure_all", choices=["auto", "true", "false"], default=S,
                    help="also train every candidate group to find the true optimum (auto: up to 127 groups)")
@@ -96,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("output", "dataset", "data_root", "preset", "engine", "tasks", "affinity_from", "n_train_groups", "seeds",
+    keys = ("output", "dataset", "data_root", "preset", "engine", "tasks", "affinity_from", "n_train_groups", "sampling",
+            "seeds",
             "measure_all",
             "budgets", "executor", "workers", "ray_address", "logger", "wandb_mode", "wandb_project")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}

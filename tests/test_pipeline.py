@@ -268,6 +268,43 @@ def test_affinity_from_refuses_what_it_cannot_use(tmp_path, capsys):
     assert code == 2 and "give one of the two" in err, err
 
 
+@pytest.mark.slow
+def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_path, capsys):
+    """--sampling active: the training groups are active ETAP's choices, the same a search with the same settings
+    makes on an oracle holding the run's own measurements; the gains stage then reads the affinity stage."""
+    from lightning_etap.affinity import AffinityResult
+    from lightning_etap.predictors import BayesianETAPPredictor
+    from lightning_etap.search import OracleTrainer, active_etap_search
+
+    stages = json.loads((tiny_run / "stages.json").read_text())
+    assert "sampling" not in stages["gains"]["inputs"]["config"]  # the default: run directories stay up to date
+    assert "affinity" not in stages["gains"]["inputs"]["upstream"]
+    out = tmp_path / "active"
+    code, text, err = _run(["run", *TINY, "--sampling", "active", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert "chosen one at a time by active ETAP" in text and "training groups chosen by active ETAP" in text
+    groups = json.loads((out / "groups.json").read_text())
+    train = [tuple(g) for g in groups["train"]]
+    assert groups["sampling"] == "active" and len(train) == 5 and train[0] == tuple(TASKS)
+    assert len(set(train)) == 5 and len(groups["heldout"]) == 11 - 5
+    # the reference: the search itself, on an oracle answering with the losses this run measured
+    oracle = OracleTrainer(_measured(out))
+    affinity = AffinityResult.load(out / "affinity")
+    ref = active_etap_search(oracle, 5, predictor=BayesianETAPPredictor(affinity.matrix, task_names=TASKS),
+                             budget=4, store=tmp_path / "ref.sqlite", objective="gain", random_state=0,
+                             task_names=TASKS)
+    assert [tuple(g) for g in ref.trained] == train
+    record = json.loads((out / "stages.json").read_text())["gains"]
+    assert record["search"]["groups"] == [list(g) for g in ref.groups] and record["search"]["budget"] == 4
+    assert record["inputs"]["config"]["sampling"] == "active" and "affinity" in record["inputs"]["upstream"]
+    assert "Active ETAP chose the training groups" in (out / "report" / "index.html").read_text()
+    # a new affinity makes the actively chosen groups out of date (a random draw does not depend on it)
+    assert main(["affinity", "-o", str(out), "--force", "--no-progress"]) == 0
+    capsys.readouterr()
+    code, text, err = _run(["gains", "-o", str(out), "--no-progress"], capsys)
+    assert code == 0 and "gains: redoing (stage affinity redone)" in text, text + err
+
+
 def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatch):
     """A forced redo that dies after wiping the store must not leave the old "done" record behind."""
     out = tmp_path / "run"

@@ -48,6 +48,8 @@ _PREDICTOR_FIXED = ("self", "affinity", "task_names")
 #: stages that depend on a changed setting are redone.
 IDENTITY_KEYS = ("dataset", "dataset_options", "preset", "recipe", "engine", "tasks", "model", "datamodule",
                  "code_version", "shared", "trainer", "affinity", "seeds")
+#: How the gains stage chooses its training groups besides the all-task group.
+SAMPLINGS = ("random", "active")
 #: How the reference model's ground-truth groups train (see :func:`~lightning_etap.training.train_group`).
 ENGINES = ("loop", "lightning")
 
@@ -90,6 +92,11 @@ class PipelineConfig:
             affinity stage is redone when the saved result changes.
         n_train_groups: ``|G_train|``: sampled multi-task groups trained for ground truth,
             besides the all-task group (always trained, as in the released code).
+        sampling: how those groups are chosen: ``random`` (default, the paper's protocol:
+            uniformly by size) or ``active`` (:func:`~lightning_etap.search.active_etap_search`
+            after the all-task group: one group at a time, the one whose measurement is expected
+            to improve the best measured grouping of at most ``max(budgets)`` groups most,
+            under a Bayesian ETAP model of the measured gains; it needs the affinity stage).
         seeds: training seeds; gains are averaged over them. The first seed also seeds the
             all-task affinity fit and the group sampling.
         measure_all: also train every candidate group once, to score ETAP's choice against
@@ -129,6 +136,7 @@ class PipelineConfig:
     affinity: dict[str, Any] = field(default_factory=dict)
     affinity_from: str | None = None
     n_train_groups: int = 10
+    sampling: str = "random"
     seeds: list[int] = field(default_factory=lambda: [0])
     measure_all: bool | str = "auto"
     max_candidates: int = 20000
@@ -527,6 +535,7 @@ _CHECKS = {
     "affinity": _mapping,
     "affinity_from": _opt_str,
     "n_train_groups": _int(2),
+    "sampling": _choice(SAMPLINGS),
     "seeds": _seeds,
     "measure_all": _measure_all,
     "max_candidates": _int(1),

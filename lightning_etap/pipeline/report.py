@@ -73,6 +73,7 @@ def _load(run: RunDirectory) -> dict[str, Any]:
         "names": tuple(groups["task_names"]),
         "environment": run.stage_record("gains").get("environment") or run.stage_record("affinity").get("environment"),
         "affinity_source": run.stage_record("affinity").get("imported_from"),
+        "search": run.stage_record("gains").get("search"),
     }
 
 
@@ -333,8 +334,9 @@ def terminal_summary(run: RunDirectory) -> str:
     data = _load(run)
     sel = data["selection"]
     n = len(sel["task_names"])
+    chosen = " chosen by active ETAP" if data.get("search") else ""
     lines = [f"Summary of {run.path} ({data['config'].dataset}, {n} tasks, "
-             f"{len(data['groups']['train'])} training groups, {sel['n_candidates']} candidate groups)"]
+             f"{len(data['groups']['train'])} training groups{chosen}, {sel['n_candidates']} candidate groups)"]
     quality = prediction_quality(data)
     for key, label in (("train_cv", "training groups, leave-one-out"), ("heldout", "held-out groups")):
         if key in quality:
@@ -454,7 +456,8 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
     parts.append(f"<h1>Which tasks should train together? &mdash; {_e(cfg.dataset)}</h1>")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f"<p class='sub'>{n} tasks ({_e(', '.join(names))}); ETAP fitted on "
-                 f"{len(data['groups']['train'])} training groups (the all-task group included), seeds "
+                 f"{len(data['groups']['train'])} training groups (the all-task group included"
+                 f"{'; the others chosen one at a time by active ETAP' if data.get('search') else ''}), seeds "
                  f"{_e(cfg.seeds)}; {sel['n_candidates']} candidate groups. lightning-etap {_e(__version__)}, {stamp}."
                  f"{_e(_trained_with(data.get('environment')))}</p>")
 
@@ -496,6 +499,13 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
         rows.append("<tr>" + "".join(cells) + "</tr>")
     rows.append("</table>")
     parts.extend(rows)
+    search = data.get("search")
+    if search:
+        parts.append(f"<p>Active ETAP chose the training groups (<code>sampling: active</code>): after the all-task "
+                     "group, one at a time, the group whose measurement was expected to improve the best grouping "
+                     f"of measured groups most. Its own answer, that best grouping of at most {search['budget']} "
+                     f"groups (STL models count; their models exist already): "
+                     f"{_e(_groups_text(search['groups']))}.</p>")
     everyone = sel["all_tasks"]
     parts.append(f"<p>For reference: all tasks in one network {_pct(everyone['mean_gain'])}/task (total test loss "
                  f"{_num(everyone['total_test_loss'])}); every task alone: total test loss "

@@ -41,7 +41,7 @@ from lightning_etap._atomic import atomic_write_text as _atomic_write_text
 from lightning_etap.pipeline.config import IDENTITY_KEYS, PipelineConfig, read_yaml
 from lightning_etap.pipeline.errors import UserError
 
-__all__ = ["STAGES", "RunDirectory"]
+__all__ = ["STAGES", "RunDirectory", "upstream"]
 
 #: The stages, in order, with the stages each reads from.
 STAGES: dict[str, tuple[str, ...]] = {
@@ -55,15 +55,24 @@ STAGES: dict[str, tuple[str, ...]] = {
 #: The config keys each stage's result depends on (besides its upstream stages).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "affinity": (*IDENTITY_KEYS, "affinity_from"),
-    "gains": (*IDENTITY_KEYS, "n_train_groups", "measure_all", "max_candidates"),
+    "gains": (*IDENTITY_KEYS, "n_train_groups", "sampling", "measure_all", "max_candidates"),
     "predict": ("predictor", "max_candidates"),
     "select": ("budgets", "singleton_gain", "selection_time_limit"),
     "report": (),
 }
 
 
-#: config keys added after the first release: a stage's inputs name them only when they are set
-_LATER_KEYS = ("code_version", "affinity_from")
+#: config keys added after the first release, with the value that means what the release did: a stage's
+#: inputs name them only when they differ from it (stages finished before they existed stay up to date)
+_LATER_KEYS = {"code_version": None, "affinity_from": None, "sampling": "random"}
+
+
+def upstream(stage: str, config: PipelineConfig) -> tuple[str, ...]:
+    """The stages ``stage`` reads from under ``config``: :data:`STAGES`, and the affinity for the gains
+    stage when it chooses its training groups actively (``sampling: active``)."""
+    if stage == "gains" and config.sampling == "active":
+        return ("affinity",)
+    return STAGES[stage]
 
 
 def affinity_fingerprint(folder: str | os.PathLike[str]) -> str | None:
@@ -204,9 +213,8 @@ class RunDirectory:
         full = config.to_dict()
         state = self._state()
         inputs: dict[str, Any] = {
-            # keys added later count only when set: stages finished before they existed stay up to date
-            "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k in _LATER_KEYS and full[k] is None)},
-            "upstream": {s: state.get(s, {}).get("token") for s in STAGES[stage]},
+            "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k in _LATER_KEYS and full[k] == _LATER_KEYS[k])},
+            "upstream": {s: state.get(s, {}).get("token") for s in upstream(stage, config)},
         }
         if stage == "affinity" and config.affinity_from is not None:
             inputs["source"] = affinity_fingerprint(config.affinity_from)

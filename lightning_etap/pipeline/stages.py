@@ -37,7 +37,7 @@ from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.components import Workspace, logger_record
 from lightning_etap.pipeline.config import PipelineConfig
 from lightning_etap.pipeline.errors import UserError
-from lightning_etap.pipeline.rundir import STAGES, RunDirectory, changed_settings
+from lightning_etap.pipeline.rundir import STAGES, RunDirectory, changed_settings, upstream
 
 __all__ = ["EpochProgress", "Pipeline", "cross_validated", "evaluate_selection"]
 
@@ -106,7 +106,7 @@ class Pipeline:
                 redo += ", training every group again"
             self._print(f"{label}: up to date ({seconds:.1f}s when it ran; {redo})")
             return "skipped"
-        self.dir.require(STAGES[stage], self.config, stage)
+        self.dir.require(upstream(stage, self.config), self.config, stage)
         if status == "stale" and not force:
             self._print(f"{label}: redoing ({self.dir.stale_reason(stage, self.config)})")
         # the old record goes before the stage touches its outputs: a redo that is interrupted must leave the
@@ -261,27 +261,38 @@ class Pipeline:
         names = ws.task_names
         train = ws.train_groups(names)
         measure = cfg.measures_all(len(names))
-        heldout: list[tuple[str, ...]] = []
-        if measure:
-            seen = set(train)
-            heldout = [g for g in masks_to_groups(ws.candidates(names), names) if g not in seen]
         if force and self.dir.store_path.is_file():
             self._print(f"{label}: --force: deleting the {_stored_trainings(self.dir.store_path)} in "
                         f"{self.dir.store_path} and training them again")
         if force:  # the write-ahead log and its index go first: a main file never outlives its log's removal
             for suffix in ("-wal", "-shm", ""):
                 (self.dir.store_path.parent / (self.dir.store_path.name + suffix)).unlink(missing_ok=True)
-        groups = {"task_names": list(names), "train": [list(g) for g in train],
-                  "heldout": [list(g) for g in heldout], "measure_all": measure}
-        atomic_write_text(self.dir.groups_path, json.dumps(groups, indent=1))
         trainer = ws.group_trainer()
         executor = ws.executor()
         parts = {}
-        self._print(f"{label}: training groups: the all-task group + {len(train) - 1} sampled, "
-                    f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})")
+        extra: dict[str, Any] = {}
+
+        def write_groups() -> list[tuple[str, ...]]:
+            heldout: list[tuple[str, ...]] = []
+            if measure:
+                seen = set(train)
+                heldout = [g for g in masks_to_groups(ws.candidates(names), names) if g not in seen]
+            groups = {"task_names": list(names), "train": [list(g) for g in train],
+                      "heldout": [list(g) for g in heldout], "measure_all": measure, "sampling": cfg.sampling}
+            atomic_write_text(self.dir.groups_path, json.dumps(groups, indent=1))
+            return heldout
+
         start = time.perf_counter()
-        collect_gains(trainer, train, cfg.seeds, store=self.dir.store_path, executor=executor,
-                      progress=ws.progress, task_names=names)
+        if cfg.sampling == "active":  # the groups are known once the search has chosen them
+            self.dir.groups_path.unlink(missing_ok=True)
+            train, extra["search"] = self._active_groups(label, names, len(train), trainer, executor)
+            heldout = write_groups()
+        else:
+            heldout = write_groups()
+            self._print(f"{label}: training groups: the all-task group + {len(train) - 1} sampled, "
+                        f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})")
+            collect_gains(trainer, train, cfg.seeds, store=self.dir.store_path, executor=executor,
+                          progress=ws.progress, task_names=names)
         parts["training groups"] = time.perf_counter() - start
         if heldout:
             self._print(f"{label}: held-out groups: every other group ({len(heldout)}), to find the true optimum")
@@ -289,7 +300,40 @@ class Pipeline:
             collect_gains(trainer, heldout, cfg.seeds, store=self.dir.store_path, executor=executor,
                           progress=ws.progress, task_names=names)
             parts["held-out groups"] = time.perf_counter() - start
-        return parts, {"n_train_groups": len(train), "n_heldout_groups": len(heldout), "environment": environment()}
+        return parts, {"n_train_groups": len(train), "n_heldout_groups": len(heldout), "environment": environment(),
+                       **extra}
+
+    def _active_groups(self, label: str, names: Sequence[str], n_trainings: int, trainer, executor):
+        """``sampling: active``: the training groups chosen one at a time by active ETAP (trained into the store)."""
+        from lightning_etap.affinity import AffinityResult
+        from lightning_etap.predictors import BayesianETAPPredictor
+        from lightning_etap.search import active_etap_search
+
+        cfg, ws = self.config, self.workspace
+        with self.dir.reading(self.dir.affinity_dir):
+            affinity = AffinityResult.load(self.dir.affinity_dir)
+        if tuple(affinity.task_names) != tuple(names):
+            raise UserError(f"the affinity was measured on tasks {list(affinity.task_names)} but the run's tasks are "
+                            f"{list(names)}; redo the affinity stage with --force")
+        budget = max(cfg.budgets)
+        self._print(f"{label}: training groups: the all-task group + {n_trainings - 1} chosen one at a time by "
+                    f"active ETAP (expected improvement of the best measured grouping of <= {budget} groups), "
+                    f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})")
+        try:
+            result = active_etap_search(
+                trainer, n_trainings, predictor=BayesianETAPPredictor(affinity.matrix, task_names=list(names)),
+                budget=budget, store=self.dir.store_path, seeds=cfg.seeds, executor=executor, objective="gain",
+                candidates=ws.candidates(names), random_state=cfg.seeds[0], task_names=list(names),
+                progress=ws.progress)
+        except ValueError as err:
+            raise UserError(f"active sampling: {err}") from None
+        train = [tuple(g) for g in result.trained]
+        record = {"strategy": result.strategy, "budget": budget, "groups": [list(g) for g in result.groups],
+                  "rule": list(result.details.get("rule", [])),
+                  "expected_improvement": [float(v) for v in result.details.get("expected_improvement", [])]}
+        shown = "; ".join("{" + ", ".join(g) + "}" for g in result.groups)
+        self._print(f"    best measured grouping of <= {budget} groups after {len(train)} trainings: {shown}")
+        return train, record
 
     # ------------------------------------------------------------------ 3. predict
     def _predict(self, label: str, force: bool):

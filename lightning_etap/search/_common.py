@@ -322,6 +322,7 @@ class Session:
         checkpoints: Iterable[int] | None,
         allow_any_budget: bool = False,
         predictor=None,
+        progress: bool = False,
     ) -> None:
         self.t0 = time.perf_counter()
         self.strategy = strategy
@@ -349,6 +350,7 @@ class Session:
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one training seed")
         self.executor = executor
+        self.progress = bool(progress)
         self.cands = self._candidates(candidates)
         if self.n_trainings > len(self.cands):
             warnings.warn(f"{strategy}: n_trainings={self.n_trainings} is more than the {len(self.cands)} candidate "
@@ -377,7 +379,7 @@ class Session:
         self.known: dict[int, np.ndarray] = {}
         self.trained_now = 0
         singles = [(t,) for t in self.names]
-        stl = collect_gains(trainer, singles, self.seeds, self.store, executor, progress=False,
+        stl = collect_gains(trainer, singles, self.seeds, self.store, executor, progress=self.progress,
                             task_names=list(self.names))
         self.stl = np.mean([stl.stl_losses[s] for s in self.seeds], axis=0)
         if not (np.isfinite(self.stl).all() and (self.stl > 0).all()):
@@ -432,7 +434,7 @@ class Session:
         groups = [self.group(i) for i in new]
         jobs = [(g, s) for g in groups for s in self.seeds]
         done = self.store.done_among(jobs)
-        gains = collect_gains(self.trainer, groups, self.seeds, self.store, self.executor, progress=False,
+        gains = collect_gains(self.trainer, groups, self.seeds, self.store, self.executor, progress=self.progress,
                               task_names=list(self.names))
         self.trained_now += len({g for g, s in jobs if (g, s) not in done})
         mean = gains.mean_over_seeds() if len(self.seeds) > 1 else gains

@@ -81,6 +81,7 @@ def active_etap_search(
     checkpoints: Iterable[int] | None = None,
     random_state: int | None = 0,
     task_names: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> SearchResult:
     """Active ETAP: train the groups of largest expected improvement of the selection.
 
@@ -181,6 +182,8 @@ def active_etap_search(
             trainings; with ``answer="predicted"`` it costs one fit).
             ``random_state`` also seeds the draws (per step, so a resumed
             search repeats the same choices).
+        progress: show the trainings of every step (and of the STL models)
+            as progress bars on stderr.
 
     Returns:
         A :class:`~lightning_etap.search.SearchResult`. ``details``:
@@ -214,7 +217,7 @@ def active_etap_search(
         raise ValueError(f"initial must be one of {INITIAL_DESIGNS}, got {initial!r}")
     session = Session("active_etap_search", trainer, n_trainings=n_trainings, budget=budget, store=store,
                       seeds=seeds, executor=executor, objective=objective, candidates=candidates,
-                      task_names=task_names, checkpoints=checkpoints, predictor=predictor)
+                      task_names=task_names, checkpoints=checkpoints, predictor=predictor, progress=progress)
     order = random_order(session, np.random.default_rng(random_state))
     first = [session.full]
     affinity = getattr(predictor, "affinity", None)
