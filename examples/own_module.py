@@ -144,7 +144,11 @@ def main() -> None:
     if args.save:
         print(f"saved to {result.save(args.save)}")
     print(result)
-    print(result.to_pandas().round(3))
+    # the matrix, row = source task (its update), column = target task (its loss); result.to_pandas() gives it
+    # as a labelled DataFrame when pandas is installed (it is not a dependency of lightning-etap)
+    print("source \\ target " + "".join(f"{t:>8}" for t in result.task_names))
+    for source, row in zip(result.task_names, result.matrix):
+        print(f"{source:<16}" + "".join(f"{v:8.3f}" for v in row))
     for (a, b), score in sorted(result.pairwise().items(), key=lambda kv: -kv[1]):
         print(f"pair {a}+{b}: {score:+.4f}")
     print(f"group a+b+c: {result.group_score(['a', 'b', 'c']):+.4f}")

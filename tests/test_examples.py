@@ -30,9 +30,15 @@ def _example(name: str, *args: str, env: dict | None = None, cwd: Path | None = 
 
 
 @pytest.mark.slow
-def test_own_module_example_measures_its_affinity():
-    out = _example("own_module.py", "--tiny")
+def test_own_module_example_measures_its_affinity(tmp_path):
+    """It runs on a plain ``pip install lightning-etap``: pandas (an extra's package) is made unimportable."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['pandas'] = None  # import pandas fails\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(block), os.environ.get("PYTHONPATH")]))}
+    out = _example("own_module.py", "--tiny", env=env)
     assert "AffinityResult(4 tasks" in out and "pair a+b:" in out and "group a+b+c:" in out
+    assert "source \\ target" in out and len([line for line in out.splitlines() if line.startswith("d   ")]) == 1
 
 
 @pytest.mark.slow
