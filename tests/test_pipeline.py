@@ -267,6 +267,42 @@ def test_affinity_from_refuses_what_it_cannot_use(tmp_path, capsys):
     code, _, err = _run(["run", "-c", str(cfg), "-o", str(tmp_path / "r2")], capsys)
     assert code == 2 and "give one of the two" in err, err
 
+def test_an_imported_affinity_outlives_its_source_folder(tmp_path, capsys):
+    """The run keeps its own copy of the imported affinity: the source folder moved away (deleted, or the run
+    directory copied to another machine) leaves the stage up to date; saving it again redoes the stage, and the
+    message says why."""
+    from lightning_etap.pipeline.rundir import RunDirectory
+
+    run, source = tmp_path / "run", tmp_path / "mine"
+    _saved_affinity(source, TASKS)
+    base = ["--dataset", "digits", "--tasks", *TASKS, "--max-epochs", "1", "--no-progress", "-o", str(run)]
+    code, out, err = _run(["affinity", *base, "--affinity-from", str(source)], capsys)
+    assert code == 0 and "imported from" in out, out + err
+    source.rename(tmp_path / "moved")
+    code, out, err = _run(["affinity", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0 and "affinity: up to date" in out, out + err
+    (tmp_path / "moved").rename(source)
+    _saved_affinity(source, TASKS, seed=1)
+    code, out, err = _run(["affinity", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0 and f"redoing (the result in affinity_from {source} was saved again)" in out, out + err
+    # back to the pipeline's own fit: the reason names the setting
+    back = resolve_config(None, {"output": str(run), "affinity_from": None})
+    assert RunDirectory(run).stale_reason("affinity", back) == "config affinity_from"
+
+
+def test_affinity_from_into_a_run_created_with_affinity_options_names_the_way_out(tmp_path, capsys):
+    """The 'affinity' options came from the run directory's config.yaml, not from this command: the error says
+    that the directory keeps them and to import into another --output."""
+    from lightning_etap.pipeline.stages import Pipeline
+
+    run, source = tmp_path / "run", tmp_path / "mine"
+    _saved_affinity(source, TASKS)
+    Pipeline(PipelineConfig(dataset="digits", tasks=TASKS, affinity={"method": "tag"}, output=str(run)),
+             progress=False).open()
+    code, _, err = _run(["affinity", "-o", str(run), "--affinity-from", str(source), "--no-progress"], capsys)
+    assert code == 2 and "give one of the two" in err and "import into another --output" in err, err
+
+
 
 @pytest.mark.slow
 def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_path, capsys):

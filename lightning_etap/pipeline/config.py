@@ -221,7 +221,8 @@ class PipelineConfig:
             if self.affinity:
                 raise UserError(f"'affinity' options ({', '.join(self.affinity)}) configure the all-task fit the "
                                 "pipeline runs, and 'affinity_from' replaces that fit with a saved result: give one "
-                                "of the two")
+                                "of the two (a run directory keeps the 'affinity' options it was created with: "
+                                "import into another --output)")
             # absolute: the saved config.yaml is read again by later commands, from any directory
             changes["affinity_from"] = str(Path(self.affinity_from).expanduser().resolve())
         _check_options("predictor", self.predictor, "lightning_etap.predictors:ETAPPredictor", _PREDICTOR_FIXED)

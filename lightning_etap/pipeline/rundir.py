@@ -217,7 +217,13 @@ class RunDirectory:
             "upstream": {s: state.get(s, {}).get("token") for s in upstream(stage, config)},
         }
         if stage == "affinity" and config.affinity_from is not None:
-            inputs["source"] = affinity_fingerprint(config.affinity_from)
+            source = affinity_fingerprint(config.affinity_from)
+            done = (state.get("affinity") or {}).get("inputs") or {}
+            if source is None and (done.get("config") or {}).get("affinity_from") == config.affinity_from:
+                # the folder is gone or unreadable (deleted, moved, the run copied to another machine): the copy
+                # this run imported from it stands
+                source = done.get("source")
+            inputs["source"] = source
         return inputs
 
     def stage_status(self, stage: str, config: PipelineConfig) -> str:
@@ -235,6 +241,8 @@ class RunDirectory:
         keys = changed_settings(old, new)
         ups = [s for s in new["upstream"] if old["upstream"].get(s) != new["upstream"][s]]
         parts = ([f"config {', '.join(keys)}"] if keys else []) + ([f"stage {', '.join(ups)} redone"] if ups else [])
+        if "affinity_from" not in keys and old.get("source") != new.get("source"):
+            parts.append(f"the result in affinity_from {config.affinity_from} was saved again")
         return "; ".join(parts) or "inputs changed"
 
     def record_stage(self, stage: str, config: PipelineConfig, seconds: float,
@@ -305,4 +313,6 @@ def _difference(key: str, old: Any, new: Any) -> str:
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The config keys whose values differ between two :meth:`RunDirectory.stage_inputs` (``old`` as stored)."""
     stored = (old.get("config") if isinstance(old, dict) else None) or {}
-    return [k for k in new["config"] if stored.get(k) != new["config"][k]]
+    # a key only the stored inputs name: a later key set back to its default (e.g. affinity_from removed)
+    keys = [*new["config"], *(k for k in stored if k not in new["config"])]
+    return [k for k in keys if stored.get(k) != new["config"].get(k)]
