@@ -127,7 +127,7 @@ def build_datamodule(tasks, seed):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="two epochs (for CI)")
-    ap.add_argument("--devices", type=int, default=1, help="CPU processes; more than 1 trains under DDP")
+    ap.add_argument("--devices", type=int, default=1, help="more than 1: that many CPU processes under DDP")
     ap.add_argument("--save", default=None, metavar="DIR",
                     help="save the affinity there (for the pipeline's --affinity-from)")
     args = ap.parse_args()
@@ -135,7 +135,8 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     affinity = AffinityCallback(shared="encoder")          # 1. the callback
     trainer = L.Trainer(max_epochs=2 if args.tiny else 20, callbacks=[affinity], logger=False,
-                        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                        accelerator="cpu" if args.devices > 1 else "auto", devices=args.devices,
+                        strategy="ddp" if args.devices > 1 else "auto",
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(TinyMultiTask(), datamodule=SineTasks())   # 2. an ordinary fit
     result = affinity.result                               # 3. the labelled matrix (the same on every rank)

@@ -924,6 +924,7 @@ def test_group_score_pairwise_and_pandas_by_hand():
         res.group_score(["x", "w"])
     with pytest.raises(ValueError, match="duplicate"):
         res.group_score(["x", "x"])
+    pytest.importorskip("pandas")
     df = res.to_pandas()
     assert df.loc["y", "z"] == -4.0 and df.index.name == "source" and df.columns.name == "target"
 

@@ -341,6 +341,50 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
     assert code == 0 and "gains: redoing (stage affinity redone)" in text, text + err
 
 
+@pytest.mark.slow
+def test_without_matplotlib_the_report_has_its_tables_and_is_redone_once_it_is_installed(tiny_run, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """A plain install (no plot extra) finishes the run: the report without figures, the summary printed; with
+    matplotlib installed afterwards the next run redoes the report with them."""
+    import lightning_etap.pipeline.report as report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    monkeypatch.setattr(report, "has_figures", lambda: False)
+    code, out, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[5/5] report: redoing (matplotlib is" not in out and "no figures: they need matplotlib" in out
+    assert "budget 2: ETAP chooses" in out  # the summary
+    page = (run / "report" / "index.html").read_text()
+    assert "This page has no figures" in page and "<img" not in page and "The chosen groups" in page
+    assert not list((run / "report").glob("*.png")) and (run / "report" / "quality.json").is_file()
+    code, out, _ = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0 and out.count("up to date") == 5
+    monkeypatch.undo()
+    code, out, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0 and "[5/5] report: redoing (matplotlib is installed now: the figures)" in out, out + err
+    page = (run / "report" / "index.html").read_text()
+    assert "no figures" not in page and page.count("<img") == 5
+
+
+@pytest.mark.parametrize("option, needle", [
+    (["--executor", "ray"], "executor 'ray' needs Ray: pip install 'lightning-etap[ray]'"),
+    (["--logger", "wandb"], "logger 'wandb' needs wandb: pip install 'lightning-etap[wandb]'"),
+    (["--logger", "tensorboard"], "logger 'tensorboard' needs tensorboard"),
+])
+def test_a_missing_package_is_refused_before_the_first_stage(option, needle, tmp_path, capsys, monkeypatch):
+    """Without Ray / wandb / tensorboard installed, the run stops before the all-task fit, and makes no logs/."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = {"ray", "wandb", "tensorboard", "tensorboardX"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    out = tmp_path / "run"
+    code, _, err = _run(["run", *TINY, *option, "-o", str(out)], capsys)
+    assert code == 2 and needle in err, err
+    assert not (out / "affinity").exists() and not (out / "logs").exists()
+
+
 def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatch):
     """A forced redo that dies after wiping the store must not leave the old "done" record behind."""
     out = tmp_path / "run"

@@ -249,8 +249,12 @@ class AffinityResult:
         )
 
     def to_pandas(self):
-        """The matrix as a ``pandas.DataFrame`` (index: source task, columns: target task)."""
-        import pandas as pd
+        """The matrix as a ``pandas.DataFrame`` (index: source task, columns: target task; needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("AffinityResult.to_pandas needs pandas: pip install pandas (or 'lightning-etap[plot]'); "
+                              "result.matrix and result.task_names hold the same numbers without it") from err
 
         df = pd.DataFrame(self.matrix, index=list(self.task_names), columns=list(self.task_names))
         df.index.name, df.columns.name = "source", "target"

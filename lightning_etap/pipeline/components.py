@@ -183,6 +183,32 @@ class Workspace:
                 self._trainer = LightningGroupTrainer(self.dataset, self.train_config(), engine=self.config.engine)
         return self._trainer
 
+    def check_executor(self) -> None:
+        """Refuse an executor whose package is missing (before the stages run, not when the gains stage starts).
+
+        Raises:
+            UserError: ``ray`` without Ray installed.
+        """
+        import importlib.util
+
+        if self.config.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise UserError("executor 'ray' needs Ray: pip install 'lightning-etap[ray]'")
+
+    def check_logger(self) -> None:
+        """Refuse a logger whose package is missing (before the affinity fit starts or a folder is made).
+
+        Raises:
+            UserError: naming the package or extra to install.
+        """
+        import importlib.util
+
+        kind = self.config.logger
+        if kind == "tensorboard" and not (importlib.util.find_spec("tensorboard")
+                                          or importlib.util.find_spec("tensorboardX")):
+            raise UserError("logger 'tensorboard' needs tensorboard: pip install tensorboard")
+        if kind == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise UserError("logger 'wandb' needs wandb: pip install 'lightning-etap[wandb]'")
+
     def executor(self):
         """The executor the config names."""
         from lightning_etap.groundtruth import InProcessExecutor, ProcessPoolExecutor
@@ -245,6 +271,7 @@ class Workspace:
         kind = self.config.logger
         if kind == "none":
             return None
+        self.check_logger()  # before any folder is made
         logs = run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         if kind == "csv":

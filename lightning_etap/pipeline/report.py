@@ -74,6 +74,7 @@ def _load(run: RunDirectory) -> dict[str, Any]:
         "environment": run.stage_record("gains").get("environment") or run.stage_record("affinity").get("environment"),
         "affinity_source": run.stage_record("affinity").get("imported_from"),
         "search": run.stage_record("gains").get("search"),
+        "run_path": str(run.path),
     }
 
 
@@ -461,6 +462,12 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
                  f"{_e(cfg.seeds)}; {sel['n_candidates']} candidate groups. lightning-etap {_e(__version__)}, {stamp}."
                  f"{_e(_trained_with(data.get('environment')))}</p>")
 
+    if data.get("no_figures"):
+        parts.append("<p class='sub'><b>This page has no figures</b>: they need matplotlib. Install it with "
+                     "<code>pip install 'lightning-etap[plot]'</code> and rerun the same command (or "
+                     f"<code>lightning-etap report --output {_e(data.get('run_path', ''))}</code>): the report "
+                     "is then redone with its figures.</p>")
+
     # headline cards
     cards = []
     for key, label in (("train_cv", "training groups (leave-one-out)"), ("heldout", "held-out measured groups")):
@@ -611,19 +618,24 @@ def write_report(run: RunDirectory, config: PipelineConfig | None = None) -> dic
     Returns:
         figure name -> PNG path.
 
-    Raises:
-        ModuleNotFoundError: matplotlib is not installed (the ``plot`` extra).
+    Without matplotlib (the ``plot`` extra) the page has every table and no figure, and says how to add them
+    (:func:`has_figures`).
     """
-    import matplotlib  # noqa: F401  (fail before writing anything)
-
-    from lightning_etap.affinity.dashboard import plot_affinity_heatmap
-
     data = _load(run)
     if config is not None:
         data["config"] = config
     folder = run.report_dir
     folder.mkdir(parents=True, exist_ok=True)
     quality = prediction_quality(data)
+    if not has_figures():
+        for old in folder.glob("*.png"):  # figures of an earlier report would not match this one
+            old.unlink()
+        data["no_figures"] = True
+        atomic_write_text(folder / "index.html", _html(data, quality, {}))
+        _write_quality(folder, quality)
+        return {}
+    from lightning_etap.affinity.dashboard import plot_affinity_heatmap
+
     pngs = {
         "affinity_heatmap": plot_affinity_heatmap(data["affinity"], None, folder / "affinity_heatmap.png",
                                                   title=f"{data['config'].dataset}: task affinity"),
@@ -634,6 +646,17 @@ def write_report(run: RunDirectory, config: PipelineConfig | None = None) -> dic
     # the report's own time is not known yet: the timings figure shows the stages before it
     pngs["timings"] = _plot_timings(data, folder / "timings.png")
     atomic_write_text(folder / "index.html", _html(data, quality, pngs))
+    _write_quality(folder, quality)
+    return pngs
+
+
+def has_figures() -> bool:
+    """Whether the report can draw its figures (matplotlib, the ``plot`` extra, is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _write_quality(folder: Path, quality: dict[str, Any]) -> None:
     atomic_write_text(folder / "quality.json", json.dumps(
         {k: {m: (None if not math.isfinite(v) else v) for m, v in q.items()} for k, q in quality.items()}, indent=1))
-    return pngs

@@ -216,6 +216,11 @@ class RunDirectory:
             "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k in _LATER_KEYS and full[k] == _LATER_KEYS[k])},
             "upstream": {s: state.get(s, {}).get("token") for s in upstream(stage, config)},
         }
+        if stage == "report":
+            from lightning_etap.pipeline.report import has_figures
+
+            if not has_figures():  # a report without figures is redone once matplotlib is installed
+                inputs["figures"] = False
         if stage == "affinity" and config.affinity_from is not None:
             source = affinity_fingerprint(config.affinity_from)
             done = (state.get("affinity") or {}).get("inputs") or {}
@@ -243,6 +248,8 @@ class RunDirectory:
         parts = ([f"config {', '.join(keys)}"] if keys else []) + ([f"stage {', '.join(ups)} redone"] if ups else [])
         if "affinity_from" not in keys and old.get("source") != new.get("source"):
             parts.append(f"the result in affinity_from {config.affinity_from} was saved again")
+        if old.get("figures") is False and "figures" not in new:
+            parts.append("matplotlib is installed now: the figures")
         return "; ".join(parts) or "inputs changed"
 
     def record_stage(self, stage: str, config: PipelineConfig, seconds: float,

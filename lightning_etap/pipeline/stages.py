@@ -87,6 +87,12 @@ class Pipeline:
         """
         self.open()
         todo = list(STAGES) if stages is None else list(stages)
+        # a missing package fails now, not after the stages before the one that needs it
+        if "gains" in todo and (force or self.dir.stage_status("gains", self.config) != "done"):
+            self.workspace.check_executor()
+        if self.config.logger != "none" and any(
+                force or self.dir.stage_status(s, self.config) != "done" for s in todo if s in ("affinity", "report")):
+            self.workspace.check_logger()
         status = {}
         for i, stage in enumerate(todo, 1):
             status[stage] = self.run_stage(stage, force=force, index=(i, len(todo)))
@@ -412,13 +418,10 @@ class Pipeline:
         from lightning_etap.pipeline.report import write_report
 
         self._print(f"{label}: writing {self.dir.report_dir / 'index.html'}")
-        try:
-            pngs = write_report(self.dir, self.config)
-        except ModuleNotFoundError as err:
-            if "matplotlib" in str(err):
-                raise UserError("the report needs matplotlib: pip install 'lightning-etap[plot]' "
-                                f"(every other result is in {self.dir.path})") from None
-            raise
+        pngs = write_report(self.dir, self.config)
+        if not pngs:
+            self._print(f"{label}: no figures: they need matplotlib (pip install 'lightning-etap[plot]'); rerun "
+                        "the command after installing it and the report is redone with them")
         self._log_figures(pngs)
         return {}, {}
 
