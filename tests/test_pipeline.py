@@ -333,7 +333,19 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
     record = json.loads((out / "stages.json").read_text())["gains"]
     assert record["search"]["groups"] == [list(g) for g in ref.groups] and record["search"]["budget"] == 4
     assert record["inputs"]["config"]["sampling"] == "active" and "affinity" in record["inputs"]["upstream"]
-    assert "Active ETAP chose the training groups" in (out / "report" / "index.html").read_text()
+    page = (out / "report" / "index.html").read_text()
+    assert "Active ETAP chose the training groups" in page and "active ETAP&#x27;s groups" in page
+    # per budget, its choice is the best grouping of trained groups (brute force over them), scored as measured
+    measured = _measured(out)
+    rows = [r for r, g in enumerate(measured.groups) if tuple(g) in set(train)]
+    sel = json.loads((out / "selection.json").read_text())
+    for entry in sel["budgets"]:
+        best = _brute_force(measured.masks[rows], measured.gains[rows], entry["budget"])
+        assert entry["active"]["objective"] == pytest.approx(best, abs=1e-9)
+        assert entry["active"]["measured"]["objective"] == pytest.approx(best, abs=1e-9)
+        assert all(len(g) == 1 or tuple(g) in set(train) for g in entry["active"]["groups"])
+        assert entry["active_gap"] == pytest.approx(entry["optimum"]["objective"] - best, abs=1e-9)
+    assert "active ETAP chooses" in text and "ETAP predicting every group chooses" in text
     # a new affinity makes the actively chosen groups out of date (a random draw does not depend on it)
     assert main(["affinity", "-o", str(out), "--force", "--no-progress"]) == 0
     capsys.readouterr()

@@ -348,7 +348,15 @@ def terminal_summary(run: RunDirectory) -> str:
     lines.append("Gains are relative to single-task training (eq. 1), averaged over the tasks.")
     for entry in sel["budgets"]:
         etap = entry["etap"]
-        lines.append(f"budget {entry['budget']}: ETAP chooses {_groups_text(etap['groups'])}")
+        active = entry.get("active")
+        if active:
+            m = active["measured"]
+            gap = "" if entry.get("active_gap") is None else f"; gap to the optimum {_pct(entry['active_gap'] / n)}/task"
+            lines.append(f"budget {entry['budget']}: active ETAP chooses {_groups_text(active['groups'])} (every "
+                         f"group trained): measured {_pct(m['mean_gain'])}/task, total test loss "
+                         f"{_num(m['total_test_loss'])}{gap}")
+        lines.append(f"{'    ETAP predicting every group' if active else 'budget ' + str(entry['budget']) + ': ETAP'} "
+                     f"chooses {_groups_text(etap['groups'])}")
         m = etap["measured"]
         if m["mean_gain"] is None:
             lines.append(f"    predicted {_pct(etap['mean_gain'])}/task (not every chosen group was trained, so no "
@@ -372,6 +380,9 @@ def terminal_summary(run: RunDirectory) -> str:
                          f"total test loss {_num(opt['measured']['total_test_loss'])}; "
                          f"ETAP's gap {_pct(None if entry['gap'] is None else entry['gap'] / n)}/task")
     lines.append("    (member gains: predicted, measured in brackets where the group was trained)")
+    if any(e.get("active") for e in sel["budgets"]):
+        lines.append("    (actively chosen training groups are not a random sample: ETAP fitted on them predicts the "
+                     "other groups with a bias; active ETAP's choice is measured)")
     everyone = sel["all_tasks"]
     lines.append(f"reference: all tasks in one network {_pct(everyone['mean_gain'])}/task, total test loss "
                  f"{_num(everyone['total_test_loss'])}; single-task total test loss {_num(sel['stl_total_test_loss'])}")
@@ -506,13 +517,26 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
         rows.append("<tr>" + "".join(cells) + "</tr>")
     rows.append("</table>")
     parts.extend(rows)
-    search = data.get("search")
-    if search:
-        parts.append(f"<p>Active ETAP chose the training groups (<code>sampling: active</code>): after the all-task "
+    if any(e.get("active") for e in sel["budgets"]):
+        parts.append("<p>Active ETAP chose the training groups (<code>sampling: active</code>): after the all-task "
                      "group, one at a time, the group whose measurement was expected to improve the best grouping "
-                     f"of measured groups most. Its own answer, that best grouping of at most {search['budget']} "
-                     f"groups (STL models count; their models exist already): "
-                     f"{_e(_groups_text(search['groups']))}.</p>")
+                     "of trained groups most. Its choice per budget is that best grouping, every group of which is "
+                     "trained, so its gains are measured. ETAP's choice above predicts every group from the training "
+                     "groups, which are not a random sample here: its predictions of the other groups can be far off "
+                     "(compare predicted and measured).</p>")
+        head = ["budget", "active ETAP's groups", "measured gain/task", "total test loss"]
+        if sel["complete"]:
+            head.append("gap/task to the optimum")
+        rows = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+        for entry in sel["budgets"]:
+            m = entry["active"]["measured"]
+            cells = [f"<td class='num'>{entry['budget']}</td>", f"<td>{_e(_groups_text(entry['active']['groups']))}</td>",
+                     f"<td class='{_signed_class(m['mean_gain'])}'>{_pct(m['mean_gain'])}</td>",
+                     f"<td class='num'>{_num(m['total_test_loss'])}</td>"]
+            if sel["complete"]:
+                cells.append(f"<td class='num'>{_pct(entry['active_gap'] / n)}</td>")
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        parts.extend([*rows, "</table>"])
     everyone = sel["all_tasks"]
     parts.append(f"<p>For reference: all tasks in one network {_pct(everyone['mean_gain'])}/task (total test loss "
                  f"{_num(everyone['total_test_loss'])}); every task alone: total test loss "

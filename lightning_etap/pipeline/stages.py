@@ -377,6 +377,8 @@ class Pipeline:
         candidates, predicted = predictions["candidates"], predictions["predicted"]
         measured = self._measured()
         complete = bool(groups["measure_all"])
+        # actively chosen training groups are the search's answer: the best grouping of trained groups
+        trained = self._measured(groups["train"]) if groups.get("sampling") == "active" else None
         self._print(f"{label}: budgets {cfg.budgets} over {len(candidates)} candidate groups"
                     + (" (predicted and measured)" if complete else " (predicted)"))
         results = []
@@ -391,6 +393,11 @@ class Pipeline:
                 "etap": _selection_record(etap, candidates, predicted, names, cfg.singleton_gain),
             }
             entry["etap"]["measured"] = evaluate_selection(etap.masks, measured, cfg.singleton_gain)
+            if trained is not None:
+                chosen = select_groups(trained.masks, trained.gains, budget, singleton_gain=cfg.singleton_gain,
+                                       task_names=names, time_limit=cfg.selection_time_limit)
+                entry["active"] = _selection_record(chosen, trained.masks, trained.gains, names, cfg.singleton_gain)
+                entry["active"]["measured"] = evaluate_selection(chosen.masks, measured, cfg.singleton_gain)
             if complete:
                 best = select_groups(measured.masks, measured.gains, budget, singleton_gain=cfg.singleton_gain,
                                      task_names=names, time_limit=cfg.selection_time_limit)
@@ -398,6 +405,8 @@ class Pipeline:
                 entry["optimum"]["measured"] = evaluate_selection(best.masks, measured, cfg.singleton_gain)
                 got = entry["etap"]["measured"]["objective"]
                 entry["gap"] = None if got is None else float(best.objective - got)
+                if "active" in entry:
+                    entry["active_gap"] = float(best.objective - entry["active"]["measured"]["objective"])
             results.append(entry)
         stl = measured.stl_losses.get(-1)
         everyone = evaluate_selection(np.ones((1, len(names)), dtype=bool), measured, cfg.singleton_gain)
