@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import itertools
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -610,3 +611,31 @@ def test_benchmark_counts_near_optimal_selections_exactly(budget):
         counts = script.near_optimal_counts(rows, budget, best * (1 + gap) + 1e-12)
         assert counts["selections"] == int((totals <= best * (1 + gap) + 1e-12).sum())
         assert counts["irredundant"] == sum(counts["core_sizes"]) <= counts["selections"]
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "ettm1_repro").is_dir(),
+                    reason="the ETTm1 exhaustive table is not in this checkout")
+def test_pipeline_sampling_benchmark_scores_each_choice_against_brute_force():
+    """benchmarks/pipeline_sampling.py at a tiny size: active ETAP's choice is the best grouping of the groups it
+    trained (brute force over them, scored on the table), and no choice beats the table's optimum."""
+    from _benchmarks import load_benchmark
+
+    from lightning_etap.groundtruth import GroupGains
+
+    script = load_benchmark("pipeline_sampling")
+    run = script.one_run("ettm1", 0, 4)
+    best = script.optimum("ettm1")
+    table = GroupGains.from_csv(script.TABLES["ettm1"][0]).mean_over_seeds()
+    names = list(table.task_names)
+    n = len(names)
+    by_group = {tuple(g): table.gains[r] for r, g in enumerate(table.groups) if len(g) >= 2}
+    assert len(run["active_groups"]) == 5 and tuple(run["active_groups"][0]) == tuple(names)
+    rows = [np.where([t in g for t in names], by_group[tuple(g)], -np.inf) for g in run["active_groups"]]
+    rows += [np.where(np.arange(n) == t, 0.0, -np.inf) for t in range(n)]
+    for b in (2, 3, 4):
+        brute = max(np.max([rows[c] for c in combo], axis=0).sum()
+                    for k in range(1, b + 1) for combo in itertools.combinations(range(len(rows)), k)
+                    if np.isfinite(np.max([rows[c] for c in combo], axis=0)).all())
+        assert run["mean_gain"]["active ETAP"][b] == pytest.approx(brute / n, abs=1e-12)
+        for method in script.METHODS:
+            assert run["mean_gain"][method][b] <= best[b] + 1e-12
