@@ -244,6 +244,27 @@ def test_affinity_from_a_saved_result_replaces_the_all_task_fit(tiny_run, tmp_pa
     assert np.array_equal(AffinityResult.load(run / "affinity").matrix, AffinityResult.load(tiny_run / "affinity").matrix)
 
 
+def test_affinity_from_a_result_saved_again_while_it_is_read_is_refused(tmp_path, capsys, monkeypatch):
+    """The stage records the source's fingerprint: it must be that of what was imported, not of a newer save."""
+    from lightning_etap.affinity import AffinityResult
+
+    _saved_affinity(tmp_path / "mine", TASKS)
+    real = AffinityResult.load.__func__
+
+    def load_then_resave(cls, path):
+        result = real(cls, path)
+        if Path(path) == tmp_path / "mine":
+            _saved_affinity(tmp_path / "mine", TASKS, seed=7)  # the training script saves again meanwhile
+        return result
+
+    monkeypatch.setattr(AffinityResult, "load", classmethod(load_then_resave))
+    code, _, err = _run(["affinity", "--dataset", "digits", "--tasks", *TASKS, "--no-progress", "-o",
+                         str(tmp_path / "run"), "--affinity-from", str(tmp_path / "mine")], capsys)
+    assert code == 2 and "was saved again while it was read" in err, err
+    stages = tmp_path / "run" / "stages.json"
+    assert not stages.is_file() or "affinity" not in json.loads(stages.read_text())  # not recorded as done
+
+
 def test_affinity_from_refuses_what_it_cannot_use(tmp_path, capsys):
     names = TASKS
     base = ["run", "--dataset", "digits", "--tasks", *names, "--no-progress", "-o", str(tmp_path / "run")]

@@ -191,6 +191,9 @@ class Pipeline:
             raise UserError(f"affinity_from: {source} holds no saved affinity result (no affinity.json); write one "
                             f"with {save}, or leave affinity_from out to measure the affinity in an all-task fit "
                             "here")
+        from lightning_etap.pipeline.rundir import affinity_fingerprint
+
+        read = affinity_fingerprint(source)  # what the stage records must be what was read (a save may be under way)
         try:
             result = AffinityResult.load(source)
         except (OSError, ValueError, KeyError) as err:
@@ -213,6 +216,9 @@ class Pipeline:
         if self.dir.affinity_dir.exists():
             shutil.rmtree(self.dir.affinity_dir)
         result.save(self.dir.affinity_dir)
+        if affinity_fingerprint(source) != read:  # the stage is recorded with the source's fingerprint from now
+            raise UserError(f"affinity_from: the result in {source} was saved again while it was read; run the "
+                            "command again once the save has finished")
         shutil.rmtree(self.dir.affinity_checkpoint_dir, ignore_errors=True)  # of an earlier fit: not needed now
         r = result.split_half
         half = "" if r is None else f", split-half Spearman {r:.2f}"
