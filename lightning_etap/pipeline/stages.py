@@ -453,11 +453,16 @@ class Pipeline:
                 with self.dir.reading(self.dir.selection_path):
                     selection = json.loads(self.dir.selection_path.read_text())
                 logger.experiment.log({f"report/{name}": wandb.Image(str(path)) for name, path in pngs.items()})
-                rows = [[e["budget"], "; ".join(" + ".join(g) for g in e["etap"]["groups"]),
-                         e["etap"]["objective"], e["etap"]["measured"]["objective"],
-                         (e.get("optimum") or {}).get("objective")] for e in selection["budgets"]]
+                def text(groups) -> str | None:
+                    return None if groups is None else "; ".join(" + ".join(g) for g in groups)
+
+                rows = [[e["budget"], text(e["etap"]["groups"]), e["etap"]["objective"],
+                         e["etap"]["measured"]["objective"], (e.get("optimum") or {}).get("objective"),
+                         text((e.get("active") or {}).get("groups")),
+                         ((e.get("active") or {}).get("measured") or {}).get("objective")]
+                        for e in selection["budgets"]]
                 table = wandb.Table(columns=["budget", "etap_groups", "predicted_gain", "measured_gain",
-                                             "optimal_gain"], data=rows)
+                                             "optimal_gain", "active_groups", "active_measured_gain"], data=rows)
                 logger.experiment.log({"report/selection": table})
             else:
                 from PIL import Image
