@@ -123,15 +123,16 @@ def optimum(table_name: str) -> dict[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=20, help="runs per table (seeds 0 .. N-1)")
+    ap.add_argument("--seeds", type=int, default=20, help="runs per table (seeds first-seed .. first-seed + N - 1)")
     ap.add_argument("--train-groups", type=int, default=10, help="n_train_groups (besides the all-task group)")
     ap.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first .. first + N - 1 (held-in: 100)")
     ap.add_argument("--out", type=Path, default=RESULTS / "pipeline_sampling.json")
     args = ap.parse_args()
     runs, best = [], {}
     for name in args.tables:
         best[name] = optimum(name)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs.append(one_run(name, seed, args.train_groups))
             print(f"{name} seed {seed}: " + "; ".join(
                 f"{m} " + "/".join(f"{100 * (best[name][b] - v):.2f}" for b, v in runs[-1]["mean_gain"][m].items())
@@ -145,7 +146,7 @@ def main() -> None:
                                                          ddof=1) / np.sqrt(len(mine))) if len(mine) > 1 else None}
                              for b in BUDGETS} for m in METHODS}
     record = {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
-              "seeds": args.seeds, "n_train_groups": args.train_groups, "optimum_mean_gain": best,
+              "seeds": args.seeds, "first_seed": args.first_seed, "n_train_groups": args.train_groups, "optimum_mean_gain": best,
               "summary": summary, "runs": runs}
     args.out.write_text(json.dumps(record, indent=1))
     print(f"\nmean gap to the optimum, % mean gain per task (± s.e.m.), {args.seeds} seeds, "
