@@ -265,6 +265,30 @@ def test_affinity_from_a_result_saved_again_while_it_is_read_is_refused(tmp_path
     assert not stages.is_file() or "affinity" not in json.loads(stages.read_text())  # not recorded as done
 
 
+def test_a_failed_import_leaves_the_run_directory_as_it_was(tmp_path, capsys):
+    """A bad affinity_from (a typo, a deleted folder with --force) is refused before the stage's record is dropped:
+    the run keeps its imported affinity and the later stages stay usable. The message says what the path is."""
+    _saved_affinity(tmp_path / "mine", TASKS)
+    run = tmp_path / "run"
+    base = ["--dataset", "digits", "--tasks", *TASKS, "--no-progress", "-o", str(run)]
+    assert main(["affinity", *base, "--affinity-from", str(tmp_path / "mine")]) == 0
+    record = json.loads((run / "stages.json").read_text())["affinity"]
+    capsys.readouterr()
+    cases = [(tmp_path / "typo", "does not exist"), (tmp_path / "mine" / "affinity.json", "is a file"),
+             (run, f"is a run directory; its affinity is {run / 'affinity'}")]
+    for path, needle in cases:
+        code, _, err = _run(["affinity", *base, "--affinity-from", str(path)], capsys)
+        assert code == 2 and needle in err, err
+        assert json.loads((run / "stages.json").read_text())["affinity"] == record
+    shutil.rmtree(tmp_path / "mine")
+    mine = ["--affinity-from", str(tmp_path / "mine")]
+    code, _, err = _run(["affinity", *base, *mine, "--force"], capsys)  # re-import from a folder that is gone
+    assert code == 2 and "does not exist" in err
+    assert json.loads((run / "stages.json").read_text())["affinity"] == record
+    code, out, _ = _run(["affinity", *base, *mine], capsys)
+    assert code == 0 and "affinity: up to date" in out
+
+
 def test_affinity_from_refuses_what_it_cannot_use(tmp_path, capsys):
     names = TASKS
     base = ["run", "--dataset", "digits", "--tasks", *names, "--no-progress", "-o", str(tmp_path / "run")]

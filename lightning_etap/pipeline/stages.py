@@ -64,6 +64,7 @@ class Pipeline:
         self.workspace = Workspace(self.config, progress=progress)
         self.out = out if out is not None else sys.stdout
         self._opened = False
+        self._imported = None  # the affinity_from result, read and checked before the stage's record is dropped
 
     # ------------------------------------------------------------------ driving
     def open(self) -> None:
@@ -115,6 +116,9 @@ class Pipeline:
         self.dir.require(upstream(stage, self.config), self.config, stage)
         if status == "stale" and not force:
             self._print(f"{label}: redoing ({self.dir.stale_reason(stage, self.config)})")
+        self._imported = None
+        if stage == "affinity" and self.config.affinity_from is not None:
+            self._imported = self._read_import()  # a bad source fails here and changes nothing in the run directory
         # the old record goes before the stage touches its outputs: a redo that is interrupted must leave the
         # stage to do (it resumes from what it kept, e.g. the gain store), never "done" over half-replaced files
         self.dir.forget_stage(stage)
@@ -180,19 +184,25 @@ class Pipeline:
         return {}, {"logger": record, "epochs": epochs, "measured_steps": affinity.measured_steps,
                     "environment": environment()}
 
-    def _import_affinity(self, label: str):
-        """The affinity stage with ``affinity_from``: the saved result's matrices of the run's tasks, no fit."""
+    def _read_import(self):
+        """``affinity_from``'s result, checked, restricted to the run's tasks: ``(result, left_out, fingerprint)``."""
         from lightning_etap.affinity import AffinityResult
+        from lightning_etap.pipeline.rundir import affinity_fingerprint
 
         source = Path(self.config.affinity_from)
         names = list(self.workspace.task_names)
         save = f"`affinity.result.save({str(source)!r})` after your fit"
         if not (source / "affinity.json").is_file():
-            raise UserError(f"affinity_from: {source} holds no saved affinity result (no affinity.json); write one "
-                            f"with {save}, or leave affinity_from out to measure the affinity in an all-task fit "
-                            "here")
-        from lightning_etap.pipeline.rundir import affinity_fingerprint
-
+            if not source.exists():
+                what = "does not exist"
+            elif source.is_file():
+                what = "is a file; give the folder that holds affinity.json and affinity.npz"
+            elif (source / "affinity" / "affinity.json").is_file():
+                what = f"is a run directory; its affinity is {source / 'affinity'}"
+            else:
+                what = "holds no saved affinity result (no affinity.json)"
+            raise UserError(f"affinity_from: {source} {what}; write one with {save}, or leave affinity_from out "
+                            "to measure the affinity in an all-task fit here")
         read = affinity_fingerprint(source)  # what the stage records must be what was read (a save may be under way)
         try:
             result = AffinityResult.load(source)
@@ -213,6 +223,15 @@ class Pipeline:
                             f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''} (never measured: the two "
                             "tasks were never present in one measured step); ETAP needs every pair of the run's "
                             "tasks: measure them together, or leave one of each such pair out of 'tasks'")
+        return result, left_out, read
+
+    def _import_affinity(self, label: str):
+        """The affinity stage with ``affinity_from``: the saved result's matrices of the run's tasks, no fit."""
+        from lightning_etap.pipeline.rundir import affinity_fingerprint
+
+        source = Path(self.config.affinity_from)
+        names = list(self.workspace.task_names)
+        result, left_out, read = self._imported or self._read_import()
         if self.dir.affinity_dir.exists():
             shutil.rmtree(self.dir.affinity_dir)
         result.save(self.dir.affinity_dir)
