@@ -380,6 +380,7 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
     assert record["inputs"]["config"]["sampling"] == "active" and "affinity" in record["inputs"]["upstream"]
     page = (out / "report" / "index.html").read_text()
     assert "Active ETAP chose the training groups" in page and "active ETAP&#x27;s groups" in page
+    assert page.index("<th>active ETAP&#x27;s groups</th>") < page.index("<th>ETAP&#x27;s groups</th>")  # first
     # per budget, its choice is the best grouping of trained groups (brute force over them), scored as measured
     measured = _measured(out)
     rows = [r for r, g in enumerate(measured.groups) if tuple(g) in set(train)]
@@ -391,11 +392,21 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
         assert all(len(g) == 1 or tuple(g) in set(train) for g in entry["active"]["groups"])
         assert entry["active_gap"] == pytest.approx(entry["optimum"]["objective"] - best, abs=1e-9)
     assert "active ETAP chooses" in text and "ETAP predicting every group chooses" in text
-    # a new affinity makes the actively chosen groups out of date (a random draw does not depend on it)
+    # a new affinity makes the actively chosen groups out of date (a random draw does not depend on it), and so
+    # does another largest budget or singleton gain (the search's objective); another smaller budget does not
     assert main(["affinity", "-o", str(out), "--force", "--no-progress"]) == 0
     capsys.readouterr()
     code, text, err = _run(["gains", "-o", str(out), "--no-progress"], capsys)
     assert code == 0 and "gains: redoing (stage affinity redone)" in text, text + err
+    code, text, err = _run(["run", "-o", str(out), "--budget", "3", "4", "--no-progress"], capsys)
+    assert code == 0 and "[2/5] gains: up to date" in text, text + err
+    code, text, err = _run(["run", "-o", str(out), "--budget", "2", "3", "--no-progress"], capsys)
+    assert code == 0 and "[2/5] gains: redoing (active sampling's largest budget)" in text, text + err
+    # switched from random sampling: the gains stage now reads the affinity, which was not redone
+    other = tmp_path / "switched"
+    shutil.copytree(tiny_run, other)
+    code, text, err = _run(["run", "-o", str(other), "--sampling", "active", "--no-progress"], capsys)
+    assert code == 0 and "[2/5] gains: redoing (config sampling)" in text, text + err
 
 
 @pytest.mark.slow
@@ -768,6 +779,18 @@ def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch, b
     err = err.strip()
     assert err.startswith("lightning-etap: error: ")
     assert needle.format(**fill) in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_a_number_yaml_reads_as_a_string_is_a_number(tmp_path):
+    """YAML 1.1 reads -1e8 (the released code's singleton gain, as the docs write it) as a string."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: digits\nsingleton_gain: -1e8\nselection_time_limit: 1e1\n")
+    assert yaml.safe_load(cfg.read_text())["singleton_gain"] == "-1e8"
+    config = resolve_config(cfg, {"output": str(tmp_path / "r")})
+    assert config.singleton_gain == -1e8 and config.selection_time_limit == 10.0
+    cfg.write_text("dataset: digits\nsingleton_gain: lots\n")
+    with pytest.raises(UserError, match="singleton_gain"):
+        resolve_config(cfg, {"output": str(tmp_path / "r")})
 
 
 def test_the_unknown_key_message_lists_the_allowed_keys(bad_yaml, capsys):

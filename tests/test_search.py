@@ -308,6 +308,33 @@ def test_active_etap_posterior_draws_and_batches(table, tmp_path):
     assert len(crowded.details["expected_improvement"]) == 6
 
 
+def test_active_etap_singleton_gain_is_the_selection_s(table, tmp_path):
+    """singleton_gain: the search's groupings value a task alone as select_groups does (forbidden with -inf: no
+    answer holds a single-task model); it is a relative gain, so objective='loss' refuses it."""
+    def run(path, **kw):
+        return active_etap_search(OracleTrainer(table), 6, predictor=BayesianETAPPredictor(AFFINITY, task_names=TASKS),
+                                  budget=4, store=path, random_state=4, objective="gain", **kw)
+
+    free = run(tmp_path / "a.sqlite")
+    banned = run(tmp_path / "b.sqlite", singleton_gain=-np.inf, checkpoints=[2, 4, 6])
+    assert all(len(g) >= 2 for g in banned.groups)
+    assert all(len(g) >= 2 for step in banned.history for g in step.groups)
+    # the answer is the best grouping of the trained groups without singletons (brute force)
+    truth = table.mean_over_seeds()
+    rows = [r for r, g in enumerate(truth.groups) if tuple(g) in set(banned.trained)]
+    def objective(chosen):
+        return np.max([np.where(truth.masks[r], truth.gains[r], -np.inf) for r in chosen], axis=0).sum()
+
+    best = max(objective(combo) for k in range(1, 5) for combo in itertools.combinations(rows, k)
+               if truth.masks[list(combo)].any(axis=0).all())
+    answer = [r for r, g in enumerate(truth.groups) if tuple(g) in set(banned.groups)]
+    assert len(answer) == len(banned.groups) and objective(answer) == pytest.approx(best, abs=1e-12)
+    assert free.n_trainings == banned.n_trainings == 6
+    with pytest.raises(ValueError, match="needs objective='gain'"):
+        active_etap_search(OracleTrainer(table), 3, predictor=BayesianETAPPredictor(AFFINITY, task_names=TASKS),
+                           budget=2, store=tmp_path / "c.sqlite", singleton_gain=-1e8)
+
+
 def test_active_etap_with_a_posterior_on_the_gain_objective(table, store):
     result = active_etap_search(OracleTrainer(table), 8, predictor=BayesianETAPPredictor(AFFINITY), budget=2,
                                 objective="gain", store=store, answer="predicted", checkpoints=[1, 8])

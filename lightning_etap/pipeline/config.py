@@ -462,6 +462,11 @@ def _int(minimum):
 
 def _number(positive: bool):
     def check(key, value, source):
+        if isinstance(value, str):  # YAML 1.1 reads 1e8 or -1e8 (no dot) as a string; so does the shell
+            try:
+                value = float(value)
+            except ValueError:
+                raise _fail(key, source, "a positive number" if positive else "a number", value) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
                 or (positive and not value > 0):
             raise _fail(key, source, "a positive number" if positive else "a number", value)

@@ -497,6 +497,26 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
                  + ("Every candidate group was trained once, so ETAP's choice is scored with measured gains and "
                     "compared with the true optimum." if sel["complete"] else
                     "Measured gains are shown where a chosen group happens to be a training group.") + "</p>")
+    if any(e.get("active") for e in sel["budgets"]):
+        parts.append("<p>Active ETAP chose the training groups (<code>sampling: active</code>): after the all-task "
+                     "group, one at a time, the group whose measurement was expected to improve the best grouping "
+                     "of trained groups most. Its choice per budget is that best grouping, every group of which is "
+                     "trained, so its gains are measured. ETAP's choice below predicts every group from the training "
+                     "groups, which are not a random sample here: its predictions of the other groups can be far off "
+                     "(compare predicted and measured).</p>")
+        head = ["budget", "active ETAP's groups", "measured gain/task", "total test loss"]
+        if sel["complete"]:
+            head.append("gap/task to the optimum")
+        rows = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+        for entry in sel["budgets"]:
+            m = entry["active"]["measured"]
+            cells = [f"<td class='num'>{entry['budget']}</td>", f"<td>{_e(_groups_text(entry['active']['groups']))}</td>",
+                     f"<td class='{_signed_class(m['mean_gain'])}'>{_pct(m['mean_gain'])}</td>",
+                     f"<td class='num'>{_num(m['total_test_loss'])}</td>"]
+            if sel["complete"]:
+                cells.append(f"<td class='num'>{_pct(entry['active_gap'] / n)}</td>")
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        parts.extend([*rows, "</table>"])
     head = ["budget", "ETAP's groups", "predicted gain/task", "measured gain/task", "total test loss"]
     if sel["complete"]:
         head += ["true optimum", "optimal gain/task", "optimal test loss", "gap/task"]
@@ -517,26 +537,6 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
         rows.append("<tr>" + "".join(cells) + "</tr>")
     rows.append("</table>")
     parts.extend(rows)
-    if any(e.get("active") for e in sel["budgets"]):
-        parts.append("<p>Active ETAP chose the training groups (<code>sampling: active</code>): after the all-task "
-                     "group, one at a time, the group whose measurement was expected to improve the best grouping "
-                     "of trained groups most. Its choice per budget is that best grouping, every group of which is "
-                     "trained, so its gains are measured. ETAP's choice above predicts every group from the training "
-                     "groups, which are not a random sample here: its predictions of the other groups can be far off "
-                     "(compare predicted and measured).</p>")
-        head = ["budget", "active ETAP's groups", "measured gain/task", "total test loss"]
-        if sel["complete"]:
-            head.append("gap/task to the optimum")
-        rows = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
-        for entry in sel["budgets"]:
-            m = entry["active"]["measured"]
-            cells = [f"<td class='num'>{entry['budget']}</td>", f"<td>{_e(_groups_text(entry['active']['groups']))}</td>",
-                     f"<td class='{_signed_class(m['mean_gain'])}'>{_pct(m['mean_gain'])}</td>",
-                     f"<td class='num'>{_num(m['total_test_loss'])}</td>"]
-            if sel["complete"]:
-                cells.append(f"<td class='num'>{_pct(entry['active_gap'] / n)}</td>")
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        parts.extend([*rows, "</table>"])
     everyone = sel["all_tasks"]
     parts.append(f"<p>For reference: all tasks in one network {_pct(everyone['mean_gain'])}/task (total test loss "
                  f"{_num(everyone['total_test_loss'])}); every task alone: total test loss "

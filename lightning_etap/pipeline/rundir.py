@@ -216,6 +216,8 @@ class RunDirectory:
             "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k in _LATER_KEYS and full[k] == _LATER_KEYS[k])},
             "upstream": {s: state.get(s, {}).get("token") for s in upstream(stage, config)},
         }
+        if stage == "gains" and config.sampling == "active":  # the search's choices follow these too
+            inputs["active"] = {"budget": max(config.budgets), "singleton_gain": config.singleton_gain}
         if stage == "report":
             from lightning_etap.pipeline.report import has_figures
 
@@ -244,10 +246,14 @@ class RunDirectory:
         old = record.get("inputs") or {"config": {}, "upstream": {}}
         new = self.stage_inputs(stage, config)
         keys = changed_settings(old, new)
-        ups = [s for s in new["upstream"] if old["upstream"].get(s) != new["upstream"][s]]
+        # an upstream stage newly read (sampling switched to active) was not redone: the config change says it
+        ups = [s for s in new["upstream"] if s in old["upstream"] and old["upstream"][s] != new["upstream"][s]]
         parts = ([f"config {', '.join(keys)}"] if keys else []) + ([f"stage {', '.join(ups)} redone"] if ups else [])
         if "affinity_from" not in keys and old.get("source") != new.get("source"):
             parts.append(f"the result in affinity_from {config.affinity_from} was saved again")
+        if old.get("active") and new.get("active") and old["active"] != new["active"]:
+            changed = [k for k in new["active"] if old["active"].get(k) != new["active"][k]]
+            parts.append("active sampling's " + ", ".join("largest budget" if k == "budget" else k for k in changed))
         if old.get("figures") is False and "figures" not in new:
             parts.append("matplotlib is installed now: the figures")
         return "; ".join(parts) or "inputs changed"

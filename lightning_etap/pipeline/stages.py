@@ -355,7 +355,7 @@ class Pipeline:
                 trainer, n_trainings, predictor=BayesianETAPPredictor(affinity.matrix, task_names=list(names)),
                 budget=budget, store=self.dir.store_path, seeds=cfg.seeds, executor=executor, objective="gain",
                 candidates=ws.candidates(names), random_state=cfg.seeds[0], task_names=list(names),
-                progress=ws.progress)
+                progress=ws.progress, singleton_gain=cfg.singleton_gain)
         except ValueError as err:
             raise UserError(f"active sampling: {err}") from None
         train = [tuple(g) for g in result.trained]

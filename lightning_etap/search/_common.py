@@ -323,6 +323,7 @@ class Session:
         allow_any_budget: bool = False,
         predictor=None,
         progress: bool = False,
+        singleton_gain: float = 0.0,
     ) -> None:
         self.t0 = time.perf_counter()
         self.strategy = strategy
@@ -334,6 +335,10 @@ class Session:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
+        self.singleton_gain = float(singleton_gain)
+        if self.singleton_gain != 0.0 and objective != "gain":
+            raise ValueError(f"singleton_gain={singleton_gain} is a relative gain: it needs objective='gain' (with "
+                             "objective='loss' a single-task model's value is its STL loss minus itself, 0)")
         names = task_names if task_names is not None else getattr(trainer, "task_names", None)
         if names is None and isinstance(store, GainStore):
             names = store.task_names
@@ -537,11 +542,12 @@ class Session:
         if budget is None:
             budget = self.n
         if not len(rows):
-            if budget < self.n:
+            if budget < self.n or self.singleton_gain == -np.inf:
                 return None
-            return tuple((t,) for t in range(self.n)), 0.0
+            return tuple((t,) for t in range(self.n)), self.n * self.singleton_gain
         try:
-            sel = select_groups(self.cands[rows], values[rows], budget, disjoint=disjoint)
+            sel = select_groups(self.cands[rows], values[rows], budget, disjoint=disjoint,
+                                singleton_gain=self.singleton_gain)
         except ValueError:
             return None
         groups = tuple(tuple(int(t) for t in np.flatnonzero(row)) for row in sel.masks)

@@ -82,6 +82,7 @@ def active_etap_search(
     random_state: int | None = 0,
     task_names: Sequence[str] | None = None,
     progress: bool = False,
+    singleton_gain: float = 0.0,
 ) -> SearchResult:
     """Active ETAP: train the groups of largest expected improvement of the selection.
 
@@ -184,6 +185,11 @@ def active_etap_search(
             search repeats the same choices).
         progress: show the trainings of every step (and of the STL models)
             as progress bars on stderr.
+        singleton_gain: with ``objective="gain"``, the value of a task on
+            its own in a grouping, as in
+            :func:`~lightning_etap.selection.select_groups` (0: its own
+            baseline; ``-1e8``: the released code's near-ban; ``-inf``:
+            forbidden).
 
     Returns:
         A :class:`~lightning_etap.search.SearchResult`. ``details``:
@@ -217,7 +223,8 @@ def active_etap_search(
         raise ValueError(f"initial must be one of {INITIAL_DESIGNS}, got {initial!r}")
     session = Session("active_etap_search", trainer, n_trainings=n_trainings, budget=budget, store=store,
                       seeds=seeds, executor=executor, objective=objective, candidates=candidates,
-                      task_names=task_names, checkpoints=checkpoints, predictor=predictor, progress=progress)
+                      task_names=task_names, checkpoints=checkpoints, predictor=predictor, progress=progress,
+                      singleton_gain=singleton_gain)
     order = random_order(session, np.random.default_rng(random_state))
     first = [session.full]
     affinity = getattr(predictor, "affinity", None)
@@ -311,7 +318,7 @@ def _choose(session: Session, model, predictor, ensemble: int, batch_size: int, 
         grouping = np.full((len(found[0].groups), session.n), -np.inf)
         for r, g in enumerate(found[0].groups):
             if len(g) == 1:
-                grouping[r, g[0]] = 0.0
+                grouping[r, g[0]] = session.singleton_gain
             else:
                 grouping[r] = measured[session.code_index(g)]
     expected = np.zeros(len(rows))
