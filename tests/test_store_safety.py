@@ -151,6 +151,48 @@ def test_a_closed_executor_does_not_wait_for_running_jobs(tmp_path, markers):
     wait_for(lambda: gone(int((tmp_path / "start-c_d").read_text())), "the worker to exit", 10)
 
 
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="needs the forkserver start method")
+def test_the_fork_server_and_its_workers_ignore_ctrl_c(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group; the fork server imports its preload (torch, lightning:
+    seconds) before it protects itself, and printed a long KeyboardInterrupt traceback when the Ctrl-C came then.
+    Started with SIGINT ignored, neither it nor its workers see one; the pool's owner stops the workers."""
+    (tmp_path / "sigint_probe.py").write_text(textwrap.dedent("""
+        import signal
+        from pathlib import Path
+
+        class Probe:
+            task_names = ("a", "b")
+
+            def __init__(self, out):
+                self.out = out
+
+            def fingerprint(self):
+                return {"probe": 1}
+
+            def train(self, jobs):
+                ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                Path(self.out).write_text("ignored" if ignored else "handled")
+                return []
+    """))
+    script = tmp_path / "collector.py"
+    script.write_text(textwrap.dedent(f"""
+        import signal, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from lightning_etap.groundtruth import ProcessPoolExecutor
+        from sigint_probe import Probe
+
+        if __name__ == "__main__":
+            for _ in ProcessPoolExecutor(workers=1, preload=()).run(Probe({str(tmp_path / "state")!r}),
+                                                                    [[(("a", "b"), 0)]]):
+                pass
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the owner's is restored
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "state").read_text() == "ignored"
+
+
 class InstantTrainer:
     """Answers every job at once, in this process."""
 

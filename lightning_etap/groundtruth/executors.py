@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import threading
 import traceback
@@ -209,8 +210,10 @@ class ProcessPoolExecutor:
                 "or run with InProcessExecutor"
             ) from e
         ctx = multiprocessing.get_context(self.context)
-        if self.context == "forkserver" and self.preload:
-            ctx.set_forkserver_preload(self.preload)
+        if self.context == "forkserver":
+            if self.preload:
+                ctx.set_forkserver_preload(self.preload)
+            _start_forkserver_without_sigint()
         stream = _as_chunks(chunks)
         while True:
             broken = yield from self._parallel(payload, ctx, stream)
@@ -306,6 +309,27 @@ class ProcessPoolExecutor:
 
     def __repr__(self) -> str:
         return f"ProcessPoolExecutor(workers={self.workers}, context={self.context!r})"
+
+
+def _start_forkserver_without_sigint() -> None:
+    """Start the fork server (if not running) with Ctrl-C ignored.
+
+    The server imports its preload modules before it protects itself from
+    SIGINT, so a Ctrl-C in the first seconds (sent to the whole process
+    group by a terminal) printed a long ``KeyboardInterrupt`` traceback from
+    the import. Started with SIGINT ignored, the server and the workers it
+    forks never see one; the pool's owner handles the interrupt and stops
+    the workers itself (:func:`_stop`).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    from multiprocessing import forkserver
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop(pool: cf.ProcessPoolExecutor) -> None:
