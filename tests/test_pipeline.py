@@ -289,6 +289,22 @@ def test_a_failed_import_leaves_the_run_directory_as_it_was(tmp_path, capsys):
     assert code == 0 and "affinity: up to date" in out
 
 
+def test_affinity_from_a_noisy_result_is_imported_with_a_warning(tmp_path, capsys):
+    from lightning_etap.affinity import AffinityResult
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(4, 4))
+    halves = np.stack([m + rng.normal(scale=5, size=(4, 4)), m + rng.normal(scale=5, size=(4, 4))])
+    noisy = AffinityResult(tuple(TASKS), m, m[None], [0], measured_steps=8, half_matrices=halves)
+    assert noisy.split_half < 1 / 3
+    noisy.save(tmp_path / "noisy")
+    code, out, err = _run(["affinity", "--dataset", "digits", "--tasks", *TASKS, "--no-progress", "-o",
+                           str(tmp_path / "run"), "--affinity-from", str(tmp_path / "noisy")], capsys)
+    assert code == 0, err
+    assert f"warning: two halves of its measured steps rank these tasks' pairs with Spearman {noisy.split_half:.2f}" \
+        in out
+
+
 def test_affinity_from_refuses_what_it_cannot_use(tmp_path, capsys):
     names = TASKS
     base = ["run", "--dataset", "digits", "--tasks", *names, "--no-progress", "-o", str(tmp_path / "run")]

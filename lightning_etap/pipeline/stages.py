@@ -244,6 +244,11 @@ class Pipeline:
         dropped = f"; left out: {', '.join(left_out)}" if left_out else ""
         self._print(f"{label}: no all-task fit: the affinity of {len(names)} tasks imported from {source} "
                     f"({result.measured_steps} steps measured{half}{dropped}); saved to {self.dir.affinity_dir}")
+        from lightning_etap.affinity.callback import SPLIT_HALF_WARN, WARN_MIN_TASKS
+
+        if r is not None and r < SPLIT_HALF_WARN and len(names) >= WARN_MIN_TASKS:
+            self._print(f"    warning: two halves of its measured steps rank these tasks' pairs with Spearman {r:.2f}, "
+                        "so the ranking is mostly noise; measure it over a longer fit or larger batches")
         return {}, {"imported_from": str(source), "measured_steps": result.measured_steps, "left_out": left_out}
 
     def _affinity_fit(self, callbacks: list[Any], logger, seed: int, ckpt_path: Path | None) -> int:
