@@ -435,9 +435,17 @@ def test_without_matplotlib_the_report_has_its_tables_and_is_redone_once_it_is_i
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     monkeypatch.setattr(report, "has_figures", lambda: False)
+    # a report made with its figures stays up to date without matplotlib: redoing it would only drop them
+    code, out, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0 and out.count("up to date") == 5, out + err
+    assert len(list((run / "report").glob("*.png"))) == 5
+    # until its inputs change (here: the record of a report never made, as after an interrupted first run)
+    state = json.loads((run / "stages.json").read_text())
+    del state["report"]
+    (run / "stages.json").write_text(json.dumps(state))
     code, out, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
     assert code == 0, err
-    assert "[5/5] report: redoing (matplotlib is" not in out and "no figures: they need matplotlib" in out
+    assert "[5/5] report: redoing" not in out and "no figures: they need matplotlib" in out
     assert "budget 2: ETAP chooses" in out  # the summary
     page = (run / "report" / "index.html").read_text()
     assert "This page has no figures" in page and "<img" not in page and "The chosen groups" in page
@@ -467,6 +475,40 @@ def test_a_missing_package_is_refused_before_the_first_stage(option, needle, tmp
     code, _, err = _run(["run", *TINY, *option, "-o", str(out)], capsys)
     assert code == 2 and needle in err, err
     assert not (out / "affinity").exists() and not (out / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_ray_is_refused_before_gains_force_deletes_the_store(tiny_run, tmp_path, capsys, monkeypatch):
+    """A one-stage command checks too: `gains --force --executor ray` without Ray keeps the store and the record
+    (it deleted every stored training, then said Ray was missing)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as without it
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = json.loads((run / "stages.json").read_text())["gains"]
+    code, out, err = _run(["gains", "-o", str(run), "--force", "--executor", "ray", "--no-progress"], capsys)
+    assert code == 2 and "executor 'ray' needs Ray" in err, out + err
+    assert "deleting" not in out and (run / "gains.sqlite").is_file()
+    assert json.loads((run / "stages.json").read_text())["gains"] == before
+
+
+@pytest.mark.slow
+def test_an_imported_affinity_needs_no_logger_package(tiny_run, tmp_path, capsys, monkeypatch):
+    """With affinity_from there is no all-task fit to log (nor a run for the report's figures): a logger whose
+    package is missing is not refused (it was, by the early check, though nothing would use it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    out = tmp_path / "run"
+    code, _, err = _run(["run", *TINY, "--affinity-from", str(tiny_run / "affinity"), "--logger", "wandb",
+                         "-o", str(out)], capsys)
+    assert code == 0, err
+    assert not (out / "logs").exists()
 
 
 def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatch):

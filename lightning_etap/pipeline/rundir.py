@@ -221,7 +221,10 @@ class RunDirectory:
         if stage == "report":
             from lightning_etap.pipeline.report import has_figures
 
-            if not has_figures():  # a report without figures is redone once matplotlib is installed
+            done = (state.get("report") or {}).get("inputs")
+            # a report without figures is redone once matplotlib is installed; one with figures stays up to date
+            # without it (redoing it would only drop them): it is redone, without, when its other inputs change
+            if not has_figures() and (done is None or done.get("figures") is False):
                 inputs["figures"] = False
         if stage == "affinity" and config.affinity_from is not None:
             source = affinity_fingerprint(config.affinity_from)

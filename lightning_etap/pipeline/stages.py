@@ -91,7 +91,7 @@ class Pipeline:
         # a missing package fails now, not after the stages before the one that needs it
         if "gains" in todo and (force or self.dir.stage_status("gains", self.config) != "done"):
             self.workspace.check_executor()
-        if self.config.logger != "none" and any(
+        if self._logs() and any(
                 force or self.dir.stage_status(s, self.config) != "done" for s in todo if s in ("affinity", "report")):
             self.workspace.check_logger()
         status = {}
@@ -114,6 +114,12 @@ class Pipeline:
             self._print(f"{label}: up to date ({seconds:.1f}s when it ran; {redo})")
             return "skipped"
         self.dir.require(upstream(stage, self.config), self.config, stage)
+        # a missing package is refused before the stage's record goes (and, for gains --force, its store): also for
+        # a one-stage command and a stage that only became out of date during this run, which run() cannot foresee
+        if stage == "gains":
+            self.workspace.check_executor()
+        if stage in ("affinity", "report") and self._logs():
+            self.workspace.check_logger()
         if status == "stale" and not force:
             self._print(f"{label}: redoing ({self.dir.stale_reason(stage, self.config)})")
         self._imported = None
@@ -128,6 +134,11 @@ class Pipeline:
         self.dir.record_stage(stage, self.config, seconds, parts, **extra)
         self._print(f"{label}: done in {seconds:.1f}s")
         return "ran"
+
+    def _logs(self) -> bool:
+        """Whether the config's logger is used: by the all-task fit and the report's figures sent to its run (an
+        imported affinity, ``affinity_from``, has no fit and so no run to send them to)."""
+        return self.config.logger != "none" and self.config.affinity_from is None
 
     def _print(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
