@@ -153,13 +153,19 @@ def test_a_closed_executor_does_not_wait_for_running_jobs(tmp_path, markers):
 
 @pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
                     reason="needs the forkserver start method")
-def test_the_fork_server_and_its_workers_ignore_ctrl_c(tmp_path):
+def test_the_fork_server_imports_its_preload_with_ctrl_c_ignored_and_forks_with_the_default(tmp_path):
     """A terminal's Ctrl-C reaches the whole process group; the fork server imports its preload (torch, lightning:
     seconds) before it protects itself, and printed a long KeyboardInterrupt traceback when the Ctrl-C came then.
-    Started with SIGINT ignored, neither it nor its workers see one; the pool's owner stops the workers."""
+    It now imports its preload with SIGINT ignored, and the processes it forks afterwards (ours or another pool's
+    of the same program) have Python's default handler again; the caller's handler is untouched."""
     (tmp_path / "sigint_probe.py").write_text(textwrap.dedent("""
         import signal
         from pathlib import Path
+
+        def state():
+            handler = signal.getsignal(signal.SIGINT)
+            return "ignored" if handler is signal.SIG_IGN else "default" if handler is signal.default_int_handler \
+                else repr(handler)
 
         class Probe:
             task_names = ("a", "b")
@@ -171,26 +177,36 @@ def test_the_fork_server_and_its_workers_ignore_ctrl_c(tmp_path):
                 return {"probe": 1}
 
             def train(self, jobs):
-                ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-                Path(self.out).write_text("ignored" if ignored else "handled")
+                Path(self.out).write_text(state())
                 return []
+    """))
+    (tmp_path / "preload_probe.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from sigint_probe import state
+
+        Path({str(tmp_path / "preload")!r}).write_text(state())  # while the fork server imports its preload
     """))
     script = tmp_path / "collector.py"
     script.write_text(textwrap.dedent(f"""
-        import signal, sys
+        import concurrent.futures as cf, multiprocessing, signal, sys
         sys.path.insert(0, {str(tmp_path)!r})
         from lightning_etap.groundtruth import ProcessPoolExecutor
-        from sigint_probe import Probe
+        from sigint_probe import Probe, state
 
         if __name__ == "__main__":
-            for _ in ProcessPoolExecutor(workers=1, preload=()).run(Probe({str(tmp_path / "state")!r}),
-                                                                    [[(("a", "b"), 0)]]):
+            executor = ProcessPoolExecutor(workers=1, preload=["preload_probe"])
+            for _ in executor.run(Probe({str(tmp_path / "worker")!r}), [[(("a", "b"), 0)]]):
                 pass
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the owner's is restored
+            assert state() == "default"  # the caller's handler is restored
+            other = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
+            print(other.submit(state).result())  # another pool of the same program, from the same fork server
     """))
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    # cwd: the fork server finds its preload modules on its own path ('' first, the working directory)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "state").read_text() == "ignored"
+    assert (tmp_path / "preload").read_text() == "ignored"
+    assert (tmp_path / "worker").read_text() == "default"
+    assert res.stdout.strip() == "default"
 
 
 class InstantTrainer:

@@ -211,8 +211,8 @@ class ProcessPoolExecutor:
             ) from e
         ctx = multiprocessing.get_context(self.context)
         if self.context == "forkserver":
-            if self.preload:
-                ctx.set_forkserver_preload(self.preload)
+            # the last preload module puts the default Ctrl-C handler back (see _start_forkserver_without_sigint)
+            ctx.set_forkserver_preload([*self.preload, "lightning_etap.groundtruth._forkserver_sigint"])
             _start_forkserver_without_sigint()
         stream = _as_chunks(chunks)
         while True:
@@ -312,14 +312,15 @@ class ProcessPoolExecutor:
 
 
 def _start_forkserver_without_sigint() -> None:
-    """Start the fork server (if not running) with Ctrl-C ignored.
+    """Start the fork server (if not running) with Ctrl-C ignored while it imports its preload.
 
     The server imports its preload modules before it protects itself from
     SIGINT, so a Ctrl-C in the first seconds (sent to the whole process
     group by a terminal) printed a long ``KeyboardInterrupt`` traceback from
-    the import. Started with SIGINT ignored, the server and the workers it
-    forks never see one; the pool's owner handles the interrupt and stops
-    the workers itself (:func:`_stop`).
+    the import. Started with SIGINT ignored, it imports undisturbed; its last
+    preload module (``_forkserver_sigint``) puts the default handler back, so
+    the processes it forks afterwards (this pool's workers, or another
+    library's) handle Ctrl-C as they would have.
     """
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
