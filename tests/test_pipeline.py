@@ -414,6 +414,7 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
     capsys.readouterr()
     code, text, err = _run(["gains", "-o", str(out), "--no-progress"], capsys)
     assert code == 0 and "gains: redoing (stage affinity redone)" in text, text + err
+    assert "jobs already in the store, not trained again (a resumed search makes the same choices)" in text
     code, text, err = _run(["run", "-o", str(out), "--budget", "3", "4", "--no-progress"], capsys)
     assert code == 0 and "[2/5] gains: up to date" in text, text + err
     code, text, err = _run(["run", "-o", str(out), "--budget", "2", "3", "--no-progress"], capsys)
@@ -509,6 +510,27 @@ def test_an_imported_affinity_needs_no_logger_package(tiny_run, tmp_path, capsys
                          "-o", str(out)], capsys)
     assert code == 0, err
     assert not (out / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_gains_stage_says_how_many_jobs_the_store_already_holds(tiny_run, tmp_path, capsys, monkeypatch):
+    """After an interruption the gains stage runs again: it says which jobs the store holds (and trains none)."""
+    import lightning_etap.training as training
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = json.loads((run / "stages.json").read_text())
+    del state["gains"]  # as if the stage had been interrupted after its last job
+    (run / "stages.json").write_text(json.dumps(state))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored job was trained again")
+
+    monkeypatch.setattr(training, "train_group", no_training)
+    code, out, err = _run(["gains", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "; 9 of 9 jobs already in the store, not trained again" in out  # 4 STL + 5 groups
+    assert "; 10 of 10 jobs already in the store, not trained again" in out  # 4 STL + the 6 other groups
 
 
 def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatch):

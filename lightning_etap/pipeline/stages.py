@@ -337,18 +337,40 @@ class Pipeline:
         else:
             heldout = write_groups()
             self._print(f"{label}: training groups: the all-task group + {len(train) - 1} sampled, "
-                        f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})")
+                        f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})"
+                        + self._already(train, names))
             collect_gains(trainer, train, cfg.seeds, store=self.dir.store_path, executor=executor,
                           progress=ws.progress, task_names=names)
         parts["training groups"] = time.perf_counter() - start
         if heldout:
-            self._print(f"{label}: held-out groups: every other group ({len(heldout)}), to find the true optimum")
+            self._print(f"{label}: held-out groups: every other group ({len(heldout)}), to find the true optimum"
+                        + self._already(heldout, names))
             start = time.perf_counter()
             collect_gains(trainer, heldout, cfg.seeds, store=self.dir.store_path, executor=executor,
                           progress=ws.progress, task_names=names)
             parts["held-out groups"] = time.perf_counter() - start
         return parts, {"n_train_groups": len(train), "n_heldout_groups": len(heldout), "environment": environment(),
                        **extra}
+
+    def _already(self, groups: Sequence[Sequence[str]] | None, names: Sequence[str]) -> str:
+        """``"; 12 of 18 jobs already in the store ..."`` when a rerun finds some of these jobs done (``groups``
+        ``None``: any job), else ``""``."""
+        from lightning_etap.groundtruth import GainStore
+        from lightning_etap.groundtruth.collect import plan_jobs
+
+        if not self.dir.store_path.is_file():
+            return ""
+        jobs = None if groups is None else plan_jobs(groups, self.config.seeds, names)
+        try:
+            with GainStore(self.dir.store_path, read_only=True) as store:
+                done = len(store.done_jobs() if jobs is None else store.done_among(jobs))
+        except Exception:  # noqa: BLE001  (a note only: collect_gains reports a damaged store itself)
+            return ""
+        if not done:
+            return ""
+        if jobs is None:
+            return f"; {done} jobs already in the store, not trained again (a resumed search makes the same choices)"
+        return f"; {done} of {len(jobs)} jobs already in the store, not trained again"
 
     def _active_groups(self, label: str, names: Sequence[str], n_trainings: int, trainer, executor):
         """``sampling: active``: the training groups chosen one at a time by active ETAP (trained into the store)."""
@@ -365,7 +387,8 @@ class Pipeline:
         budget = max(cfg.budgets)
         self._print(f"{label}: training groups: the all-task group + {n_trainings - 1} chosen one at a time by "
                     f"active ETAP (expected improvement of the best measured grouping of <= {budget} groups), "
-                    f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})")
+                    f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})"
+                    + self._already(None, names))
         try:
             result = active_etap_search(
                 trainer, n_trainings, predictor=BayesianETAPPredictor(affinity.matrix, task_names=list(names)),
