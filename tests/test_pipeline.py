@@ -533,6 +533,18 @@ def test_a_rerun_gains_stage_says_how_many_jobs_the_store_already_holds(tiny_run
     assert "; 10 of 10 jobs already in the store, not trained again" in out  # 4 STL + the 6 other groups
 
 
+@pytest.mark.slow
+def test_active_sampling_with_budget_one_says_no_training_can_change_the_answer(tmp_path, capsys):
+    code, out, err = _run(["gains", *TINY, "--sampling", "active", "--budget", "1", "-o", str(tmp_path / "r")],
+                          capsys)
+    assert code == 2 and "the affinity stage has not run" in err  # active sampling reads the affinity
+    assert main(["affinity", *TINY, "-o", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    code, out, err = _run(["gains", *TINY, "--sampling", "active", "--budget", "1", "-o", str(tmp_path / "r")],
+                          capsys)
+    assert code == 0 and "with budget 1 the only grouping is the all-task group" in out, out + err
+
+
 def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatch):
     """A forced redo that dies after wiping the store must not leave the old "done" record behind."""
     out = tmp_path / "run"

@@ -385,6 +385,9 @@ class Pipeline:
             raise UserError(f"the affinity was measured on tasks {list(affinity.task_names)} but the run's tasks are "
                             f"{list(names)}; redo the affinity stage with --force")
         budget = max(cfg.budgets)
+        if budget == 1:
+            self._print(f"{label}: note: with budget 1 the only grouping is the all-task group; no training "
+                        "can change that answer (the groups are chosen for ETAP's predictions only)")
         self._print(f"{label}: training groups: the all-task group + {n_trainings - 1} chosen one at a time by "
                     f"active ETAP (expected improvement of the best measured grouping of <= {budget} groups), "
                     f"{len(cfg.seeds)} seed(s), plus the single-task models ({executor!r})"
