@@ -217,6 +217,7 @@ def test_affinity_from_a_saved_result_replaces_the_all_task_fit(tiny_run, tmp_pa
     code, out, err = _run(["run", "-o", str(run), "--affinity-from", "mine", "--no-progress"], capsys)
     assert code == 0, err
     assert "no all-task fit: the affinity of 4 tasks imported from" in out and "left out: digit_0" in out
+    assert "logger 'csv': nothing logged (with affinity_from there is no all-task fit" in out  # tiny_run's logger
     assert "[2/5] gains: up to date" in out and "[3/5] predict: done" in out
     got = AffinityResult.load(run / "affinity")
     assert got.task_names == tuple(TASKS) and np.array_equal(got.matrix, m[np.ix_(order, order)])

@@ -498,6 +498,9 @@ class Pipeline:
         if not pngs:
             self._print(f"{label}: no figures: they need matplotlib (pip install 'lightning-etap[plot]'); rerun "
                         "the command after installing it and the report is redone with them")
+        if self.config.logger != "none" and self.config.affinity_from is not None:
+            self._print(f"{label}: logger {self.config.logger!r}: nothing logged (with affinity_from there is no "
+                        "all-task fit whose run the figures would join); the report is the record")
         self._log_figures(pngs)
         return {}, {}
 
