@@ -100,9 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("output", "dataset", "data_root", "preset", "engine", "tasks", "affinity_from", "n_train_groups", "sampling",
-            "seeds",
-            "measure_all",
-            "budgets", "executor", "workers", "ray_address", "logger", "wandb_mode", "wandb_project")
+            "seeds", "measure_all", "budgets", "executor", "workers", "ray_address", "logger", "wandb_mode",
+            "wandb_project")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if str(out.get("affinity_from", "x")).strip().lower() in ("", "none"):
         out["affinity_from"] = None  # back to the pipeline's own all-task fit

@@ -404,8 +404,10 @@ class Pipeline:
         record = {"strategy": result.strategy, "budget": budget, "groups": [list(g) for g in result.groups],
                   "rule": list(result.details.get("rule", [])),
                   "expected_improvement": [float(v) for v in result.details.get("expected_improvement", [])]}
-        shown = "; ".join("{" + ", ".join(g) + "}" for g in result.groups)
-        self._print(f"    best measured grouping of <= {budget} groups after {len(train)} trainings: {shown}")
+        from lightning_etap.pipeline.report import _groups_text
+
+        self._print(f"    best measured grouping of <= {budget} groups after {len(train)} trainings: "
+                    f"{_groups_text(result.groups)}")
         return train, record
 
     # ------------------------------------------------------------------ 3. predict
@@ -498,7 +500,7 @@ class Pipeline:
         if not pngs:
             self._print(f"{label}: no figures: they need matplotlib (pip install 'lightning-etap[plot]'); rerun "
                         "the command after installing it and the report is redone with them")
-        if self.config.logger != "none" and self.config.affinity_from is not None:
+        if self.config.logger != "none" and not self._logs():
             self._print(f"{label}: logger {self.config.logger!r}: nothing logged (with affinity_from there is no "
                         "all-task fit whose run the figures would join); the report is the record")
         self._log_figures(pngs)
