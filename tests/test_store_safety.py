@@ -209,6 +209,59 @@ def test_the_fork_server_imports_its_preload_with_ctrl_c_ignored_and_forks_with_
     assert res.stdout.strip() == "default"
 
 
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="needs the forkserver start method")
+def test_a_worker_started_after_its_pool_closed_exits_without_a_traceback_other_errors_still_print(tmp_path):
+    """Ctrl-C while a pool starts its workers: the pool's owner removes the pool's lock (a named semaphore), and a
+    worker that the fork server forks just after fails to open it. Python printed that FileNotFoundError's
+    traceback under our "interrupted" line. The fork server started by ProcessPoolExecutor now keeps that one
+    quiet (the worker exits as before); any other error of a starting process still prints."""
+    script = tmp_path / "closed_pool.py"
+    script.write_text(textwrap.dedent("""
+        import gc, multiprocessing, sys, time
+
+
+        class Slow:  # unpickled before the lock: the owner has time to close its pool first
+            def __reduce__(self):
+                return (time.sleep, (1.5,))
+
+
+        class Bad:  # fails to unpickle in the new process
+            def __reduce__(self):
+                return (int, ("not a number",))
+
+
+        def noop(*args):
+            pass
+
+
+        if __name__ == "__main__":
+            from lightning_etap.groundtruth.executors import _start_forkserver_without_sigint
+            ctx = multiprocessing.get_context("forkserver")
+            if sys.argv[1] == "ours":
+                ctx.set_forkserver_preload(["lightning_etap.groundtruth._forkserver_sigint"])
+                _start_forkserver_without_sigint()
+            lock = ctx.Lock()
+            process = ctx.Process(target=noop, args=(Bad(),) if sys.argv[2] == "bad" else (Slow(), lock))
+            process.start()
+            time.sleep(0.3)
+            del lock  # its finalizer removes the semaphore, as when a pool is shut down
+            gc.collect()
+            process.join()
+            print("exitcode", process.exitcode)
+    """))
+
+    def run(*mode):
+        res = subprocess.run([sys.executable, str(script), *mode], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path)
+        assert res.returncode == 0 and res.stdout.strip() == "exitcode 1", (res.stdout, res.stderr[-3000:])
+        return res.stderr
+
+    assert "FileNotFoundError" in run("plain", "closed")  # the race, reproduced: Python prints it
+    assert "Traceback" not in run("ours", "closed")
+    assert "ValueError: invalid literal for int()" in run("ours", "bad")
+
+
 class InstantTrainer:
     """Answers every job at once, in this process."""
 
