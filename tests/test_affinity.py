@@ -605,12 +605,36 @@ def test_detached_task_loss_warns_once_and_counts_as_zero_gradient():
     assert np.all(cb.result.matrix[1] == 0) and np.all(cb.result.matrix[:, 1] == 0)
 
 
-def test_zero_task_loss_leaves_its_column_out():
+def test_zero_task_loss_leaves_its_column_out_and_says_its_row_counts_the_step():
+    """A loss of exactly 0 (here `0 * loss`, as users write for "no labels in this batch") leaves the column out
+    but counts the row with the zero gradient, which biases the row silently; the end of the fit says so and
+    points to NaN, the convention for an absent task."""
     cb = AffinityCallback("encoder", every_n_steps=1)
-    fit(TinyMTL(zero_task="c"), tiny_loader(), [cb], max_epochs=1)
+    with pytest.warns(RuntimeWarning, match=r"task\(s\) c \(3 of 3\) had a loss of exactly 0.*return NaN") as record:
+        fit(TinyMTL(zero_task="c"), tiny_loader(), [cb], max_epochs=1)
+    assert sum("exactly 0" in str(w.message) for w in record) == 1
     res = cb.result
     assert res.zero_loss_skips == {"a": 0, "b": 0, "c": 3}
     assert np.isnan(res.matrix[:, 2]).all() and np.isfinite(res.matrix[:, :2]).all()
+    assert (res.matrix[2, :2] == 0).all()  # plain SGD: the zero gradient's update moves nothing
+
+
+def test_a_task_present_in_fewer_than_half_of_the_measured_steps_is_named_at_the_end():
+    cb = AffinityCallback("encoder", every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match=r"task\(s\) b \(2 of 6\) were present in fewer than half"):
+        fit(TinyMTL(nan_steps={0, 1, 2, 4}), tiny_loader(n=48), [cb], max_epochs=1)
+    assert cb.result.absent_steps == {"b": 4}
+    half = AffinityCallback("encoder", every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # present in 3 of 6: no warning
+        fit(TinyMTL(nan_steps={0, 2, 4}), tiny_loader(n=48), [half], max_epochs=1)
+
+
+class ItemLoss(TinyMTL):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        out["task_losses"]["b"] = out["task_losses"]["b"].item()
+        return out
 
 
 class ReturnsTensor(TinyMTL):
@@ -711,6 +735,8 @@ def test_errors_are_clear():
     assert "training_step" not in bad.__dict__  # a failed fit leaves the module unwrapped
     with pytest.raises(ValueError, match=r"\['zzz'\].*not in this step's task_losses"):
         fit(TinyMTL(), tiny_loader(), [AffinityCallback(tasks=["a", "zzz"])], max_epochs=1)
+    with pytest.raises(ValueError, match=r"task_losses\['b'\] is a Python number .*\.item\(\).*Return the loss tensor"):
+        fit(ItemLoss(), tiny_loader(), [AffinityCallback()], max_epochs=1)
     with pytest.raises(TypeError, match=r"keys of task_losses must be task names \(str\); got 0 \(int\)"):
         fit(IntKeys(), tiny_loader(), [AffinityCallback()], max_epochs=1)
     # names are checked at every step, not only at measured ones (steps 1-3 are not measured)
@@ -914,6 +940,8 @@ def test_group_score_pairwise_and_pandas_by_hand():
     assert res.score("y", "z") == -4.0
     with pytest.raises(ValueError, match="singleton has no affinity"):
         res.group_score(["x"])
+    with pytest.raises(ValueError, match=r"the group is empty: name at least two of the tasks \['x', 'y', 'z'\]"):
+        res.group_score([])
     with pytest.raises(ValueError, match="unknown task"):
         res.group_score(["x", "w"])
     with pytest.raises(ValueError, match="duplicate"):

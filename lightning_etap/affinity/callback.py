@@ -559,6 +559,11 @@ class AffinityCallback(Callback):
         values = []
         for t in names:
             v = losses[t]
+            if isinstance(v, (int, float)):
+                raise ValueError(
+                    f"AffinityCallback: task_losses[{t!r}] is a Python number ({v!r}), not a tensor: did the step "
+                    "call .item() on it? Return the loss tensor itself, still attached to the graph (log "
+                    f".item() separately if you want); {_CONTRACT}")
             if not isinstance(v, Tensor) or v.numel() != 1:
                 raise ValueError(f"AffinityCallback: task_losses[{t!r}] must be a scalar tensor; {_CONTRACT}")
             values.append(v.reshape(()))
@@ -806,7 +811,22 @@ class AffinityCallback(Callback):
                            "from all of them), so their rows and columns of the matrix are NaN. If a task has labels "
                            "in only some batches, measure more steps (every_n_steps=1); otherwise check its loss",
                            category=RuntimeWarning)
-        names = self._task_names  # other entries no step measured: two tasks never present together, a zero loss
+        names, n = self._task_names, self._measured
+        rare = [f"{t} ({n - k} of {n})" for t, k in zip(names, self._absent, strict=True) if 2 * k > n and k < n]
+        if rare:
+            rank_zero_warn(f"AffinityCallback: task(s) {', '.join(rare)} were present in fewer than half of the "
+                           "measured steps (NaN loss: no labels in the batch; under DDP, a task missing on any rank "
+                           "is missing from the step), so their rows and columns rest on those steps only; measure "
+                           "more steps (every_n_steps=1) or use larger batches", category=RuntimeWarning)
+        zero = [f"{t} ({k} of {n})" for t, k in zip(names, self._zero_loss, strict=True) if k]
+        if zero:
+            rank_zero_warn(f"AffinityCallback: task(s) {', '.join(zero)} had a loss of exactly 0 in some measured "
+                           "steps: those steps leave the task's column out (the score divides by its loss) but count "
+                           "its row with its zero gradient, which pulls the row towards 0. If 0 stands for 'no labels "
+                           "in this batch', return NaN as that task's loss instead (and leave it out of the total): "
+                           "the task is then absent from the step, row and column (result.zero_loss_skips counts "
+                           "the zero-loss steps)", category=RuntimeWarning)
+        # other entries no step measured: two tasks never present together, a zero loss
         pairs = [f"{names[i]}->{names[j]}" for i, j in zip(*np.nonzero(np.isnan(matrix)), strict=True)
                  if i != j and names[i] not in never and names[j] not in never]
         if pairs:
@@ -819,7 +839,8 @@ class AffinityCallback(Callback):
         elif self.method == "etap" and not bool(self._seen_overlap):
             hint = ("with per-task inputs (each example belongs to one task) the gradients w.r.t. the "
                     "representation never share a row: use scope='shared'" if self.scope == "representation" else
-                    "the tasks use disjoint parts of the shared parameters")
+                    "the tasks use disjoint parts of the shared parameters: check shared=, which should name the "
+                    "parameters every task's loss goes through (the trunk or encoder), not the per-task heads")
             rank_zero_warn(f"AffinityCallback: at every measured step every product between two different tasks' "
                            f"gradients was exactly 0, so the matrix says nothing about how they interact; {hint}",
                            category=RuntimeWarning)

@@ -147,6 +147,8 @@ class AffinityResult:
                 tasks (a single task has no affinity).
         """
         idx = self._indices(group)
+        if not idx:
+            raise ValueError("the group is empty: name at least two of the tasks " + str(list(self.task_names)))
         if len(idx) < 2:
             raise ValueError(
                 f"group {list(group)} has a single task: a singleton has no affinity "
