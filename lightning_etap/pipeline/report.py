@@ -487,7 +487,7 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
             cards.append(f"<div class='card'>Pearson r, {label}<b>{q['task_pearson']:.2f}</b>"
                          f"per task in group; {q['group_pearson']:.2f} per group ({int(q['n_groups'])} groups)</div>")
     total = sum(float(t["seconds"]) for t in data["timings"].values())
-    cards.append(f"<div class='card'>wall time<b>{total:.0f} s</b>all stages, last runs</div>")
+    cards.append(f"<div class='card'>wall time<b>{total:.0f} s</b>the stages before this report, last runs</div>")
     parts.append("<div class='cards'>" + "".join(cards) + "</div>")
 
     # the choice per budget
