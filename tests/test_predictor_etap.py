@@ -627,3 +627,53 @@ def test_docstring_examples_run():
         warnings.simplefilter("error")
         result = doctest.testmod(etap_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_a_group_gains_table_is_matched_to_the_predictors_tasks_by_name():
+    """fit(masks, gains) takes columns by position, so an affinity in another task order than the gains gave
+    silently wrong predictions. A GroupGains passed alone carries its names: its columns are put in the
+    predictor's order, for ETAP and every baseline that fits on gains; other tasks are refused."""
+    from lightning_etap.groundtruth import GroupGains
+    from lightning_etap.predictors import (
+        BayesianETAPPredictor,
+        HOAPredictor,
+        LinearSurrogate,
+        MTGNetPredictor,
+        TAGPredictor,
+    )
+
+    A, train, y, test, _ = make_problem(5, 20, 3, lambda z, m: np.tanh(z))
+    names = list("abcde")
+    train = np.vstack([train, np.eye(5, dtype=bool)[[0, 1]] | np.eye(5, dtype=bool)[[1, 2]]])  # two pairs for HOA
+    y = np.vstack([y, np.where(train[-2:], 0.1, np.nan)])
+    perm = [3, 0, 4, 2, 1]  # the gains' own column order
+    table = GroupGains(tuple(names[k] for k in perm), train[:, perm], np.where(train[:, perm], 1.0, np.nan),
+                       y[:, perm], np.zeros(len(train), dtype=np.int64), {})
+    small = {**SMALL}
+    cases = [
+        (ETAPPredictor(A, task_names=names, **small), ETAPPredictor(A, task_names=names, **small)),
+        (BayesianETAPPredictor(A, task_names=names), BayesianETAPPredictor(A, task_names=names)),
+        (LinearSurrogate(task_names=names), LinearSurrogate(task_names=names)),
+        (HOAPredictor(task_names=names), HOAPredictor(task_names=names)),  # (asked about its two pairs only)
+        (MTGNetPredictor(task_names=names, max_epochs=20, random_state=0),
+         MTGNetPredictor(task_names=names, max_epochs=20, random_state=0)),
+    ]
+    for by_name, by_position in cases:
+        by_name.fit(table)
+        by_position.fit(train, y)
+        assert list(by_name.task_names_) == names
+        query = train[-2:] if isinstance(by_name, HOAPredictor) else test
+        np.testing.assert_array_equal(by_name.predict(query), by_position.predict(query),
+                                      err_msg=type(by_name).__name__)
+    # no names on the predictor's side: the table's own order, and its names
+    plain = LinearSurrogate().fit(table)
+    assert plain.task_names_ == [names[k] for k in perm]
+    np.testing.assert_array_equal(plain.predict(train[:, perm]), LinearSurrogate().fit(train[:, perm], y[:, perm])
+                                  .predict(train[:, perm]))
+    TAGPredictor(A, task_names=names).fit(table)  # checked and ignored
+    other = GroupGains(("a", "b", "c", "d", "z"), train, np.where(train, 1.0, np.nan), y,
+                       np.zeros(len(train), dtype=np.int64), {})
+    with pytest.raises(ValueError, match=r"missing from the gains: \['e'\]; not the predictor's: \['z'\]"):
+        ETAPPredictor(A, task_names=names).fit(other)
+    with pytest.raises(ValueError, match=r"missing from the gains: \['e'\]"):
+        LinearSurrogate(task_names=names).fit(other)

@@ -72,10 +72,12 @@ class GroupGains:
         stl_losses: seed -> ``(n,)`` single-task test losses (NaN where a task
             had no STL run with that seed).
 
-    ``masks`` and ``gains`` go straight into any predictor's ``fit``::
+    The table goes straight into any predictor's ``fit``, which matches its
+    columns to the predictor's tasks by name (``fit(gains.masks,
+    gains.gains)`` takes them by position)::
 
         gains = store.gains()
-        ETAPPredictor(affinity).fit(gains.masks, gains.gains)
+        ETAPPredictor(affinity).fit(gains)
     """
 
     task_names: tuple[str, ...]

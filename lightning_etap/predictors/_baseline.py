@@ -20,7 +20,14 @@ from sklearn.metrics import r2_score
 from sklearn.utils.validation import check_is_fitted
 
 from ._persist import array_from_json, read_document, write_document
-from ._validation import affinity_values, as_float_array, check_gains, check_masks, resolve_task_names
+from ._validation import (
+    affinity_values,
+    as_float_array,
+    check_gains,
+    check_masks,
+    resolve_task_names,
+    training_table,
+)
 
 __all__ = [
     "BaselinePredictor",
@@ -56,6 +63,14 @@ class BaselinePredictor(RegressorMixin, BaseEstimator):
     def _resolve_names(self, n: int) -> list[str] | None:
         """``task_names=``, or the names the predictor's affinity carries (an AffinityResult, a DataFrame)."""
         return resolve_task_names(getattr(self, "task_names", None), getattr(self, "affinity", None), n)
+
+    def _known_names(self) -> list[str] | None:
+        """The task names the predictor knows before ``fit`` (``task_names=`` or its affinity's), unchecked."""
+        given = getattr(self, "task_names", None)
+        if given is not None:
+            return [str(t) for t in given]
+        affinity = getattr(self, "affinity", None)
+        return affinity_values(affinity)[1] if affinity is not None else None
 
     def _label(self, tasks) -> list:
         names = getattr(self, "task_names_", None)
@@ -186,11 +201,15 @@ class BaselinePredictor(RegressorMixin, BaseEstimator):
 
 
 # --------------------------------------------------------------------- helpers
-def check_training_groups(masks, gains, n_tasks: int | None, *, minimum: int, who: str):
-    """Validate training masks/gains; return ``(masks, gains)`` of the groups with >= 2 tasks.
+def check_training_groups(masks, gains, n_tasks: int | None, *, minimum: int, who: str, names=None):
+    """Validate training masks/gains; return ``(masks, gains, columns)`` of the groups with >= 2 tasks.
 
-    Raises ``ValueError`` when fewer than ``minimum`` such groups remain.
+    ``masks`` may be a ``GroupGains`` passed alone (``gains=None``): its
+    columns are put in the predictor's task order ``names`` (when known) by
+    name; ``columns`` is then the columns' task names, else ``None``. Raises
+    ``ValueError`` when fewer than ``minimum`` such groups remain.
     """
+    masks, gains, columns = training_table(masks, gains, names, who)
     masks = check_masks(masks, n_tasks)
     gains = check_gains(gains, masks)
     keep = masks.sum(axis=1) >= 2
@@ -200,7 +219,7 @@ def check_training_groups(masks, gains, n_tasks: int | None, *, minimum: int, wh
             f"{int(keep.sum())} (singleton groups have gain 0 by definition and are ignored): "
             "measure more groups"
         )
-    return masks[keep], gains[keep]
+    return masks[keep], gains[keep], columns
 
 
 def pair_gain_matrix(masks: np.ndarray, gains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

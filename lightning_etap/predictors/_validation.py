@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["affinity_values", "as_float_array", "check_affinity", "check_gains", "check_masks", "resolve_task_names"]
+__all__ = [
+    "affinity_values",
+    "as_float_array",
+    "check_affinity",
+    "check_gains",
+    "check_masks",
+    "resolve_task_names",
+    "training_table",
+]
 
 
 def affinity_values(affinity) -> tuple[object, list[str] | None]:
@@ -166,3 +174,27 @@ def check_gains(gains, masks: np.ndarray, *, name: str = "gains") -> np.ndarray:
             f"(first: group {g}, task {t}); {fix}"
         )
     return arr
+
+
+def training_table(masks, gains, names, who: str) -> tuple[object, object, list[str] | None]:
+    """``fit``'s training data: ``(masks, gains)`` arrays as given, or a :class:`GroupGains` passed alone.
+
+    A ``GroupGains`` (``store.gains()``, anything with ``task_names``,
+    ``masks`` and ``gains``) carries its task names, so its columns are put
+    in the predictor's task order ``names`` (when the predictor knows them)
+    by name instead of by position. Returns ``(masks, gains, the columns'
+    task names or None)``.
+    """
+    if gains is not None or not all(hasattr(masks, a) for a in ("task_names", "masks", "gains")):
+        return masks, gains, None
+    theirs = [str(t) for t in masks.task_names]
+    if names is None:
+        return masks.masks, masks.gains, theirs
+    ours = [str(t) for t in names]
+    if sorted(ours) != sorted(theirs):
+        missing, extra = [t for t in ours if t not in theirs], [t for t in theirs if t not in ours]
+        raise ValueError(
+            f"the gains cover tasks {theirs} but {who} predicts for {ours} (missing from the gains: {missing}; "
+            f"not the predictor's: {extra}): measure the same tasks, or build the predictor's affinity on these")
+    order = [theirs.index(t) for t in ours]
+    return masks.masks[:, order], masks.gains[:, order], ours

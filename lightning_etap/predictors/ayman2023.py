@@ -223,20 +223,23 @@ class Ayman2023Predictor(BaselinePredictor):
             )
 
     # --------------------------------------------------------------------- fit
-    def fit(self, masks, gains) -> Ayman2023Predictor:
+    def fit(self, masks, gains=None) -> Ayman2023Predictor:
         """Build the features of every member of the training groups and fit the MLP.
 
         Args:
             masks: ``(m, n)`` bool training masks (singletons ignored).
-            gains: ``(m, n)`` measured relative gains; non-member entries ignored.
+            gains: ``(m, n)`` measured relative gains; non-member entries ignored. Or pass a
+                :class:`~lightning_etap.groundtruth.GroupGains` (``store.gains()``)
+                alone as ``masks``: its columns are matched to the tasks by name.
 
         Returns:
             self
         """
-        masks, gains = check_training_groups(masks, gains, None, minimum=2, who="Ayman2023Predictor")
+        masks, gains, columns = check_training_groups(masks, gains, None, minimum=2, who="Ayman2023Predictor",
+                                                      names=self._known_names())
         n = masks.shape[1]
         self.n_tasks_ = n
-        self.task_names_ = self._resolve_names(n)
+        self.task_names_ = self._resolve_names(n) or columns
         if self.pairwise is None:
             self.pairwise_ = pair_gain_matrix(masks, gains)[0]
         else:

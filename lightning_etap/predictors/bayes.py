@@ -209,12 +209,14 @@ class BayesianETAPPredictor(BaselinePredictor):
         return v
 
     # --------------------------------------------------------------------- fit
-    def fit(self, masks, gains) -> BayesianETAPPredictor:
+    def fit(self, masks, gains=None) -> BayesianETAPPredictor:
         """Choose the priors by marginal likelihood and compute the posterior of the weights.
 
         Args:
             masks: ``(m, n)`` bool training masks (singletons ignored).
-            gains: ``(m, n)`` measured relative gains; non-member entries ignored.
+            gains: ``(m, n)`` measured relative gains; non-member entries ignored. Or pass a
+                :class:`~lightning_etap.groundtruth.GroupGains` (``store.gains()``)
+                alone as ``masks``: its columns are matched to the tasks by name.
 
         Returns:
             self
@@ -229,9 +231,10 @@ class BayesianETAPPredictor(BaselinePredictor):
         grid = self._grid()
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
-        masks, gains = check_training_groups(masks, gains, n, minimum=1, who="BayesianETAPPredictor")
+        masks, gains, columns = check_training_groups(masks, gains, n, minimum=1, who="BayesianETAPPredictor",
+                                                      names=self._resolve_names(n))
         self.n_tasks_ = n
-        self.task_names_ = self._resolve_names(n)
+        self.task_names_ = self._resolve_names(n) or columns
         self.affinity_ = affinity
         off = affinity[~np.eye(n, dtype=bool)]
         lo, hi = float(off.min()), float(off.max())

@@ -37,6 +37,7 @@ from ._validation import (
     check_gains,
     check_masks,
     resolve_task_names,
+    training_table,
 )
 
 __all__ = [
@@ -303,7 +304,7 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         return resolve_task_names(self.task_names, self.affinity, n)
 
     # ---------------------------------------------------------------------- fit
-    def fit(self, masks, gains) -> ETAPPredictor:
+    def fit(self, masks, gains=None) -> ETAPPredictor:
         """Fit both stages on measured training groups.
 
         The released code always puts the all-task group into the training
@@ -314,7 +315,10 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
             masks: ``(m, n)`` bool masks of the training groups (0/1 accepted).
                 Singleton groups are ignored.
             gains: ``(m, n)`` measured relative gains ``y[G -> t]``; entries of
-                non-members are ignored (NaN customary).
+                non-members are ignored (NaN customary). Or pass a
+                :class:`~lightning_etap.groundtruth.GroupGains` (``store.gains()``)
+                alone as ``masks``: its columns are matched to the predictor's
+                tasks by name.
 
         Returns:
             self
@@ -325,7 +329,8 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         options = self._checked_options()
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
-        names = self._resolve_names(n)
+        masks, gains, columns = training_table(masks, gains, self._resolve_names(n), "ETAPPredictor")
+        names = self._resolve_names(n) or columns
         masks = check_masks(masks, n)
         gains = check_gains(gains, masks)
         keep = masks.sum(axis=1) >= 2

@@ -48,7 +48,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ._baseline import BaselinePredictor, format_pairs
 from ._persist import read_npz_document, write_npz_document
-from ._validation import check_gains, check_masks
+from ._validation import check_gains, check_masks, training_table
 
 __all__ = ["GradTAEPredictor", "ProjectedGradients", "projected_gradients", "projection_matrix"]
 
@@ -591,6 +591,7 @@ class GradTAEPredictor(BaselinePredictor):
         self._check_options()
         feats = self.features
         n = feats.n_tasks
+        masks, gains, _ = training_table(masks, gains, list(feats.task_names), "GradTAEPredictor")
         if masks is not None:
             checked = check_masks(masks, n)
             if gains is not None:

@@ -62,17 +62,20 @@ class HOAPredictor(BaselinePredictor):
     def __init__(self, *, task_names: Sequence[str] | None = None):
         self.task_names = task_names
 
-    def fit(self, masks, gains) -> HOAPredictor:
+    def fit(self, masks, gains=None) -> HOAPredictor:
         """Collect the measured pairwise gains from the two-task training groups.
 
         Args:
             masks: ``(m, n)`` bool training masks (groups other than pairs are ignored).
-            gains: ``(m, n)`` measured relative gains; non-member entries ignored.
+            gains: ``(m, n)`` measured relative gains; non-member entries ignored. Or pass a
+                :class:`~lightning_etap.groundtruth.GroupGains` (``store.gains()``)
+                alone as ``masks``: its columns are matched to the tasks by name.
 
         Returns:
             self
         """
-        masks, gains = check_training_groups(masks, gains, None, minimum=1, who="HOAPredictor")
+        masks, gains, columns = check_training_groups(masks, gains, None, minimum=1, who="HOAPredictor",
+                                                      names=self._known_names())
         size = masks.sum(axis=1)
         if not (size == 2).any():
             raise ValueError(
@@ -81,7 +84,7 @@ class HOAPredictor(BaselinePredictor):
             )
         pair_gain, count = pair_gain_matrix(masks, gains)
         self.n_tasks_ = masks.shape[1]
-        self.task_names_ = self._resolve_names(self.n_tasks_)
+        self.task_names_ = self._resolve_names(self.n_tasks_) or columns
         self.pair_gain_ = pair_gain
         self.n_pairs_ = int(np.triu(count > 0, k=1).sum())
         self.n_ignored_groups_ = int((size > 2).sum())

@@ -255,22 +255,25 @@ class MTGNetPredictor(BaselinePredictor):
         ):
             raise ValueError(f"num_threads must be None or an integer >= 1; got {threads!r}")
 
-    def fit(self, masks, gains) -> MTGNetPredictor:
+    def fit(self, masks, gains=None) -> MTGNetPredictor:
         """Train the network on the training groups with two or more tasks.
 
         Args:
             masks: ``(m, n)`` bool training masks (singletons ignored).
-            gains: ``(m, n)`` measured relative gains; non-member entries ignored.
+            gains: ``(m, n)`` measured relative gains; non-member entries ignored. Or pass a
+                :class:`~lightning_etap.groundtruth.GroupGains` (``store.gains()``)
+                alone as ``masks``: its columns are matched to the tasks by name.
 
         Returns:
             self
         """
         self._check_options()
-        masks, gains = check_training_groups(masks, gains, None, minimum=2, who="MTGNetPredictor")
+        masks, gains, columns = check_training_groups(masks, gains, None, minimum=2, who="MTGNetPredictor",
+                                                      names=self._known_names())
         with _torch_threads(self.num_threads):
-            return self._fit(masks, gains)
+            return self._fit(masks, gains, columns)
 
-    def _fit(self, masks: np.ndarray, gains: np.ndarray) -> MTGNetPredictor:
+    def _fit(self, masks: np.ndarray, gains: np.ndarray, columns: list[str] | None = None) -> MTGNetPredictor:
         n = masks.shape[1]
         y = gains[masks]
         mean, scale = (float(y.mean()), float(y.std())) if self.standardize else (0.0, 1.0)
@@ -316,7 +319,7 @@ class MTGNetPredictor(BaselinePredictor):
                     break
 
         self.n_tasks_ = n
-        self.task_names_ = self._resolve_names(n)
+        self.task_names_ = self._resolve_names(n) or columns
         self.loss_history_ = np.asarray(history)
         self.n_epochs_ = len(history)
         self.stopped_early_ = stopped

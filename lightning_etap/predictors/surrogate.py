@@ -81,12 +81,14 @@ class LinearSurrogate(BaselinePredictor):
         self.min_groups = min_groups
         self.task_names = task_names
 
-    def fit(self, masks, gains) -> LinearSurrogate:
+    def fit(self, masks, gains=None) -> LinearSurrogate:
         """Fit one linear model per task on the training groups containing it.
 
         Args:
             masks: ``(m, n)`` bool training masks (singletons ignored).
-            gains: ``(m, n)`` measured relative gains; non-member entries ignored.
+            gains: ``(m, n)`` measured relative gains; non-member entries ignored. Or pass a
+                :class:`~lightning_etap.groundtruth.GroupGains` (``store.gains()``)
+                alone as ``masks``: its columns are matched to the tasks by name.
 
         Returns:
             self
@@ -100,10 +102,11 @@ class LinearSurrogate(BaselinePredictor):
             self.min_groups < 1
         ):
             raise ValueError(f"min_groups must be an integer >= 1; got {self.min_groups!r}")
-        masks, gains = check_training_groups(masks, gains, None, minimum=1, who="LinearSurrogate")
+        masks, gains, columns = check_training_groups(masks, gains, None, minimum=1, who="LinearSurrogate",
+                                                      names=self._known_names())
         n = masks.shape[1]
         self.n_tasks_ = n
-        self.task_names_ = self._resolve_names(n)
+        self.task_names_ = self._resolve_names(n) or columns
         coef = np.zeros((n, n))
         intercept = np.zeros(n)
         counts = masks.sum(axis=0).astype(np.int64)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._baseline import BaselinePredictor
-from ._validation import check_affinity, check_gains, check_masks
+from ._validation import check_affinity, check_gains, check_masks, training_table
 from .etap import group_affinity
 
 __all__ = ["TAGPredictor"]
@@ -81,6 +81,7 @@ class TAGPredictor(BaselinePredictor):
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
         names = self._resolve_names(n)
+        masks, gains, _ = training_table(masks, gains, names, "TAGPredictor")
         if masks is not None:
             checked = check_masks(masks, n)
             if gains is not None:
