@@ -313,7 +313,7 @@ def _check_budget(budget, unit: bool) -> float:
     return b
 
 
-def _build_problem(masks, gains, budget, singleton_gain, disjoint, costs) -> _Problem:
+def _build_problem(masks, gains, budget, singleton_gain, disjoint, costs, task_names=None) -> _Problem:
     masks = _as_masks(masks)
     m, n = masks.shape
     gains = _as_gains(gains, (m, n))
@@ -349,8 +349,9 @@ def _build_problem(masks, gains, budget, singleton_gain, disjoint, costs) -> _Pr
     finite = np.isfinite(vals)
     if not finite.all():
         k = int(np.flatnonzero(~finite)[0])
+        task = repr(task_names[int(cols[k])]) if task_names is not None and len(task_names) == n else int(cols[k])
         raise ValueError(
-            f"gain of member task {int(cols[k])} in group {int(rows[k])} is {vals[k]}; "
+            f"gain of member task {task} in group {int(rows[k])} is {vals[k]}; "
             f"member gains must be finite ({int((~finite).sum())} bad entries)"
         )
     del finite
@@ -1342,7 +1343,7 @@ def select_groups(
             raise ValueError(f"time_limit must be a number of seconds, got {time_limit!r}") from None
         if not time_limit > 0:
             raise ValueError(f"time_limit must be positive, got {time_limit}")
-    prob = _build_problem(masks, gains, budget, singleton_gain, disjoint, costs)
+    prob = _build_problem(masks, gains, budget, singleton_gain, disjoint, costs, task_names)
     if task_names is not None:
         task_names = tuple(str(t) for t in task_names)
         if len(task_names) != prob.n:
@@ -1358,9 +1359,11 @@ def select_groups(
     coverable = np.zeros(prob.n, dtype=bool)
     coverable[prob.cols] = True
     if not coverable.all():
+        lost = np.flatnonzero(~coverable)[:10].tolist()
         raise ValueError(
-            f"no feasible selection: tasks {np.flatnonzero(~coverable)[:10].tolist()} are in no usable "
-            "candidate group (singletons are forbidden)"
+            f"no feasible selection: tasks {[task_names[t] for t in lost] if task_names else lost} are in no "
+            "usable candidate group (singletons are forbidden): add candidate groups holding them, or allow "
+            "singletons (a finite singleton_gain)"
         )
     small = len(prob.vals) <= _DIRECT_NNZ
     if method == "auto":

@@ -279,9 +279,14 @@ def test_gains_need_every_stl_run(tmp_path, fakes):
     store.record(GroupOutcome(("a",), 0, {"a": 0.5}))
     with pytest.raises(ValueError, match=r"b \(seed 0\)"):
         store.gains(groups=[("a", "b")], seeds=[0])
-    assert len(store.gains()) == 0  # without explicit groups, incomplete rows are left out
+    # without explicit groups, incomplete rows are left out, and said (it was silent: an empty table, then
+    # "measure more groups" from the predictor)
+    with pytest.warns(UserWarning, match=r"1 finished group run\(s\) left out of the gains: a\|b \(seed 0\)"):
+        assert len(store.gains()) == 0
     store.record(GroupOutcome(("b",), 0, {"b": 0.5}))
-    assert store.gains().gains[0, :2] == pytest.approx([0.4, 0.2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.gains().gains[0, :2] == pytest.approx([0.4, 0.2])
 
 
 # ================================================================== store
@@ -449,6 +454,39 @@ def test_collect_with_a_store_object_and_bad_arguments(tmp_path, fakes):
         collect_gains(trainer, [("a", "x")], store=store)
     with pytest.raises(ValueError, match="seeds is empty"):
         collect_gains(trainer, [("a", "b")], seeds=[], store=store)
+    # mistakes from a user trial: each said what it was (a TypeError from inside, or silently other seeds)
+    with pytest.raises(TypeError, match=r"seeds must be a list of training seeds, e.g. seeds=\[0\].*got 0"):
+        collect_gains(trainer, [("a", "b")], seeds=0, store=store)
+    with pytest.raises(TypeError, match=r"seeds must be a list.*got '01'"):  # was read as seeds 0 and 1
+        collect_gains(trainer, [("a", "b")], seeds="01", store=store)
+    with pytest.raises(ValueError, match=r"holds task indices \(0\); groups here are task names"):
+        collect_gains(trainer, [(0, 1)], store=store)
+    with pytest.raises(ValueError, match=r"not the string 'a' \(a single group given where a list of groups"):
+        collect_gains(trainer, ("a", "b"), store=store)
+    with pytest.raises(ValueError, match=r"groups must be a list of groups.*not the string 'ab'"):
+        collect_gains(trainer, "ab", store=store)
+
+
+def test_a_loss_that_is_not_a_number_fails_its_job_with_the_reason(tmp_path, caplog):
+    """A trainer returning losses as strings got "Unknown format code 'g'" from the progress log, after the row
+    was stored; now the job fails like a NaN loss would, with what was returned. A trainer that reports no
+    time or epochs is logged without "in nans, -1 epochs"."""
+
+    class Trainer:
+        task_names = TASKS
+
+        def fingerprint(self):
+            return {"t": 1}
+
+        def train(self, jobs):
+            return [GroupOutcome(g, s, {t: "0.5" if len(g) > 1 else np.float32(0.5) for t in g}) for g, s in jobs]
+
+    with caplog.at_level("INFO", logger="lightning_etap.groundtruth"), pytest.raises(CollectionError) as err:
+        collect_gains(Trainer(), [("a", "b")], store=tmp_path / "g.sqlite", retries=0, progress=False)
+    assert list(err.value.failed) == [(("a", "b"), 0)]
+    assert "test loss '0.5' (str) for 'a': test losses must be numbers" in err.value.failed[(("a", "b"), 0)]
+    assert GainStore(tmp_path / "g.sqlite").counts() == {"done": 2, "failed": 1}
+    assert "done a seed 0: a=0.5" in caplog.messages, caplog.messages  # no "in nans, -1 epochs"
 
 
 def test_two_processes_write_one_store_at_once(tmp_path, fakes_dir):

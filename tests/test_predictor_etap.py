@@ -677,3 +677,10 @@ def test_a_group_gains_table_is_matched_to_the_predictors_tasks_by_name():
         ETAPPredictor(A, task_names=names).fit(other)
     with pytest.raises(ValueError, match=r"missing from the gains: \['e'\]"):
         LinearSurrogate(task_names=names).fit(other)
+    # a NaN member gain is named by task (it was a column index)
+    holed = y.copy()
+    holed[0, np.flatnonzero(train[0])[0]] = np.nan
+    with pytest.raises(ValueError, match=rf"first: group 0, task '{names[np.flatnonzero(train[0])[0]]}'"):
+        ETAPPredictor(A, task_names=names).fit(train, holed)
+    with pytest.raises(ValueError, match=rf"first: group 0, task '{names[np.flatnonzero(train[0])[0]]}'"):
+        LinearSurrogate(task_names=names).fit(train, holed)

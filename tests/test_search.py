@@ -172,7 +172,8 @@ def test_a_search_closes_the_store_it_opened(table, store):
 
 @pytest.mark.parametrize("name", ["random_selection", "quick_reject_search", "mtgnet_search", "active_etap_search"])
 def test_a_predictor_for_other_tasks_is_refused_before_any_training(name, table, store):
-    """A wrong task order or size, or a class instead of an instance: refused before the first training."""
+    """A wrong task order or size, a NaN in the affinity, or a class instead of an instance: refused before the
+    first training."""
     pd = pytest.importorskip("pandas")
     from lightning_etap.search import STRATEGIES as registry
 
@@ -186,6 +187,10 @@ def test_a_predictor_for_other_tasks_is_refused_before_any_training(name, table,
             search(oracle, 6, predictor=predictor, **kwargs)
     with pytest.raises(ValueError, match=r"affinity covers 5 tasks, the trainer 6"):
         search(oracle, 6, predictor=ETAPPredictor(AFFINITY[:5, :5]), **kwargs)
+    holed = AFFINITY.copy()
+    holed[1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"predictor's affinity has 1 non-finite off-diagonal entries \(first at \[1, 3\]\)"):
+        search(oracle, 6, predictor=ETAPPredictor(holed), **kwargs)
     with pytest.raises(TypeError, match=r"not the class ETAPPredictor: pass e.g. ETAPPredictor\(affinity\)"):
         search(oracle, 6, predictor=ETAPPredictor, **kwargs)
     assert oracle.n_trained == 0  # not even the STL models

@@ -210,6 +210,14 @@ def test_infeasible_instances_raise():
             select_groups(masks, gains, 1.5, costs=[2.0, 2.0, 2.0, 2.0], method=method)
     with pytest.raises(ValueError, match="no feasible selection"):  # task d in no usable group
         select_groups(masks[[0, 3]], gains[[0, 3]], 4, singleton_gain=-math.inf)
+    # with task_names, errors name the tasks (they gave column indices)
+    with pytest.raises(ValueError, match=r"tasks \['d'\] are in no usable candidate group.*finite singleton_gain"):
+        select_groups(masks[[0, 3]], gains[[0, 3]], 4, singleton_gain=-math.inf, task_names=list("abcd"))
+    holed = gains.copy()
+    holed[np.argwhere(masks & (masks.sum(axis=1) >= 2)[:, None])[0][0],
+          np.argwhere(masks & (masks.sum(axis=1) >= 2)[:, None])[0][1]] = np.nan
+    with pytest.raises(ValueError, match=r"gain of member task '[abcd]' in group \d+ is nan"):
+        select_groups(masks, holed, 2, task_names=list("abcd"))
 
 
 @pytest.mark.parametrize(

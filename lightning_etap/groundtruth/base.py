@@ -44,9 +44,18 @@ class GroupTrainer(Protocol):
     ``fingerprint()`` returns a JSON-serialisable description of everything
     that determines the numbers (dataset identity and options, model and
     training recipe); the store refuses to mix results of different
-    fingerprints. ``train`` trains each ``(group, seed)`` pair independently:
-    the result for a pair must not depend on which other pairs are in the same
-    call (so a resumed or re-batched collection gives the same table).
+    fingerprints. ``train`` trains each ``(group, seed)`` pair independently
+    (single-task groups included: they are the reference of every gain) and
+    returns one :class:`GroupOutcome` per pair, with a finite positive test
+    loss for every member; the result for a pair must not depend on which
+    other pairs are in the same call (so a resumed or re-batched collection
+    gives the same table).
+
+    A ``task_names`` attribute (the task order) is optional but used by
+    default by :func:`~lightning_etap.groundtruth.collect_gains` and every
+    search (else pass ``task_names=``). For process pools and Ray the trainer
+    is pickled to the workers: a module-level class holding plain data.
+    See "Your own trainer" in ``docs/ground-truth.md``.
     """
 
     def fingerprint(self) -> dict[str, Any]: ...

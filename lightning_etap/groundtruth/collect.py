@@ -20,7 +20,7 @@ from typing import Any
 from lightning_etap.groundtruth.base import GroupOutcome, GroupTrainer
 from lightning_etap.groundtruth.executors import ChunkResult, Executor, InProcessExecutor
 from lightning_etap.groundtruth.gains import GroupGains
-from lightning_etap.groundtruth.sampling import canonical_group, group_key
+from lightning_etap.groundtruth.sampling import canonical_group, check_seeds, group_key
 from lightning_etap.groundtruth.store import FingerprintMismatchError, GainStore
 
 __all__ = ["CollectionError", "collect_gains", "plan_jobs"]
@@ -50,9 +50,7 @@ def plan_jobs(groups: Iterable[Sequence[str]], seeds: Iterable[int], task_names:
     canonical form and deduplicated; a one-task group is its STL job.
     """
     names = [str(t) for t in task_names]
-    seed_list = list(dict.fromkeys(int(s) for s in seeds))
-    if not seed_list:
-        raise ValueError("seeds is empty: give at least one training seed")
+    seed_list = check_seeds(seeds)
     canon = list(dict.fromkeys(canonical_group(g, names) for g in groups))
     if not canon:
         raise ValueError("groups is empty: nothing to train")
@@ -104,6 +102,15 @@ def _check_outcome(outcome: GroupOutcome, names: Sequence[str]) -> str | None:
     missing = [t for t in outcome.group if t not in outcome.test_losses]
     if missing:
         return f"the trainer returned no test loss for {missing}"
+    for t in outcome.group:
+        value = outcome.test_losses[t]
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            float(value)
+        except (TypeError, ValueError):
+            return (f"the trainer returned test loss {value!r} ({type(value).__name__}) for {t!r}: test losses "
+                    "must be numbers (a float, or a scalar numpy value or tensor)")
     bad = {t: outcome.test_losses[t] for t in outcome.group if not math.isfinite(float(outcome.test_losses[t]))}
     if bad:
         return f"the trainer returned non-finite test losses {bad} (diverged training?)"
@@ -170,8 +177,10 @@ def collect_gains(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     existing = store if isinstance(store, GainStore) else None
     names = _resolve_task_names(trainer, task_names, existing)
+    if isinstance(groups, str):
+        raise ValueError(f"groups must be a list of groups (each a sequence of task names), not the string {groups!r}")
     groups = list(groups)
-    seeds = list(seeds)
+    seeds = check_seeds(seeds)
     jobs = plan_jobs(groups, seeds, names)
     fingerprint = trainer.fingerprint()
     if existing is None:
@@ -274,9 +283,12 @@ def _collect(trainer: GroupTrainer, store: GainStore, jobs: list[Job], seeds: li
                         trained += 1
                         if bar is not None:
                             bar.update(1)
-                        losses = " ".join(f"{t}={outcome.test_losses[t]:.4g}" for t in job[0])
-                        logger.info("%s %s seed %d in %.1fs, %d epochs: %s", "done" if written else "already done",
-                                    group_key(job[0]), job[1], outcome.seconds, outcome.epochs, losses)
+                        losses = " ".join(f"{t}={float(outcome.test_losses[t]):.4g}" for t in job[0])
+                        took = f" in {outcome.seconds:.1f}s" if math.isfinite(outcome.seconds) else ""
+                        if outcome.epochs >= 0:  # -1: the trainer does not say
+                            took += f"{',' if took else ''} {outcome.epochs} epochs"
+                        logger.info("%s %s seed %d%s: %s", "done" if written else "already done",
+                                    group_key(job[0]), job[1], took, losses)
                     for job in sorted(wanted, key=jobs.index):
                         fail(job, "the trainer returned no outcome for this job", retry)
             done = store.done_jobs()

@@ -135,12 +135,24 @@ class GroupGains:
             if len(g) == 1 and (seed_set is None or s in seed_set):
                 stl.setdefault(s, np.full(n, np.nan))[index[g[0]]] = float(o.test_losses[g[0]])
         if groups is None:
-            jobs = sorted(
-                (j for j in by_job if (seed_set is None or j[1] in seed_set)
-                 and (include_singletons or len(j[0]) > 1)
-                 and all(j[1] in stl and not np.isnan(stl[j[1]][index[t]]) for t in j[0])),
-                key=lambda j: (len(j[0]), [index[t] for t in j[0]], j[1]),
-            )
+            def referenced(j):
+                return all(j[1] in stl and not np.isnan(stl[j[1]][index[t]]) for t in j[0])
+
+            def order(j):  # by size, then task order, then seed
+                return len(j[0]), [index[t] for t in j[0]], j[1]
+
+            finished = [j for j in by_job if (seed_set is None or j[1] in seed_set)
+                        and (include_singletons or len(j[0]) > 1)]
+            jobs = sorted((j for j in finished if referenced(j)), key=order)
+            left_out = sorted((j for j in finished if not referenced(j)), key=order)
+            if left_out:
+                shown = ", ".join(f"{group_key(g)} (seed {s})" for g, s in left_out[:5])
+                warnings.warn(
+                    f"{len(left_out)} finished group run(s) left out of the gains: {shown}"
+                    f"{' ...' if len(left_out) > 5 else ''}. The single-task runs of some of their members (the "
+                    "reference of the relative gain, same seed) are missing; train them (collect_gains "
+                    "trains a group's single-task runs with it), or pass groups= to get every missing job listed",
+                    UserWarning, stacklevel=3)
         else:
             wanted_seeds = sorted(seed_set) if seed_set is not None else sorted({s for _, s in by_job})
             jobs, missing = [], []

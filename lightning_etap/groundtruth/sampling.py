@@ -13,7 +13,7 @@ from math import comb
 
 import numpy as np
 
-__all__ = ["SAMPLING_METHODS", "canonical_group", "group_key", "parse_group_key", "sample_groups"]
+__all__ = ["SAMPLING_METHODS", "canonical_group", "check_seeds", "group_key", "parse_group_key", "sample_groups"]
 
 #: The ways :func:`sample_groups` can choose groups.
 SAMPLING_METHODS: tuple[str, ...] = ("uniform_size", "pairs", "all", "given")
@@ -52,9 +52,16 @@ def canonical_group(group: Iterable[str], task_names: Sequence[str]) -> tuple[st
             task or a task listed twice.
     """
     if isinstance(group, str):
-        raise ValueError(f"a group must be a sequence of task names, not the string {group!r}")
+        hint = (" (a single group given where a list of groups is expected? pass [group])"
+                if group in {str(t) for t in task_names} else "")
+        raise ValueError(f"a group must be a sequence of task names, not the string {group!r}{hint}")
     order = {t: i for i, t in enumerate(str(t) for t in task_names)}
-    members = [str(t) for t in group]
+    given = list(group)
+    numbers = [t for t in given if isinstance(t, (int, np.integer)) and not isinstance(t, bool)]
+    if numbers and not all(str(t) in order for t in numbers):
+        raise ValueError(f"group {given} holds task indices ({numbers[0]!r}); groups here are task names: pass "
+                         f"[task_names[i] for i in group] (known tasks: {list(order)})")
+    members = [str(t) for t in given]
     if not members:
         raise ValueError("empty group: every group needs at least one task")
     unknown = [t for t in members if t not in order]
@@ -64,6 +71,20 @@ def canonical_group(group: Iterable[str], task_names: Sequence[str]) -> tuple[st
         dup = sorted({t for t in members if members.count(t) > 1})
         raise ValueError(f"task(s) {dup} listed twice in group {members}")
     return tuple(sorted(members, key=order.__getitem__))
+
+
+def check_seeds(seeds: Iterable[int]) -> list[int]:
+    """Training seeds as a list of distinct ints (in the given order), with a clear error for a bare number."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"seeds must be a list of training seeds, e.g. seeds=[0] or seeds=[0, 1, 2]; got {seeds!r}")
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"seeds must be integers; got {s!r} ({type(s).__name__}) in {seeds!r}")
+        out.append(int(s))
+    if not out:
+        raise ValueError("seeds is empty: give at least one training seed")
+    return list(dict.fromkeys(out))
 
 
 def group_key(group: Sequence[str]) -> str:

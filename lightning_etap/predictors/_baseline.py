@@ -211,7 +211,7 @@ def check_training_groups(masks, gains, n_tasks: int | None, *, minimum: int, wh
     """
     masks, gains, columns = training_table(masks, gains, names, who)
     masks = check_masks(masks, n_tasks)
-    gains = check_gains(gains, masks)
+    gains = check_gains(gains, masks, task_names=columns or names)
     keep = masks.sum(axis=1) >= 2
     if keep.sum() < minimum:
         raise ValueError(

@@ -144,7 +144,7 @@ def check_masks(masks, n_tasks: int | None = None, *, name: str = "masks") -> np
     return arr
 
 
-def check_gains(gains, masks: np.ndarray, *, name: str = "gains") -> np.ndarray:
+def check_gains(gains, masks: np.ndarray, *, name: str = "gains", task_names=None) -> np.ndarray:
     """Validate per-task gains against validated ``masks``; return a float array.
 
     ``gains`` has the masks' shape; entries of non-members are ignored (NaN is
@@ -169,9 +169,10 @@ def check_gains(gains, masks: np.ndarray, *, name: str = "gains") -> np.ndarray:
         fix = ("the predictor returned no value there: check its inputs (a NaN affinity entry, an unfitted "
                "model)" if "pred" in name else "every member of a group needs a measured gain: re-run that group "
                "or drop it")
+        task = repr(str(task_names[t])) if task_names is not None and len(task_names) == arr.shape[1] else t
         raise ValueError(
             f"{name} has {int(bad.sum())} non-finite value(s) at member positions "
-            f"(first: group {g}, task {t}); {fix}"
+            f"(first: group {g}, task {task}); {fix}"
         )
     return arr
 

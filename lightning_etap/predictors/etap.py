@@ -332,7 +332,7 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         masks, gains, columns = training_table(masks, gains, self._resolve_names(n), "ETAPPredictor")
         names = self._resolve_names(n) or columns
         masks = check_masks(masks, n)
-        gains = check_gains(gains, masks)
+        gains = check_gains(gains, masks, task_names=names)
         keep = masks.sum(axis=1) >= 2
         masks, gains = masks[keep], gains[keep]
         # rows of one group (measured with several seeds) share an id: cross-validation keeps them in one fold

@@ -23,6 +23,7 @@ import numpy as np
 
 from lightning_etap.groundtruth.collect import collect_gains
 from lightning_etap.groundtruth.gains import GroupGains
+from lightning_etap.groundtruth.sampling import check_seeds
 from lightning_etap.groundtruth.store import FingerprintMismatchError, GainStore
 from lightning_etap.groups import all_groups, groups_to_masks
 from lightning_etap.selection import select_groups
@@ -253,8 +254,9 @@ def check_predictor(predictor, name: str = "predictor"):
 
 def check_predictor_tasks(predictor, names: Sequence[str], strategy: str) -> None:
     """Refuse, before anything is trained, a predictor whose affinity covers other tasks than the trainer's
-    (its size, or the names it carries in another order); what can be read without fitting it."""
-    from lightning_etap.predictors._validation import affinity_values
+    (its size, or the names it carries in another order) or is not a valid matrix (a NaN entry); what can be
+    read without fitting it."""
+    from lightning_etap.predictors._validation import affinity_values, check_affinity
 
     affinity = getattr(predictor, "affinity", None)
     if affinity is None:
@@ -264,6 +266,10 @@ def check_predictor_tasks(predictor, names: Sequence[str], strategy: str) -> Non
     if len(shape) == 2 and shape[0] != len(names):
         raise ValueError(f"{strategy}: the predictor's affinity covers {shape[0]} tasks, the trainer "
                          f"{len(names)} ({list(names)}): build the affinity for the trainer's tasks")
+    try:  # a NaN entry stops the first fit, after the STL runs and the all-task group have trained
+        check_affinity(affinity)
+    except ValueError as e:
+        raise ValueError(f"{strategy}: the predictor's {e}") from None
     given = getattr(predictor, "task_names", None)
     for label in (carried, None if given is None else [str(t) for t in given]):
         if label is not None and list(label) != [str(t) for t in names]:
@@ -351,9 +357,7 @@ class Session:
         self.n = n
         if predictor is not None:  # before any training: a mismatch found at the first fit wastes trainings
             check_predictor_tasks(predictor, self.names, strategy)
-        self.seeds = list(dict.fromkeys(int(s) for s in seeds))
-        if not self.seeds:
-            raise ValueError("seeds is empty: give at least one training seed")
+        self.seeds = check_seeds(seeds)
         self.executor = executor
         self.progress = bool(progress)
         self.cands = self._candidates(candidates)
