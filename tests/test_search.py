@@ -671,3 +671,47 @@ def test_pipeline_sampling_benchmark_scores_each_choice_against_brute_force():
         assert run["mean_gain"]["active ETAP"][b] == pytest.approx(brute / n, abs=1e-12)
         for method in script.METHODS:
             assert run["mean_gain"][method][b] <= best[b] + 1e-12
+
+
+class FailingOracle(OracleTrainer):
+    """The oracle, except that training ``bad`` always raises (a group that diverges or runs out of memory)."""
+
+    def __init__(self, table, bad):
+        super().__init__(table)
+        self.bad = tuple(bad)
+
+    def train(self, jobs):
+        if any(tuple(g) == self.bad for g, _ in jobs):
+            raise RuntimeError(f"out of memory in {'|'.join(self.bad)}")
+        return super().train(jobs)
+
+
+@pytest.mark.parametrize("name", ["random_search", "random_selection", "quick_reject_search", "mtgnet_search",
+                                  "active_etap_search"])
+def test_skip_failed_leaves_a_failing_group_out_and_spends_the_trainings_on_others(name, table, tmp_path):
+    """A group that fails every time stopped every search, and every rerun, at the same CollectionError. With
+    skip_failed=True the search leaves it out (warned, listed in result.failed, not counted), spends its
+    trainings on other groups, and a rerun on the same store repeats the same decisions."""
+    from lightning_etap.search import STRATEGIES as registry
+
+    search = registry[name]
+    kwargs = {"budget": 2, "random_state": 1}
+    if name != "random_search":
+        kwargs["predictor"] = etap()
+    clean = search(OracleTrainer(table), 6, store=tmp_path / "clean.sqlite", **kwargs)
+    bad = clean.trained[2]  # a group the search chooses (after the all-task group and one more)
+    with pytest.raises(CollectionError, match="out of memory"):
+        search(FailingOracle(table, bad), 6, store=tmp_path / "default.sqlite", **kwargs)
+    path = tmp_path / "skip.sqlite"
+    with pytest.warns(UserWarning, match=rf"1 group\(s\) failed to train and are left out.*{'|'.join(bad)}.*out of memory"):
+        result = search(FailingOracle(table, bad), 6, store=path, skip_failed=True, **kwargs)
+    assert result.failed == (bad,) and bad not in result.trained and bad not in result.groups
+    assert result.n_trainings == 6 and len(set(result.trained)) == 6 and result.trained[0] == TASKS
+    assert list(result.trained[:2]) == list(clean.trained[:2])  # the same until the failure
+    with pytest.warns(UserWarning, match="left out"):  # the rerun retries it, fails, and decides the same
+        again = search(FailingOracle(table, bad), 6, store=path, skip_failed=True, **kwargs)
+    assert again.trained == result.trained and again.groups == result.groups and again.trained_now == 0
+    with pytest.raises(CollectionError, match="the all-task group.*cannot leave it out"):
+        search(FailingOracle(table, TASKS), 6, store=tmp_path / "full.sqlite", skip_failed=True, **kwargs)
+    with pytest.raises(TypeError, match="skip_failed must be True or False"):
+        search(OracleTrainer(table), 6, store=tmp_path / "x.sqlite", skip_failed="yes", **kwargs)

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_etap.groundtruth.collect import collect_gains
+from lightning_etap.groundtruth.collect import CollectionError, collect_gains
 from lightning_etap.groundtruth.gains import GroupGains
-from lightning_etap.groundtruth.sampling import check_seeds
+from lightning_etap.groundtruth.sampling import check_seeds, group_key
 from lightning_etap.groundtruth.store import FingerprintMismatchError, GainStore
 from lightning_etap.groups import all_groups, groups_to_masks
 from lightning_etap.selection import select_groups
@@ -99,6 +99,8 @@ class SearchResult:
             ``quick_reject_search``'s initial groups).
         seconds: wall time of the call.
         details: strategy-specific records (documented by each strategy).
+        failed: with ``skip_failed=True``, the groups whose training failed
+            (after the collection's retries) and that the search left out.
     """
 
     strategy: str
@@ -114,6 +116,7 @@ class SearchResult:
     history: tuple[SearchStep, ...]
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    failed: Grouping = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON data (``json.dumps`` takes it): every field but ``masks`` (the same
@@ -330,8 +333,13 @@ class Session:
         predictor=None,
         progress: bool = False,
         singleton_gain: float = 0.0,
+        skip_failed: bool = False,
     ) -> None:
         self.t0 = time.perf_counter()
+        if not isinstance(skip_failed, (bool, np.bool_)):
+            raise TypeError(f"skip_failed must be True or False, got {skip_failed!r}")
+        self.skip_failed = bool(skip_failed)
+        self.failed: list[int] = []  # candidates whose training failed, left out (skip_failed=True)
         self.strategy = strategy
         self.trainer = trainer
         self.n_trainings = check_count(n_trainings, "n_trainings")
@@ -417,7 +425,9 @@ class Session:
         return tuple(self.names[t] for t in np.flatnonzero(self.cands[i]))
 
     def code_index(self, members: Sequence[int]) -> int | None:
-        return self.index.get(sum(1 << int(t) for t in members))
+        """The candidate index of a group of task indices (``None``: not a candidate, or one left out as failed)."""
+        i = self.index.get(sum(1 << int(t) for t in members))
+        return None if i is None or i in self.failed else i
 
     # ------------------------------------------------------------------ measuring
     @property
@@ -430,8 +440,10 @@ class Session:
 
     @property
     def unmeasured(self) -> np.ndarray:
+        """Candidates still open: neither measured nor left out as failed."""
         out = np.ones(len(self.cands), dtype=bool)
         out[self.order] = False
+        out[self.failed] = False
         return out
 
     def measure(self, indices: Iterable[int]) -> list[int]:
@@ -443,8 +455,16 @@ class Session:
         groups = [self.group(i) for i in new]
         jobs = [(g, s) for g in groups for s in self.seeds]
         done = self.store.done_among(jobs)
-        gains = collect_gains(self.trainer, groups, self.seeds, self.store, self.executor, progress=self.progress,
-                              task_names=list(self.names))
+        try:
+            gains = collect_gains(self.trainer, groups, self.seeds, self.store, self.executor,
+                                  progress=self.progress, task_names=list(self.names))
+        except CollectionError as err:
+            new, groups = self._leave_out_failed(err, new, groups)
+            if not new:
+                return []
+            jobs = [(g, s) for g in groups for s in self.seeds]  # all in the store now: nothing trains again
+            gains = collect_gains(self.trainer, groups, self.seeds, self.store, self.executor, progress=False,
+                                  task_names=list(self.names))
         self.trained_now += len({g for g, s in jobs if (g, s) not in done})
         mean = gains.mean_over_seeds() if len(self.seeds) > 1 else gains
         codes = mean.masks.astype(np.int64) @ self.weights
@@ -454,6 +474,34 @@ class Session:
             self.known[i] = np.asarray(losses, dtype=float)
             self.order.append(i)
         return new
+
+    def measure_first(self, order: Sequence[int], count: int) -> None:
+        """Measure the candidates of ``order`` in one call until ``count`` are measured; a group left out as
+        failed (``skip_failed``) is replaced by the next ones of ``order``."""
+        done = 0
+        while self.spent < count and done < len(order):
+            take = list(order[done : done + count - self.spent])
+            done += len(take)
+            self.measure(take)
+
+    def _leave_out_failed(self, err: CollectionError, new: list[int], groups: list[tuple[str, ...]]):
+        """With ``skip_failed``: drop the candidates ``err`` failed from this search (warned); else raise ``err``."""
+        bad = {g for g, _ in err.failed}
+        if not self.skip_failed:
+            raise err
+        if self.group(self.full) in bad:
+            raise CollectionError(f"{self.strategy}: the all-task group, which every search trains first, failed "
+                                  f"(skip_failed cannot leave it out): {err}", err.failed) from None
+        lost = [i for i, g in zip(new, groups, strict=True) if g in bad]
+        if not lost:
+            raise err
+        self.failed.extend(lost)
+        why = {g: (e.strip().splitlines() or [""])[-1] for (g, _), e in err.failed.items()}
+        shown = "; ".join(f"{group_key(self.group(i))}: {why[self.group(i)]}" for i in lost[:3])
+        warnings.warn(f"{self.strategy}: {len(lost)} group(s) failed to train and are left out of the search "
+                      f"(skip_failed=True; not counted as trainings): {shown}", UserWarning, stacklevel=4)
+        kept = [(i, g) for i, g in zip(new, groups, strict=True) if g not in bad]
+        return [i for i, _ in kept], [g for _, g in kept]
 
     def measured_order(self, upto: int | None = None) -> list[int]:
         """The measured candidates in measuring order (the first ``upto`` of them)."""
@@ -568,7 +616,7 @@ class Session:
     def predicted_answer(self, predicted_gains: np.ndarray, upto: int | None = None) -> Answer | None:
         """The exact selection over every candidate: measured values where measured, else predictions."""
         values = self.values(predicted_gains, upto)
-        found = self.select(values, np.arange(len(self.cands)))
+        found = self.select(values, np.setdiff1d(np.arange(len(self.cands)), self.failed))
         if found is None:
             return None
         return self.answer(found[0], self.losses(predicted_gains, upto), upto)
@@ -606,6 +654,7 @@ class Session:
             n_trainings=self.spent,
             trained=tuple(self.group(i) for i in self.order),
             trained_now=self.trained_now,
+            failed=tuple(self.group(i) for i in self.failed),
             history=history,
             seconds=time.perf_counter() - self.t0,
             details=dict(details or {}),

@@ -83,6 +83,7 @@ def active_etap_search(
     task_names: Sequence[str] | None = None,
     progress: bool = False,
     singleton_gain: float = 0.0,
+    skip_failed: bool = False,
 ) -> SearchResult:
     """Active ETAP: train the groups of largest expected improvement of the selection.
 
@@ -178,7 +179,7 @@ def active_etap_search(
             ``"predicted"``: the exact selection with the full fit's
             predictions for the unmeasured groups (see :data:`ANSWERS`).
         store, seeds, executor, objective, candidates, checkpoints,
-        random_state, task_names: as for :func:`~lightning_etap.search.random_search`
+        random_state, task_names, skip_failed: as for :func:`~lightning_etap.search.random_search`
             (a checkpoint ``k`` records the answer from the first ``k``
             trainings; with ``answer="predicted"`` it costs one fit).
             ``random_state`` also seeds the draws (per step, so a resumed
@@ -224,14 +225,14 @@ def active_etap_search(
     session = Session("active_etap_search", trainer, n_trainings=n_trainings, budget=budget, store=store,
                       seeds=seeds, executor=executor, objective=objective, candidates=candidates,
                       task_names=task_names, checkpoints=checkpoints, predictor=predictor, progress=progress,
-                      singleton_gain=singleton_gain)
+                      singleton_gain=singleton_gain, skip_failed=skip_failed)
     order = random_order(session, np.random.default_rng(random_state))
     first = [session.full]
     affinity = getattr(predictor, "affinity", None)
     if initial == "affinity" and affinity is not None and n_initial >= 2:
         first.append(_top_affinity_group(session, affinity))
     first += [i for i in order if i not in first][: n_initial - len(first)]
-    session.measure(first[: session.n_trainings])
+    session.measure_first(first + [i for i in order if i not in first], min(len(first), session.n_trainings))
     seed = 0 if random_state is None else int(random_state)
     improvements: list[float] = []
     rules: list[str] = []
@@ -261,8 +262,9 @@ def active_etap_search(
             break
         size = check_count(batch(session.spent), "batch_size")
         picks, expected, rule = _choose(session, model, predictor, ensemble, size, seed, posterior)
-        done = session.measure(picks)  # the picks beyond the trainings left are dropped
-        improvements.extend(expected[: len(done)])
+        done = session.measure(picks)  # the picks beyond the trainings left are dropped (and failed ones)
+        chosen = dict(zip(picks, expected))
+        improvements.extend(chosen[i] for i in done)
         rules.extend([rule] * len(done))
     for k in session.checkpoints:
         if k < session.spent:

@@ -17,12 +17,12 @@ __all__ = ["random_search", "random_selection"]
 
 
 def _random_session(name, trainer, n_trainings, budget, store, seeds, executor, objective, candidates,
-                    checkpoints, task_names, random_state, predictor=None):
+                    checkpoints, task_names, random_state, skip_failed, predictor=None):
     session = Session(name, trainer, n_trainings=n_trainings, budget=budget, store=store, seeds=seeds,
                       executor=executor, objective=objective, candidates=candidates, task_names=task_names,
-                      checkpoints=checkpoints, predictor=predictor)
+                      checkpoints=checkpoints, predictor=predictor, skip_failed=skip_failed)
     order = random_order(session, np.random.default_rng(random_state))
-    session.measure(order[: session.n_trainings])  # all at once: a parallel executor trains them together
+    session.measure_first(order, session.n_trainings)  # all at once: a parallel executor trains them together
     return session
 
 
@@ -39,6 +39,7 @@ def random_search(
     checkpoints: Iterable[int] | None = None,
     random_state: int | None = 0,
     task_names: Sequence[str] | None = None,
+    skip_failed: bool = False,
 ) -> SearchResult:
     """Pure random search: train random groups, return the best grouping made of them.
 
@@ -68,12 +69,21 @@ def random_search(
             ``n_trainings=k``).
         random_state: seed of the draw (an int, so a rerun draws the same groups).
         task_names: the task order (default ``trainer.task_names``).
+        skip_failed: a group whose training still fails after the
+            collection's retries (it raises, or returns a NaN loss) ends the
+            search with :class:`~lightning_etap.groundtruth.CollectionError`
+            (default: everything trained is in the store, a rerun retries
+            it). With ``True`` the search leaves that group out of its
+            candidates with a warning, does not count it as a training, and
+            goes on (a rerun retries it and, failing again, leaves it out
+            the same way); ``result.failed`` lists such groups. The STL
+            models and the all-task group cannot be left out.
 
     Returns:
         A :class:`~lightning_etap.search.SearchResult` (``measured`` is always True).
     """
     session = _random_session("random_search", trainer, n_trainings, budget, store, seeds, executor, objective,
-                              candidates, checkpoints, task_names, random_state)
+                              candidates, checkpoints, task_names, random_state, skip_failed)
     for k in session.checkpoints:
         if k <= session.spent:
             found = session.incumbent(upto=k)
@@ -96,6 +106,7 @@ def random_selection(
     checkpoints: Iterable[int] | None = None,
     random_state: int | None = 0,
     task_names: Sequence[str] | None = None,
+    skip_failed: bool = False,
 ) -> SearchResult:
     """The ETAP paper's protocol: random training groups, a gain predictor, exact selection.
 
@@ -113,7 +124,7 @@ def random_selection(
             at least two measured groups: with fewer the answer is the best
             measured grouping.
         n_trainings, budget, store, seeds, executor, objective, candidates,
-        checkpoints, random_state, task_names: as for :func:`random_search`
+        checkpoints, random_state, task_names, skip_failed: as for :func:`random_search`
             (a checkpoint costs one predictor fit).
 
     Returns:
@@ -122,7 +133,7 @@ def random_selection(
     """
     check_predictor(predictor)
     session = _random_session("random_selection", trainer, n_trainings, budget, store, seeds, executor,
-                              objective, candidates, checkpoints, task_names, random_state, predictor)
+                              objective, candidates, checkpoints, task_names, random_state, skip_failed, predictor)
 
     def answer(k: int):
         if k < 2:

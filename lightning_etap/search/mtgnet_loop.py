@@ -72,6 +72,7 @@ def mtgnet_search(
     checkpoints: Iterable[int] | None = None,
     random_state: int | None = 0,
     task_names: Sequence[str] | None = None,
+    skip_failed: bool = False,
 ) -> SearchResult:
     """MTG-Net's active sampling loop (Song et al. 2022) as a training-selection strategy.
 
@@ -99,7 +100,7 @@ def mtgnet_search(
             MTG-Net fit is slow; between refits the last fit's predictions
             are used, with every new measurement plugged in).
         store, seeds, executor, objective, candidates, checkpoints,
-        random_state, task_names: as for :func:`~lightning_etap.search.random_search`
+        random_state, task_names, skip_failed: as for :func:`~lightning_etap.search.random_search`
             (a checkpoint records the best measured grouping so far).
 
     Returns:
@@ -116,7 +117,7 @@ def mtgnet_search(
     refit_every = check_count(refit_every, "refit_every")
     session = Session("mtgnet_search", trainer, n_trainings=n_trainings, budget=budget, store=store, seeds=seeds,
                       executor=executor, objective=objective, candidates=candidates, task_names=task_names,
-                      checkpoints=checkpoints, predictor=predictor)
+                      checkpoints=checkpoints, predictor=predictor, skip_failed=skip_failed)
     order = random_order(session, np.random.default_rng(random_state))
     session.measure([session.full])
     predicted, since_fit, fits, chosen_gain = None, 0, 0, []
@@ -154,7 +155,8 @@ def mtgnet_search(
             else:  # nothing predicted to improve the grouping: the group of largest predicted value
                 totals = np.where(session.cands[rows], values[rows], 0.0).sum(axis=1)
                 pick, improvement = int(rows[int(np.argmax(totals))]), np.nan
-        session.measure([pick])
+        if not session.measure([pick]):  # failed and left out (skip_failed): choose again
+            continue
         since_fit += 1
         chosen_gain.append(improvement)
         checkpoint()

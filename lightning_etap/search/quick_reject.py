@@ -99,6 +99,7 @@ def quick_reject_search(
     checkpoints: Iterable[int] | None = None,
     random_state: int | None = 0,
     task_names: Sequence[str] | None = None,
+    skip_failed: bool = False,
 ) -> SearchResult:
     """Randomized search over partitions with a predictor-driven quick reject (Ayman et al. 2023).
 
@@ -167,7 +168,8 @@ def quick_reject_search(
             partition with an unmeasured group, which is trained (a random
             restart), so that the trainings get spent.
         store, seeds, executor, objective, candidates, checkpoints,
-        random_state, task_names: as for :func:`~lightning_etap.search.random_search`
+        random_state, task_names, skip_failed: as for :func:`~lightning_etap.search.random_search`
+            (a partition holding a group left out is not proposed again)
             (a checkpoint records the best measured partition so far).
 
     Returns:
@@ -192,14 +194,15 @@ def quick_reject_search(
         raise ValueError(f"accept must be one of {ACCEPT_RULES}, got {accept!r}")
     session = Session("quick_reject_search", trainer, n_trainings=n_trainings, budget=budget, store=store,
                       seeds=seeds, executor=executor, objective=objective, candidates=candidates,
-                      task_names=task_names, checkpoints=checkpoints, allow_any_budget=True, predictor=predictor)
+                      task_names=task_names, checkpoints=checkpoints, allow_any_budget=True, predictor=predictor,
+                      skip_failed=skip_failed)
     max_proposals = 1000 * session.n_trainings if max_proposals is None else check_count(max_proposals,
                                                                                          "max_proposals")
     if restart_after is not None:
         restart_after = check_count(restart_after, "restart_after")
     rng = np.random.default_rng(random_state)
     order = random_order(session, rng)
-    session.measure(order[: min(n_initial, session.n_trainings)])
+    session.measure_first(order, min(n_initial, session.n_trainings))
     n, limit = session.n, session.budget
 
     def group_values(model) -> np.ndarray:
@@ -273,6 +276,8 @@ def quick_reject_search(
                 model, since_fit = session.fit(predictor), 0
             totals = group_values(model)
         measured_value = value(proposal, measured_totals)
+        if measured_value is None:  # a group of the proposal failed and was left out (skip_failed)
+            continue
         if restart or (need and accept == "trained") or measured_value > current_value + tol:
             current_value, current = measured_value, proposal
             moves, idle = moves + 1, 0
