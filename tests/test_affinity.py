@@ -630,6 +630,31 @@ def test_a_task_present_in_fewer_than_half_of_the_measured_steps_is_named_at_the
         fit(TinyMTL(nan_steps={0, 2, 4}), tiny_loader(n=48), [half], max_epochs=1)
 
 
+class PythonNaN(TinyMTL):
+    """Task b has no labels at steps 2 and 4, said with a Python float NaN (not a tensor)."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if self.trainer.global_step in (2, 4):
+            out["task_losses"]["b"] = float("nan")
+        return out
+
+
+def test_a_python_nan_loss_is_an_absent_task_like_a_nan_tensor():
+    """The docs say to return NaN for a task without labels; a plain float('nan') was refused as a .item()
+    mistake. It is now the same absent task as a NaN tensor, to the bit."""
+    tensor = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True)
+    torch.manual_seed(0)
+    fit(TinyMTL(nan_steps={2, 4}), tiny_loader(n=48), [tensor], max_epochs=1)
+    number = AffinityCallback("encoder", every_n_steps=1, keep_step_scores=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torch.manual_seed(0)
+        fit(PythonNaN(), tiny_loader(n=48), [number], max_epochs=1)
+    assert number.result.absent_steps == tensor.result.absent_steps == {"b": 2}
+    np.testing.assert_array_equal(number.result.step_matrices, tensor.result.step_matrices)
+
+
 class ItemLoss(TinyMTL):
     def training_step(self, batch, batch_idx):
         out = super().training_step(batch, batch_idx)

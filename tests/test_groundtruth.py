@@ -281,8 +281,9 @@ def test_gains_need_every_stl_run(tmp_path, fakes):
         store.gains(groups=[("a", "b")], seeds=[0])
     # without explicit groups, incomplete rows are left out, and said (it was silent: an empty table, then
     # "measure more groups" from the predictor)
-    with pytest.warns(UserWarning, match=r"1 finished group run\(s\) left out of the gains: a\|b \(seed 0\)"):
+    with pytest.warns(UserWarning, match=r"1 finished group run\(s\) left out of the gains: a\|b \(seed 0\)") as w:
         assert len(store.gains()) == 0
+    assert w[0].filename == __file__  # the user's line, not the library's
     store.record(GroupOutcome(("b",), 0, {"b": 0.5}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -459,6 +460,11 @@ def test_collect_with_a_store_object_and_bad_arguments(tmp_path, fakes):
         collect_gains(trainer, [("a", "b")], seeds=0, store=store)
     with pytest.raises(TypeError, match=r"seeds must be a list.*got '01'"):  # was read as seeds 0 and 1
         collect_gains(trainer, [("a", "b")], seeds="01", store=store)
+    with pytest.raises(TypeError, match=r"seeds must be whole numbers; got 0.5"):
+        collect_gains(trainer, [("a", "b")], seeds=[0.5], store=store)
+    import torch  # whole numbers of any kind still are seeds (a float column, a tensor)
+    for seeds in (np.array([3.0]), torch.tensor([3]), range(3, 4)):
+        assert collect_gains(trainer, [("e", "a")], seeds=seeds, store=store, progress=False).groups == [("a", "e")]
     with pytest.raises(ValueError, match=r"holds task indices \(0\); groups here are task names"):
         collect_gains(trainer, [(0, 1)], store=store)
     with pytest.raises(ValueError, match=r"not the string 'a' \(a single group given where a list of groups"):

@@ -671,6 +671,14 @@ def test_a_group_gains_table_is_matched_to_the_predictors_tasks_by_name():
     np.testing.assert_array_equal(plain.predict(train[:, perm]), LinearSurrogate().fit(train[:, perm], y[:, perm])
                                   .predict(train[:, perm]))
     TAGPredictor(A, task_names=names).fit(table)  # checked and ignored
+    # an affinity without names: its order cannot be checked, said, and the table's names are not adopted
+    with pytest.warns(UserWarning, match=r"affinity carries no task names.*taken in their own order") as record:
+        unnamed = ETAPPredictor(A, **small).fit(table)
+    assert record[0].filename == __file__ and unnamed.task_names_ is None
+    with pytest.raises(TypeError, match=r"needs the training groups' gains: pass fit\(masks, gains\), or a GroupGains"):
+        ETAPPredictor(A, task_names=names).fit(train)
+    with pytest.raises(TypeError, match=r"LinearSurrogate.fit needs the training groups' gains"):
+        LinearSurrogate().fit(train)
     other = GroupGains(("a", "b", "c", "d", "z"), train, np.where(train, 1.0, np.nan), y,
                        np.zeros(len(train), dtype=np.int64), {})
     with pytest.raises(ValueError, match=r"missing from the gains: \['e'\]; not the predictor's: \['z'\]"):

@@ -715,3 +715,18 @@ def test_skip_failed_leaves_a_failing_group_out_and_spends_the_trainings_on_othe
         search(FailingOracle(table, TASKS), 6, store=tmp_path / "full.sqlite", skip_failed=True, **kwargs)
     with pytest.raises(TypeError, match="skip_failed must be True or False"):
         search(OracleTrainer(table), 6, store=tmp_path / "x.sqlite", skip_failed="yes", **kwargs)
+    data = result.to_dict()
+    assert data["failed"] == [list(bad)] and "1 left out (failed)" in str(result)
+
+
+class KernelGain(ConstantGain):
+    """A user's own predictor whose `affinity` hyper-parameter is a kernel name, as in scikit-learn."""
+
+    def __init__(self, gain: float = 0.0, affinity: str = "rbf"):
+        super().__init__(gain)
+        self.affinity = affinity
+
+
+def test_an_affinity_parameter_of_a_users_own_predictor_is_not_taken_for_a_matrix(table, store):
+    result = random_selection(OracleTrainer(table), 4, predictor=KernelGain(0.05), budget=2, store=store)
+    assert result.n_trainings == 4

@@ -557,9 +557,12 @@ class AffinityCallback(Callback):
             self._pending_absent = torch.ones(len(returned), dtype=torch.bool)
         names = self._task_names
         values = []
+        like = next((v for v in losses.values() if isinstance(v, Tensor)), None)
         for t in names:
             v = losses[t]
-            if isinstance(v, (int, float)):
+            if isinstance(v, (float, np.floating)) and math.isnan(v) and like is not None:
+                v = torch.full((), math.nan, dtype=like.dtype, device=like.device)  # absent, said as a number
+            if isinstance(v, (int, float, np.number)):
                 raise ValueError(
                     f"AffinityCallback: task_losses[{t!r}] is a Python number ({v!r}), not a tensor: did the step "
                     "call .item() on it? Return the loss tensor itself, still attached to the graph (log "
@@ -678,8 +681,7 @@ class AffinityCallback(Callback):
         names, losses, parts = self._ordered_losses(cap.task_losses)
         values = losses.detach()
         # a NaN loss marks an absent task, attached or not (below)
-        detached = [t for k, t in enumerate(names)
-                    if not cap.task_losses[t].requires_grad and bool(torch.isfinite(values[k]))]
+        detached = [t for k, t in enumerate(names) if not parts[k].requires_grad and bool(torch.isfinite(values[k]))]
         if detached:
             self._warn_once("detached", f"AffinityCallback: task_losses {detached} are not attached to the autograd "
                             "graph; their gradients count as zero. Return the losses before .detach() / .item()")
@@ -822,7 +824,8 @@ class AffinityCallback(Callback):
         if zero:
             rank_zero_warn(f"AffinityCallback: task(s) {', '.join(zero)} had a loss of exactly 0 in some measured "
                            "steps: those steps leave the task's column out (the score divides by its loss) but count "
-                           "its row with its zero gradient, which pulls the row towards 0. If 0 stands for 'no labels "
+                           "its row with its zero gradient, which biases the row (towards 0 with plain gradient "
+                           "updates; momentum or Adam state still moves it). If 0 stands for 'no labels "
                            "in this batch', return NaN as that task's loss instead (and leave it out of the total): "
                            "the task is then absent from the step, row and column (result.zero_loss_skips counts "
                            "the zero-loss steps)", category=RuntimeWarning)

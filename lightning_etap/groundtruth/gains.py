@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lightning_etap._atomic import atomic_file
+from lightning_etap._stack import outside_stacklevel
 from lightning_etap.groundtruth.sampling import canonical_group, group_key
 
 __all__ = ["GroupGains", "SeedSpread"]
@@ -73,8 +74,8 @@ class GroupGains:
             had no STL run with that seed).
 
     The table goes straight into any predictor's ``fit``, which matches its
-    columns to the predictor's tasks by name (``fit(gains.masks,
-    gains.gains)`` takes them by position)::
+    columns to the predictor's tasks by name when the predictor knows them
+    (``fit(gains.masks, gains.gains)`` takes them by position)::
 
         gains = store.gains()
         ETAPPredictor(affinity).fit(gains)
@@ -152,7 +153,7 @@ class GroupGains:
                     f"{' ...' if len(left_out) > 5 else ''}. The single-task runs of some of their members (the "
                     "reference of the relative gain, same seed) are missing; train them (collect_gains "
                     "trains a group's single-task runs with it), or pass groups= to get every missing job listed",
-                    UserWarning, stacklevel=3)
+                    UserWarning, stacklevel=outside_stacklevel())
         else:
             wanted_seeds = sorted(seed_set) if seed_set is not None else sorted({s for _, s in by_job})
             jobs, missing = [], []

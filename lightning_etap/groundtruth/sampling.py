@@ -79,9 +79,12 @@ def check_seeds(seeds: Iterable[int]) -> list[int]:
         raise TypeError(f"seeds must be a list of training seeds, e.g. seeds=[0] or seeds=[0, 1, 2]; got {seeds!r}")
     out = []
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
-            raise TypeError(f"seeds must be integers; got {s!r} ({type(s).__name__}) in {seeds!r}")
-        out.append(int(s))
+        value = s.item() if getattr(s, "ndim", None) == 0 and hasattr(s, "item") else s  # numpy / torch scalars
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 0.0 from a float column
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"seeds must be whole numbers; got {s!r} ({type(s).__name__}) in {seeds!r}")
+        out.append(int(value))
     if not out:
         raise ValueError("seeds is empty: give at least one training seed")
     return list(dict.fromkeys(out))

@@ -201,15 +201,17 @@ class BaselinePredictor(RegressorMixin, BaseEstimator):
 
 
 # --------------------------------------------------------------------- helpers
-def check_training_groups(masks, gains, n_tasks: int | None, *, minimum: int, who: str, names=None):
+def check_training_groups(masks, gains, n_tasks: int | None, *, minimum: int, who: str, names=None,
+                          ordered: bool = False):
     """Validate training masks/gains; return ``(masks, gains, columns)`` of the groups with >= 2 tasks.
 
     ``masks`` may be a ``GroupGains`` passed alone (``gains=None``): its
     columns are put in the predictor's task order ``names`` (when known) by
-    name; ``columns`` is then the columns' task names, else ``None``. Raises
+    name; ``columns`` is then the columns' task names, else ``None``
+    (``ordered``: see :func:`training_table`). Raises
     ``ValueError`` when fewer than ``minimum`` such groups remain.
     """
-    masks, gains, columns = training_table(masks, gains, names, who)
+    masks, gains, columns = training_table(masks, gains, names, who, ordered=ordered)
     masks = check_masks(masks, n_tasks)
     gains = check_gains(gains, masks, task_names=columns or names)
     keep = masks.sum(axis=1) >= 2

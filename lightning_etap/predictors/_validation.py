@@ -6,7 +6,11 @@ come from a user's own bookkeeping of trained groups.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+from lightning_etap._stack import outside_stacklevel
 
 __all__ = [
     "affinity_values",
@@ -177,19 +181,32 @@ def check_gains(gains, masks: np.ndarray, *, name: str = "gains", task_names=Non
     return arr
 
 
-def training_table(masks, gains, names, who: str) -> tuple[object, object, list[str] | None]:
+def training_table(masks, gains, names, who: str, *, ordered: bool = False,
+                   required: bool = True) -> tuple[object, object, list[str] | None]:
     """``fit``'s training data: ``(masks, gains)`` arrays as given, or a :class:`GroupGains` passed alone.
 
     A ``GroupGains`` (``store.gains()``, anything with ``task_names``,
     ``masks`` and ``gains``) carries its task names, so its columns are put
     in the predictor's task order ``names`` (when the predictor knows them)
-    by name instead of by position. Returns ``(masks, gains, the columns'
-    task names or None)``.
+    by name instead of by position. ``ordered``: the predictor's columns
+    follow an order of its own (its affinity matrix's), which without
+    ``names`` cannot be checked (warned; the table's names are then not
+    adopted). ``required``: ``gains`` must be given with plain masks.
+    Returns ``(masks, gains, the columns' task names or None)``.
     """
     if gains is not None or not all(hasattr(masks, a) for a in ("task_names", "masks", "gains")):
+        if required and gains is None:
+            raise TypeError(f"{who}.fit needs the training groups' gains: pass fit(masks, gains), or a GroupGains "
+                            "(store.gains()) alone")
         return masks, gains, None
     theirs = [str(t) for t in masks.task_names]
     if names is None:
+        if ordered:
+            warnings.warn(
+                f"{who}: its affinity carries no task names, so the gains' columns {theirs} are taken in their own "
+                "order as the affinity's rows and columns, unchecked; pass task_names= (or an AffinityResult) to "
+                "have them matched by name", UserWarning, stacklevel=outside_stacklevel())
+            return masks.masks, masks.gains, None
         return masks.masks, masks.gains, theirs
     ours = [str(t) for t in names]
     if sorted(ours) != sorted(theirs):

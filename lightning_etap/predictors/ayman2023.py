@@ -236,7 +236,8 @@ class Ayman2023Predictor(BaselinePredictor):
             self
         """
         masks, gains, columns = check_training_groups(masks, gains, None, minimum=2, who="Ayman2023Predictor",
-                                                      names=self._known_names())
+                                                      names=self._known_names(),
+                                                      ordered=getattr(self, "affinity", None) is not None)
         n = masks.shape[1]
         self.n_tasks_ = n
         self.task_names_ = self._resolve_names(n) or columns

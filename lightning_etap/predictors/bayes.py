@@ -232,7 +232,7 @@ class BayesianETAPPredictor(BaselinePredictor):
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
         masks, gains, columns = check_training_groups(masks, gains, n, minimum=1, who="BayesianETAPPredictor",
-                                                      names=self._resolve_names(n))
+                                                      names=self._resolve_names(n), ordered=True)
         self.n_tasks_ = n
         self.task_names_ = self._resolve_names(n) or columns
         self.affinity_ = affinity

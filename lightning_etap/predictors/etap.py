@@ -329,7 +329,7 @@ class ETAPPredictor(RegressorMixin, BaseEstimator):
         options = self._checked_options()
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
-        masks, gains, columns = training_table(masks, gains, self._resolve_names(n), "ETAPPredictor")
+        masks, gains, columns = training_table(masks, gains, self._resolve_names(n), "ETAPPredictor", ordered=True)
         names = self._resolve_names(n) or columns
         masks = check_masks(masks, n)
         gains = check_gains(gains, masks, task_names=names)

@@ -591,7 +591,7 @@ class GradTAEPredictor(BaselinePredictor):
         self._check_options()
         feats = self.features
         n = feats.n_tasks
-        masks, gains, _ = training_table(masks, gains, list(feats.task_names), "GradTAEPredictor")
+        masks, gains, _ = training_table(masks, gains, list(feats.task_names), "GradTAEPredictor", required=False)
         if masks is not None:
             checked = check_masks(masks, n)
             if gains is not None:

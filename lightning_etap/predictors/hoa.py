@@ -75,7 +75,8 @@ class HOAPredictor(BaselinePredictor):
             self
         """
         masks, gains, columns = check_training_groups(masks, gains, None, minimum=1, who="HOAPredictor",
-                                                      names=self._known_names())
+                                                      names=self._known_names(),
+                                                      ordered=getattr(self, "affinity", None) is not None)
         size = masks.sum(axis=1)
         if not (size == 2).any():
             raise ValueError(

@@ -269,7 +269,8 @@ class MTGNetPredictor(BaselinePredictor):
         """
         self._check_options()
         masks, gains, columns = check_training_groups(masks, gains, None, minimum=2, who="MTGNetPredictor",
-                                                      names=self._known_names())
+                                                      names=self._known_names(),
+                                                      ordered=getattr(self, "affinity", None) is not None)
         with _torch_threads(self.num_threads):
             return self._fit(masks, gains, columns)
 

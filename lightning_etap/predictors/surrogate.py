@@ -103,7 +103,8 @@ class LinearSurrogate(BaselinePredictor):
         ):
             raise ValueError(f"min_groups must be an integer >= 1; got {self.min_groups!r}")
         masks, gains, columns = check_training_groups(masks, gains, None, minimum=1, who="LinearSurrogate",
-                                                      names=self._known_names())
+                                                      names=self._known_names(),
+                                                      ordered=getattr(self, "affinity", None) is not None)
         n = masks.shape[1]
         self.n_tasks_ = n
         self.task_names_ = self._resolve_names(n) or columns

@@ -81,7 +81,7 @@ class TAGPredictor(BaselinePredictor):
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
         names = self._resolve_names(n)
-        masks, gains, _ = training_table(masks, gains, names, "TAGPredictor")
+        masks, gains, _ = training_table(masks, gains, names, "TAGPredictor", ordered=True, required=False)
         if masks is not None:
             checked = check_masks(masks, n)
             if gains is not None:

@@ -150,13 +150,16 @@ class SearchResult:
                         for h in self.history],
             "seconds": float(self.seconds),
             "details": plain(self.details),
+            "failed": [list(g) for g in self.failed],
         }
 
     def __str__(self) -> str:
         kind = "measured" if self.measured else "estimated"
         listing = "; ".join("{" + ", ".join(g) + "}" for g in self.groups)
+        failed = f", {len(self.failed)} left out (failed)" if self.failed else ""
         return (f"{self.strategy}: {len(self.groups)} groups after {self.n_trainings} trainings "
-                f"({self.trained_now} trained now), {kind} total test loss {self.estimated_loss:.5g}: {listing}")
+                f"({self.trained_now} trained now{failed}), {kind} total test loss {self.estimated_loss:.5g}: "
+                f"{listing}")
 
 
 def total_test_loss(groups: Iterable[Sequence[str]], table: GroupGains) -> float:
@@ -269,16 +272,23 @@ def check_predictor_tasks(predictor, names: Sequence[str], strategy: str) -> Non
     if len(shape) == 2 and shape[0] != len(names):
         raise ValueError(f"{strategy}: the predictor's affinity covers {shape[0]} tasks, the trainer "
                          f"{len(names)} ({list(names)}): build the affinity for the trainer's tasks")
-    try:  # a NaN entry stops the first fit, after the STL runs and the all-task group have trained
-        check_affinity(affinity)
-    except ValueError as e:
-        raise ValueError(f"{strategy}: the predictor's {e}") from None
+    if _library_predictor(predictor) and len(shape) == 2:
+        try:  # a NaN entry stops the first fit, after the STL runs and the all-task group have trained
+            check_affinity(affinity)
+        except ValueError as e:
+            raise ValueError(f"{strategy}: the predictor's {e}") from None
     given = getattr(predictor, "task_names", None)
     for label in (carried, None if given is None else [str(t) for t in given]):
         if label is not None and list(label) != [str(t) for t in names]:
             raise ValueError(f"{strategy}: the predictor's tasks {list(label)} are not the trainer's {list(names)} "
                              "in that order: build the predictor's affinity in the trainer's task order (its "
                              "masks' columns follow the trainer)")
+
+
+def _library_predictor(predictor) -> bool:
+    """Whether ``predictor`` is one of this library's (whose ``affinity`` is a task-affinity matrix; another
+    estimator's ``affinity`` parameter may mean something else, e.g. a kernel name)."""
+    return any(c.__module__.startswith("lightning_etap.predictors") for c in type(predictor).__mro__)
 
 
 def fit_quietly(predictor, masks: np.ndarray, gains: np.ndarray):
@@ -570,7 +580,11 @@ class Session:
             if len(members) == 1:
                 best[members[0]] = min(best[members[0]], self.stl[members[0]])
                 continue
-            row = losses[self.code_index(members)]
+            index = self.code_index(members)
+            if index is None:
+                raise ValueError(f"{self.strategy}: group {self.named([members])[0]} is not a candidate of this "
+                                 "search (or was left out as failed)")
+            row = losses[index]
             best = np.minimum(best, np.where(np.isnan(row), np.inf, row))
         return float(best.sum())
 
