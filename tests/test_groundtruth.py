@@ -271,6 +271,7 @@ def test_mean_over_seeds_and_seed_spread_by_hand():
     assert spread.group_noise_ceiling == pytest.approx(np.corrcoef([0.4, 0.2, 0.5], [0.4, 0.2, 0.5])[0, 1])
     with pytest.raises(ValueError, match="at least two seeds"):
         mean.seed_spread()
+    assert repr(spread).startswith("SeedSpread(3 groups, seeds [0, 1]: mean std of a gain ")  # not the arrays
 
 
 def test_gains_need_every_stl_run(tmp_path, fakes):

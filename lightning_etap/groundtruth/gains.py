@@ -55,6 +55,11 @@ class SeedSpread:
     noise_ceiling: float
     group_noise_ceiling: float
 
+    def __repr__(self) -> str:  # the arrays are attributes; the summary is what one reads
+        return (f"SeedSpread({len(self.masks)} groups, seeds {list(self.seeds)}: mean std of a gain "
+                f"{self.mean_std:.4g}, noise ceiling {self.noise_ceiling:.3f} per task in a group, "
+                f"{self.group_noise_ceiling:.3f} per group)")
+
 
 @dataclass(frozen=True, eq=False)
 class GroupGains:
