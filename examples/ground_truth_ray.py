@@ -5,8 +5,9 @@
     python examples/ground_truth_ray.py --tiny                # 3 tasks, 2 epochs (what CI runs)
 
 Workers on the cluster only train; the driver (this script) writes the store,
-so the file never has to be shared between nodes. Run it twice: the second
-run finds every job in the store and trains nothing.
+so the file never has to be shared between nodes. Run it twice with the same
+``--store PATH``: the second run finds every job in the store and trains
+nothing (without ``--store`` every run uses a new temporary file).
 """
 
 from __future__ import annotations

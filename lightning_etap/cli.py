@@ -115,6 +115,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     if hasattr(args, "max_epochs") and args.max_epochs < 1:
         raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
     config = resolve_config(args.config, overrides, max_epochs=getattr(args, "max_epochs", None))
+    if config.ray_address is not None and config.executor != "ray":
+        print(f"lightning-etap: ray_address {config.ray_address!r} is not used: the executor is {config.executor!r} "
+              "(add --executor ray to train on that cluster)", file=sys.stderr, flush=True)
     if "workers" in overrides and config.executor == "ray":
         print("lightning-etap: --workers sizes the processes executor; Ray uses the CPUs of its cluster (start a "
               "local one with `ray start --head --num-cpus N` and pass --ray-address auto to choose)",
@@ -176,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:
         from lightning_etap.groundtruth.collect import CollectionError
+        from lightning_etap.groundtruth.executors import RayClusterError
 
-        if isinstance(err, CollectionError):
+        if isinstance(err, (CollectionError, RayClusterError)):
             print(f"lightning-etap: error: {err}", file=sys.stderr)
             return 1
         raise

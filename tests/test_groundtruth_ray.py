@@ -62,3 +62,40 @@ def test_ray_records_failures_and_dead_workers(tmp_path, ray_session):
     assert rows["a|b"]["status"] == "done" and rows["a|b"]["attempts"] == 2
     assert Counter(r["status"] for r in rows.values()) == Counter({"done": 6, "failed": 1})
 
+
+
+def test_an_address_where_nothing_answers_is_refused_in_seconds_with_one_line(tmp_path):
+    """ray.init retried a dead host:port for minutes (the CLI hung); a malformed address gave Ray's traceback."""
+    import socket
+    import subprocess
+    import time
+
+    from lightning_etap.groundtruth.executors import RayClusterError, _check_ray_address
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RayClusterError, match=rf"no Ray cluster answers at '127.0.0.1:{port}'.*ray start --head"):
+        _check_ray_address(f"127.0.0.1:{port}")
+    with pytest.raises(RayClusterError, match="'not an address' is not a Ray address: use 'auto'"):
+        _check_ray_address("not an address")
+    for fine in (None, "auto"):
+        _check_ray_address(fine)
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "lightning_etap.cli", "gains", "--dataset", "digits", "--executor",
+                          "ray", "--ray-address", f"127.0.0.1:{port}", "--train-groups", "2", "--measure-all",
+                          "false", "--max-epochs", "2", "--no-progress", "-o", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and time.monotonic() - start < 120, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert f"lightning-etap: error: no Ray cluster answers at '127.0.0.1:{port}'" in res.stderr
+
+
+def test_a_cluster_without_the_cpus_a_job_asks_for_is_said(tmp_path, ray_session, monkeypatch):
+    """Jobs that no node can run waited forever in silence (only Ray's autoscaler lines)."""
+    import gt_fakes_ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})  # a head started with --num-cpus=0
+    with pytest.warns(RuntimeWarning, match=r"the Ray cluster has 0 CPU\(s\) now and every job asks for num_cpus=1"):
+        collect_gains(gt_fakes_ray.FakeTrainer(), [("a", "b")], seeds=[0], store=tmp_path / "g.sqlite",
+                      executor=RayExecutor(), progress=False)

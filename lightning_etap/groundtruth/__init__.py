@@ -32,6 +32,7 @@ from lightning_etap.groundtruth.executors import (
     Executor,
     InProcessExecutor,
     ProcessPoolExecutor,
+    RayClusterError,
     RayExecutor,
 )
 from lightning_etap.groundtruth.gains import GroupGains, SeedSpread
@@ -60,6 +61,7 @@ __all__ = [
     "InProcessExecutor",
     "LightningGroupTrainer",
     "ProcessPoolExecutor",
+    "RayClusterError",
     "RayExecutor",
     "SeedSpread",
     "canonical_group",

@@ -26,9 +26,11 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -37,7 +39,7 @@ from lightning_etap.groundtruth.base import GroupOutcome, GroupTrainer
 
 logger = logging.getLogger("lightning_etap.groundtruth")
 
-__all__ = ["ChunkResult", "Executor", "InProcessExecutor", "ProcessPoolExecutor", "RayExecutor"]
+__all__ = ["ChunkResult", "Executor", "InProcessExecutor", "ProcessPoolExecutor", "RayClusterError", "RayExecutor"]
 
 Job = tuple[tuple[str, ...], int]
 
@@ -362,6 +364,28 @@ def _ray_run(trainer: GroupTrainer, jobs: tuple[Job, ...], threads: int | None) 
     return _train_chunk(trainer, jobs)
 
 
+class RayClusterError(ConnectionError):
+    """The Ray cluster cannot be reached, or was lost during a collection (finished work is in the store)."""
+
+
+def _check_ray_address(address: str | None) -> None:
+    """Refuse, in seconds, an address where nothing answers (``ray.init`` retries it for minutes)."""
+    if address is None or address in ("auto", "local"):
+        return
+    text = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayClusterError(f"{address!r} is not a Ray address: use 'auto' (the cluster this machine runs, from "
+                              "`ray start --head`), host:port (the head's GCS port, 6379 by default) or "
+                              "ray://host:10001")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise RayClusterError(f"no Ray cluster answers at {address!r} ({e.strerror or e}): start one with "
+                              "`ray start --head` and pass its address (or 'auto'), or leave the address unset "
+                              "to start a local Ray") from None
+
+
 class RayExecutor:
     """Train on a Ray cluster (or a local Ray instance); results come back to the calling process.
 
@@ -414,10 +438,26 @@ class RayExecutor:
         if first is None:
             return
         if not ray.is_initialized():
-            ray.init(address=self.address, **self.init_kwargs)
+            kwargs = dict(self.init_kwargs)
+            if self.address is None:  # a local Ray for this process: no dashboard (a server, agents, temp files)
+                kwargs.setdefault("include_dashboard", False)
+            _check_ray_address(self.address)
+            try:
+                ray.init(address=self.address, **kwargs)
+            except ConnectionError as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise RayClusterError(f"could not connect to a Ray cluster at {self.address!r}: {first} Start one "
+                                      "with `ray start --head`, or leave the address unset to start a local "
+                                      "Ray") from None
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        if cpus < self.num_cpus:
+            warnings.warn(f"the Ray cluster has {cpus:g} CPU(s) now and every job asks for num_cpus="
+                          f"{self.num_cpus:g}: the jobs wait until nodes with CPUs join (an autoscaling cluster); "
+                          "if none will, stop with Ctrl-C and lower num_cpus or add nodes", RuntimeWarning,
+                          stacklevel=2)
         limit = self.max_in_flight
         if limit is None:
-            limit = max(1, int(2 * ray.cluster_resources().get("CPU", 1) / self.num_cpus))
+            limit = max(1, int(2 * max(cpus, self.num_cpus) / self.num_cpus))
         threads = max(1, int(self.num_cpus))
         remote = ray.remote(num_cpus=self.num_cpus, max_retries=0)(_ray_run)
         trainer_ref = ray.put(trainer)
@@ -443,6 +483,9 @@ class RayExecutor:
                     chunk = pending.pop(ref)
                     try:
                         result = ray.get(ref)
+                    except ray.exceptions.LocalRayletDiedError as e:  # this machine's part of the cluster is gone
+                        raise RayClusterError(f"lost the Ray cluster ({type(e).__name__}): finished work is in the "
+                                              "store; rerun the same command once the cluster is back") from None
                     except Exception as e:  # a dead worker or node: RayTaskError, WorkerCrashedError, ...
                         result = ChunkResult(chunk, None, _error_text(e))
                     yield result
