@@ -31,3 +31,10 @@ def test_unknown_command_is_one_line(capsys):
     assert main(["fly"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lightning-etap: error: argument COMMAND: invalid choice: 'fly'") and "\n" not in err
+
+
+def test_a_ray_address_without_the_ray_executor_is_said_not_to_be_used(capsys, tmp_path):
+    """--ray-address with the default executor trained locally in silence (the config recorded both)."""
+    assert main(["select", "--dataset", "digits", "--ray-address", "auto", "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "ray_address 'auto' is not used: the executor is 'processes' (add --executor ray" in err
