@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -129,6 +130,13 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     pipeline = Pipeline(config, progress=not args.no_progress)
     print(f"lightning-etap {__version__}: {args.command} in {pipeline.dir.path} "
           f"({config.dataset}{', your own model' if config.custom else f', preset {config.preset}'})", flush=True)
+    terminated = []
+
+    def on_sigterm(signum, frame):  # a scheduler's stop (Slurm, `timeout`, `kill`): shut down as on Ctrl-C
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         if args.command == "run":
             pipeline.run(force=args.force)
@@ -139,9 +147,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         # KeyboardInterrupt, which stays on the exception as its context
         if isinstance(stop, SystemExit) and not is_lightning_interrupt(stop):
             raise
-        print(f"lightning-etap: interrupted; finished work is kept in {pipeline.dir.path}: rerun the same command "
-              "to resume", file=sys.stderr)
-        return 130
+        print(f"lightning-etap: {'terminated (SIGTERM)' if terminated else 'interrupted'}; finished work is kept "
+              f"in {pipeline.dir.path}: rerun the same command to resume", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.command in ("run", "select", "report"):
         print()
         print(pipeline.summary())

@@ -232,6 +232,39 @@ def test_a_killed_affinity_fit_resumes_to_the_uninterrupted_matrix(tmp_path, cap
     _assert_same(tmp_path / "whole", run)
 
 
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes_to_the_uninterrupted_matrix(tmp_path, capsys):
+    """A scheduler's stop (Slurm's preemption, `timeout`, `kill`) sends SIGTERM: the process used to die without
+    a word (outside a fit) or with Lightning's SystemExit (inside one); it now shuts down as on Ctrl-C, says so,
+    exits 143, and the rerun resumes from the last complete epoch."""
+    config = _config(tmp_path, "{max_epochs: 40, patience: 1000, dropout: 0.1}")
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "lightning_etap.cli", "affinity", "-c", str(config), "--no-progress",
+            "-o", str(run)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    progress = run / "affinity_checkpoint" / "progress.json"
+    deadline = time.time() + 240
+    epochs = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if progress.is_file():
+                epochs = json.loads(progress.read_text())["epochs"]
+                if epochs >= 2:
+                    break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert 2 <= epochs < 39, "the fit finished or stalled before it could be stopped"
+    assert proc.returncode == 143, err[-2000:]
+    assert f"lightning-etap: terminated (SIGTERM); finished work is kept in {run}" in err
+    assert main(["affinity", "-c", str(config), "--no-progress", "-o", str(run)]) == 0
+    assert "affinity: resuming the all-task fit from the end of epoch " in capsys.readouterr().out
+    assert main(["affinity", "-c", str(config), "--no-progress", "-o", str(tmp_path / "whole")]) == 0
+    _assert_same(tmp_path / "whole", run)
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 def test_a_resume_with_persistent_loader_workers_warns_that_their_draws_restart(tmp_path, persistent):
     """Persistent workers keep their random state across epochs, which no checkpoint holds: said at resume."""
