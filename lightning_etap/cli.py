@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,7 +137,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers are set from there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         if args.command == "run":
             pipeline.run(force=args.force)
@@ -151,7 +153,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
               f"in {pipeline.dir.path}: rerun the same command to resume", file=sys.stderr)
         return 143 if terminated else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if args.command in ("run", "select", "report"):
         print()
         print(pipeline.summary())
