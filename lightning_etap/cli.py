@@ -135,6 +135,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     def on_sigterm(signum, frame):  # a scheduler's stop (Slurm, `timeout`, `kill`): shut down as on Ctrl-C
         terminated.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not break off the shutdown
         raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()  # handlers are set from there only

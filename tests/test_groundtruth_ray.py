@@ -95,7 +95,34 @@ def test_a_cluster_without_the_cpus_a_job_asks_for_is_said(tmp_path, ray_session
     """Jobs that no node can run waited forever in silence (only Ray's autoscaler lines)."""
     import gt_fakes_ray
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})  # a head started with --num-cpus=0
-    with pytest.warns(RuntimeWarning, match=r"the Ray cluster has 0 CPU\(s\) now and every job asks for num_cpus=1"):
+    # a head started with --num-cpus=0 and a 1-CPU node (the cluster's total would be enough for num_cpus=1)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 0.0}},
+                                               {"Alive": True, "Resources": {"CPU": 0.5}},
+                                               {"Alive": False, "Resources": {"CPU": 8.0}}])
+    with pytest.warns(RuntimeWarning, match=r"no node of the Ray cluster has num_cpus=1 CPU\(s\) for a job now \(the "
+                                            r"largest has 0.5\)"):
         collect_gains(gt_fakes_ray.FakeTrainer(), [("a", "b")], seeds=[0], store=tmp_path / "g.sqlite",
                       executor=RayExecutor(), progress=False)
+
+
+def test_sigterm_during_a_ray_collection_stops_like_ctrl_c(tmp_path):
+    """ray.init put its own SIGTERM handler (sys.exit) in place of the command's: a scheduler's stop during a Ray
+    collection exited 15 with Ray's C++ noise instead of the clean 'terminated' line and 143."""
+    import signal
+    import subprocess
+    import time
+
+    log = tmp_path / "err.log"
+    argv = [sys.executable, "-m", "lightning_etap.cli", "gains", "--dataset", "digits", "--executor", "ray",
+            "--train-groups", "20", "--measure-all", "false", "-o", str(tmp_path / "run")]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "RAY_ADDRESS": ""})
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and " 1/" not in log.read_text():
+            time.sleep(0.05)  # the first job is back: Ray is up, the others run
+        assert proc.poll() is None, log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 143, text[-2000:]
+    assert f"lightning-etap: terminated (SIGTERM); finished work is kept in {tmp_path / 'run'}" in text

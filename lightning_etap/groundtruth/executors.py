@@ -369,10 +369,16 @@ class RayClusterError(ConnectionError):
 
 
 def _check_ray_address(address: str | None) -> None:
-    """Refuse, in seconds, an address where nothing answers (``ray.init`` retries it for minutes)."""
+    """Refuse, in seconds, a host:port (or ``ray://`` address) where nothing answers: ``ray.init`` retries a
+    GCS address for minutes. Other schemes (client builders such as ``anyscale://``) and ``ray://`` behind a
+    proxy are left to Ray."""
     if address is None or address in ("auto", "local"):
         return
-    text = address.split("://", 1)[1] if "://" in address else address
+    scheme, _, rest = address.rpartition("://")
+    proxied = any(os.environ.get(k) for k in ("grpc_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy"))
+    if scheme and (scheme != "ray" or proxied):
+        return
+    text = rest if scheme else address
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise RayClusterError(f"{address!r} is not a Ray address: use 'auto' (the cluster this machine runs, from "
@@ -438,23 +444,15 @@ class RayExecutor:
         if first is None:
             return
         if not ray.is_initialized():
-            kwargs = dict(self.init_kwargs)
-            if self.address is None:  # a local Ray for this process: no dashboard (a server, agents, temp files)
-                kwargs.setdefault("include_dashboard", False)
-            _check_ray_address(self.address)
-            try:
-                ray.init(address=self.address, **kwargs)
-            except ConnectionError as e:
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise RayClusterError(f"could not connect to a Ray cluster at {self.address!r}: {first} Start one "
-                                      "with `ray start --head`, or leave the address unset to start a local "
-                                      "Ray") from None
+            self._connect(ray)
         cpus = float(ray.cluster_resources().get("CPU", 0))
-        if cpus < self.num_cpus:
-            warnings.warn(f"the Ray cluster has {cpus:g} CPU(s) now and every job asks for num_cpus="
-                          f"{self.num_cpus:g}: the jobs wait until nodes with CPUs join (an autoscaling cluster); "
-                          "if none will, stop with Ctrl-C and lower num_cpus or add nodes", RuntimeWarning,
-                          stacklevel=2)
+        largest = max((float(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                      default=0.0)
+        if largest < self.num_cpus:
+            warnings.warn(f"no node of the Ray cluster has num_cpus={self.num_cpus:g} CPU(s) for a job now (the "
+                          f"largest has {largest:g}): the jobs wait until such a node joins (an autoscaling "
+                          "cluster); if none will, stop with Ctrl-C and lower num_cpus or add nodes",
+                          RuntimeWarning, stacklevel=2)
         limit = self.max_in_flight
         if limit is None:
             limit = max(1, int(2 * max(cpus, self.num_cpus) / self.num_cpus))
@@ -503,6 +501,28 @@ class RayExecutor:
             raise
         finally:
             cancel(list(pending))  # closed by the consumer, or an error: nothing is waited for
+
+    def _connect(self, ray) -> None:
+        """``ray.init`` with a clear error, no dashboard for a local Ray, and this process's SIGTERM handler kept."""
+        kwargs = dict(self.init_kwargs)
+        if self.address in (None, "local"):  # no dashboard for a local Ray (a server, agents, temp files)
+            kwargs.setdefault("include_dashboard", False)
+        _check_ray_address(self.address)
+        main_thread = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+        try:
+            ray.init(address=self.address, **kwargs)
+        except ConnectionError as e:
+            cause = e
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__
+            why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            where = self.address or os.environ.get("RAY_ADDRESS") or "the cluster this machine runs"
+            advice = ("start one with `ray start --head`, fix the address, or leave it unset to start a local Ray"
+                      if self.address or os.environ.get("RAY_ADDRESS") else "start one with `ray start --head`")
+            raise RayClusterError(f"could not connect to a Ray cluster at {where!r}: {why} ({advice})") from None
+        if callable(sigterm):  # ray.init replaces it with sys.exit: keep the caller's (the CLI stops cleanly)
+            signal.signal(signal.SIGTERM, sigterm)
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, num_cpus={self.num_cpus})"
