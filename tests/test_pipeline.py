@@ -762,10 +762,10 @@ OWN = {"model": "m:build", "datamodule": "m:data", "tasks": ["a", "b", "c"]}
     ({"precision": "bf17"}, "precision must be 64 or 32 or 16 or 'transformer-engine'"),
     ({"callbacks": ["EarlyStopping"]}, "'callbacks' is set by the pipeline; return your callbacks from"),
     ({"logger": "csv"}, "'logger' is set by the pipeline; choose the logger with 'logger'"),
-    ({"strategy": "ddp", "devices": 2}, "the pipeline trains one process per fit (strategy 'ddp', devices 2)"),
+    ({"strategy": "ddp", "devices": 2}, "the pipeline trains one process per fit (strategy 'ddp', devices 2, "),
     ({"devices": [0, 1]}, "Lightning's multi-process launchers would re-run the whole command"),
     ({"strategy": "ddp_spawn"}, "Scale the ground truth with --executor processes or ray instead"),
-    ({"num_nodes": 2}, "the pipeline trains one process per fit"),
+    ({"num_nodes": 2}, "the pipeline trains one process per fit (strategy None, devices None, num_nodes 2)"),
 ])
 def test_trainer_options_are_checked_against_the_trainer(trainer, needle, tmp_path):
     path = tmp_path / "own.yaml"
@@ -980,3 +980,40 @@ def test_the_wandb_logger_follows_wandb_mode_and_a_missing_login_is_one_line(tmp
     else:  # no API key: one line naming the fixes, before any fit starts
         assert "UserError: W&B could not start a run (No API key configured" in res.stdout
         assert "--wandb-mode offline" in res.stdout
+
+
+def test_an_affinity_that_measured_nothing_stops_the_run_instead_of_grouping_on_zeros(tmp_path, capsys):
+    """shared naming per-task parameters (or detached task losses) gives an all-zero matrix: the callback warned,
+    and the run went on to a confident grouping built on it, with the stage recorded as done (a fixed module was
+    then 'up to date'). Now the stage stops with one line, records nothing and keeps no checkpoint to resume."""
+    config = tmp_path / "heads.yaml"
+    config.write_text("dataset: digits\ntasks: [digit_0, digit_1, digit_2]\nshared: heads\nrecipe: {max_epochs: 2}\n")
+    run = tmp_path / "run"
+    assert main(["run", "-c", str(config), "--no-progress", "-o", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "lightning-etap: error: affinity: the all-task fit measured no interaction between the tasks" in err
+    assert "shared='heads' names per-task parameters" in err
+    assert not (run / "stages.json").exists() and not (run / "affinity").exists()
+    assert not (run / "affinity_checkpoint").exists()
+
+
+def test_own_factories_of_the_wrong_kind_or_signature_are_one_line(tmp_path, capsys, monkeypatch):
+    """A model factory returning a plain nn.Module was reported as "no submodule 'encoder'"; a datamodule factory
+    taking (tasks) only gave a 27-line traceback of the call."""
+    (tmp_path / "wrong_factories.py").write_text(
+        "import torch.nn as nn\n\ndef plain(tasks):\n    return nn.Linear(2, 2)\n\ndef one_arg(tasks):\n"
+        "    return None\n")
+    example = Path(__file__).resolve().parents[1] / "examples"
+    shutil.copy(example / "own_module.py", tmp_path / "own_module.py")
+    base = (example / "own_module.yaml").read_text()
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        "plain": (base.replace("own_module:build_model", "wrong_factories:plain"),
+                  "model 'wrong_factories:plain' returned Linear, not a lightning.LightningModule"),
+        "one_arg": (base.replace("own_module:build_datamodule", "wrong_factories:one_arg"),
+                    "datamodule 'wrong_factories:one_arg' is called as datamodule(tasks, seed), but it takes (tasks)"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+        assert main(["affinity", "-c", f"{name}.yaml", "--no-progress", "-o", str(tmp_path / name)]) == 2
+        assert f"lightning-etap: error: {message}" in capsys.readouterr().err

@@ -61,7 +61,25 @@ class ImportedFactory:
         return self._fn
 
     def __call__(self, *args: Any) -> Any:
-        return self.resolve()(*args)
+        import inspect
+
+        import lightning as L
+
+        fn = self.resolve()
+        expected = {"model": ("(tasks)", L.LightningModule), "datamodule": ("(tasks, seed)", L.LightningDataModule)}
+        form, kind = expected.get(self.role, ("", object))
+        try:
+            inspect.signature(fn).bind(*args)
+        except TypeError:
+            raise UserError(f"{self.role} {self.path!r} is called as {self.role}{form}, but it takes "
+                            f"{inspect.signature(fn)}") from None
+        except ValueError:  # no signature to read (a builtin): let the call tell
+            pass
+        out = fn(*args)
+        if not isinstance(out, kind):
+            raise UserError(f"{self.role} {self.path!r} returned {type(out).__name__}, not a lightning."
+                            f"{kind.__name__}: the pipeline trains what it builds in a Lightning Trainer")
+        return out
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "role": self.role, "_fn": None}

@@ -328,7 +328,8 @@ def _check_one_process(options: Mapping[str, Any], source: str) -> None:
             or (options.get("num_nodes") not in (None, 1)):
         raise UserError(
             f"config key 'trainer' in {source}: the pipeline trains one process per fit (strategy "
-            f"{strategy!r}, devices {devices!r}): Lightning's multi-process launchers would re-run the whole "
+            f"{strategy!r}, devices {devices!r}, num_nodes {options.get('num_nodes')!r}): Lightning's "
+            "multi-process launchers would re-run the whole "
             "command in every process. Scale the ground truth with --executor processes or ray instead; to "
             "measure the affinity of one multi-GPU fit, add AffinityCallback to your own Trainer (docs/callback.md)")
 

@@ -181,6 +181,13 @@ class Pipeline:
             _close_logger(logger, failed=True)
             raise
         affinity = callback.result
+        if _says_nothing(affinity.matrix):  # ETAP would fit on zeros: the run would end with a baseless grouping
+            shutil.rmtree(folder, ignore_errors=True)  # a fixed module must start the fit again, not resume this one
+            raise UserError(
+                "affinity: the all-task fit measured no interaction between the tasks (every affinity is 0: each "
+                "product of two tasks' gradients of the shared parameters was 0). Either the module's task_losses "
+                f"are detached from the graph (.detach() / .item()), or shared={cfg.shared!r} names per-task "
+                "parameters rather than the part every task's loss goes through; fix it and rerun")
         if self.dir.affinity_dir.exists():
             shutil.rmtree(self.dir.affinity_dir)
         affinity.save(self.dir.affinity_dir)
@@ -227,6 +234,10 @@ class Pipeline:
                             "measured tasks under 'tasks'")
         left_out = [t for t in result.task_names if t not in names]
         result = result.subset(names)
+        if _says_nothing(result.matrix):
+            raise UserError(f"affinity_from: every affinity in {source} is 0 for this run's tasks, so ETAP has "
+                            "nothing to fit (were the task losses detached, or `shared` the per-task heads?); "
+                            "measure it again")
         unknown = [f"{names[i]}->{names[j]}" for i, j in zip(*np.nonzero(~np.isfinite(result.matrix)), strict=True)
                    if i != j]
         if unknown:
@@ -808,6 +819,12 @@ _PROGRESS = "progress.json"
 
 def _same_inputs(saved: Any, inputs: dict[str, Any]) -> bool:
     return saved == json.loads(json.dumps(inputs))  # as stored: tuples are lists
+
+
+def _says_nothing(matrix: np.ndarray) -> bool:
+    """Whether an affinity matrix is 0 (or unmeasured) at every off-diagonal entry."""
+    off = matrix[~np.eye(len(matrix), dtype=bool)]
+    return bool(off.size) and not np.any(np.isfinite(off) & (off != 0))
 
 
 def _affinity_resume_point(folder: Path, inputs: dict[str, Any], force: bool) -> tuple[Path | None, int, str]:
