@@ -1017,3 +1017,37 @@ def test_own_factories_of_the_wrong_kind_or_signature_are_one_line(tmp_path, cap
         (tmp_path / f"{name}.yaml").write_text(text)
         assert main(["affinity", "-c", f"{name}.yaml", "--no-progress", "-o", str(tmp_path / name)]) == 2
         assert f"lightning-etap: error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_logger_added_after_the_fit_says_it_logs_nothing(tiny_run, tmp_path, capsys):
+    """--logger on a directory whose all-task fit ran without one: the report stage was redone and said nothing,
+    though no logs/ and no run were made."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    code, out, err = _run(["report", "--force", "-o", str(run)], capsys)  # the fit logged: no such note
+    assert code == 0 and "nothing logged" not in out, err
+    shutil.rmtree(run / "logs")
+    stages = json.loads((run / "stages.json").read_text())
+    stages["affinity"]["logger"] = {}  # as if the fit had run without a logger
+    (run / "stages.json").write_text(json.dumps(stages))
+    code, out, err = _run(["report", "--force", "-o", str(run)], capsys)
+    assert code == 0, err
+    assert "logger 'csv': nothing logged: the all-task fit ran without a logger" in out
+    assert not (run / "logs").exists()
+
+
+@pytest.mark.slow
+def test_the_summary_cautions_when_the_predictor_does_not_follow_its_training_groups(tiny_run, monkeypatch):
+    """A leave-one-out r of -0.05 per task was followed by 'ETAP chooses ..., predicted +3.25%' with no caveat."""
+    import lightning_etap.pipeline.report as report
+    from lightning_etap.pipeline.rundir import RunDirectory
+
+    real = report.prediction_quality
+    weak = {"task_pearson": -0.05, "group_pearson": -0.6, "n_groups": 11}
+    monkeypatch.setattr(report, "prediction_quality", lambda data: {**real(data), "train_cv": {**weak}})
+    text = report.terminal_summary(RunDirectory(tiny_run))
+    assert "caution: ETAP's predictions barely follow the measured gains of the training groups" in text
+    strong = {"task_pearson": 0.8, "group_pearson": 0.9, "n_groups": 11}
+    monkeypatch.setattr(report, "prediction_quality", lambda data: {**real(data), "train_cv": {**strong}})
+    assert "caution" not in report.terminal_summary(RunDirectory(tiny_run))

@@ -344,6 +344,10 @@ def terminal_summary(run: RunDirectory) -> str:
             q = quality[key]
             lines.append(f"  prediction vs measurement ({label}): Pearson r {q['task_pearson']:.2f} per task, "
                          f"{q['group_pearson']:.2f} per group ({int(q['n_groups'])} groups)")
+            if key == "train_cv" and not q["task_pearson"] > 0.3:  # NaN too
+                lines.append("    caution: ETAP's predictions barely follow the measured gains of the training "
+                             "groups it was fitted on, so its choices below are a weak guess; more training groups "
+                             "(--train-groups) or --sampling active (choices measured) help")
     lines.append("")
     lines.append("Gains are relative to single-task training (eq. 1), averaged over the tasks.")
     for entry in sel["budgets"]:

@@ -514,6 +514,10 @@ class Pipeline:
         if self.config.logger != "none" and not self._logs():
             self._print(f"{label}: logger {self.config.logger!r}: nothing logged (with affinity_from there is no "
                         "all-task fit whose run the figures would join); the report is the record")
+        elif self._logs() and not self.dir.stage_record("affinity").get("logger"):
+            self._print(f"{label}: logger {self.config.logger!r}: nothing logged: the all-task fit ran without a "
+                        "logger, so there is no run to add the figures to; `lightning-etap affinity --force` with "
+                        "this logger refits with it (the report is the record meanwhile)")
         self._log_figures(pngs)
         return {}, {}
 
