@@ -409,6 +409,10 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
         assert all(len(g) == 1 or tuple(g) in set(train) for g in entry["active"]["groups"])
         assert entry["active_gap"] == pytest.approx(entry["optimum"]["objective"] - best, abs=1e-9)
     assert "active ETAP chooses" in text and "ETAP predicting every group chooses" in text
+    from lightning_etap.pipeline.report import selection_panels  # the figure shows active ETAP's choice first
+
+    assert selection_panels(sel) == ["active", "etap", "optimum"]
+    assert selection_panels(json.loads((tiny_run / "selection.json").read_text())) == ["etap", "optimum"]
     # a new affinity makes the actively chosen groups out of date (a random draw does not depend on it), and so
     # does another largest budget or singleton gain (the search's objective); another smaller budget does not
     assert main(["affinity", "-o", str(out), "--force", "--no-progress"]) == 0

@@ -202,6 +202,13 @@ def _plot_predictions(data: dict[str, Any], quality: dict[str, Any], path: Path)
     return _save(fig, path)
 
 
+def selection_panels(selection: dict[str, Any]) -> list[str]:
+    """The columns of ``selection.png``: active ETAP's choice first where the training groups were chosen
+    actively (the summary's headline), ETAP's prediction-based choice, and the true optimum where measured."""
+    active = any(entry.get("active") for entry in selection["budgets"])
+    return (["active"] if active else []) + ["etap"] + (["optimum"] if selection.get("complete") else [])
+
+
 def _plot_selection(data: dict[str, Any], path: Path) -> Path:
     from matplotlib.colors import TwoSlopeNorm
 
@@ -209,12 +216,12 @@ def _plot_selection(data: dict[str, Any], path: Path) -> Path:
     names = list(sel["task_names"])
     n = len(names)
     entries = sel["budgets"]
-    with_opt = bool(sel.get("complete"))
-    cols = 2 if with_opt else 1
-    heights = [max(len(e["etap"]["groups"]), len((e.get("optimum") or {}).get("groups", []))) + 1.6 for e in entries]
-    fig = _figure(min(4.8 + 0.55 * n, 16) * cols / (1.3 if cols == 2 else 1), 0.42 * sum(heights) + 1.2)
+    parts = selection_panels(sel)
+    cols = len(parts)
+    heights = [max(len((e.get(part) or {}).get("groups", [])) for part in parts) + 1.6 for e in entries]
+    fig = _figure(min(4.8 + 0.55 * n, 16) * cols / (1.3 if cols >= 2 else 1), 0.42 * sum(heights) + 1.2)
     axes = fig.subplots(len(entries), cols, squeeze=False, gridspec_kw={"height_ratios": heights})
-    values = [v for e in entries for part in ("etap", "optimum") if e.get(part)
+    values = [v for e in entries for part in parts if e.get(part)
               for g in e[part]["member_gains"] for v in g.values() if v is not None]
     # a robust colour range: one very negative task must not wash out every other cell
     limit = float(np.percentile(np.abs(values), 90)) if values else 0.0
@@ -222,7 +229,7 @@ def _plot_selection(data: dict[str, Any], path: Path) -> Path:
     norm = TwoSlopeNorm(vmin=-limit * 100, vcenter=0.0, vmax=limit * 100)
     image = None
     for row, entry in enumerate(entries):
-        for col, part in enumerate(["etap", "optimum"][:cols]):
+        for col, part in enumerate(parts):
             ax = axes[row][col]
             rec = entry.get(part)
             if rec is None:
@@ -255,15 +262,16 @@ def _plot_selection(data: dict[str, Any], path: Path) -> Path:
             ax.grid(which="minor", color="white", lw=1.5)
             ax.tick_params(which="minor", length=0)
             measured = rec["measured"]["mean_gain"]
-            what = "ETAP's choice" if part == "etap" else "true optimum (measured)"
-            title = f"budget {entry['budget']}: {what}\npredicted {_pct(rec['mean_gain'])}/task"
             if part == "etap":
+                title = f"budget {entry['budget']}: ETAP's choice\npredicted {_pct(rec['mean_gain'])}/task"
                 title += f", measured {_pct(measured)}/task" if measured is not None else ", not all measured"
             else:
-                title = f"budget {entry['budget']}: {what}\nmeasured {_pct(rec['mean_gain'])}/task"
+                what = "active ETAP's choice" if part == "active" else "true optimum"
+                title = f"budget {entry['budget']}: {what} (measured)\nmeasured {_pct(rec['mean_gain'])}/task"
             ax.set_title(title, fontsize=9)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="task's gain in the group, %\n(ETAP: predicted; optimum: measured)",
+        fig.colorbar(image, ax=axes, label="task's gain in the group, %\n(ETAP: predicted; "
+                     + ("active ETAP, " if "active" in parts else "") + "optimum: measured)",
                      shrink=0.8, extend="both")
     return _save(fig, path)
 
