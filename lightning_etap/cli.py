@@ -117,6 +117,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     if hasattr(args, "max_epochs") and args.max_epochs < 1:
         raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
     config = resolve_config(args.config, overrides, max_epochs=getattr(args, "max_epochs", None))
+    if config.custom and config.dataset_options:
+        print(f"lightning-etap: dataset_options {dict(config.dataset_options)} are not used: they configure the "
+              "built-in datasets' loaders, and your own datamodule factory gets (tasks, seed) only (set its "
+              "options in the factory)", file=sys.stderr, flush=True)
     if config.ray_address is not None and config.executor != "ray":
         print(f"lightning-etap: ray_address {config.ray_address!r} is not used: the executor is {config.executor!r} "
               "(add --executor ray to train on that cluster)", file=sys.stderr, flush=True)

@@ -38,3 +38,13 @@ def test_a_ray_address_without_the_ray_executor_is_said_not_to_be_used(capsys, t
     assert main(["select", "--dataset", "digits", "--ray-address", "auto", "-o", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "ray_address 'auto' is not used: the executor is 'processes' (add --executor ray" in err
+
+
+def test_dataset_options_with_an_own_model_are_said_not_to_be_used(capsys, tmp_path):
+    """They were ignored in silence (the reference model's recipe and preset are refused with a clear line)."""
+    config = tmp_path / "own.yaml"
+    config.write_text("model: own_module:build_model\ndatamodule: own_module:build_datamodule\ntasks: [a, b, c]\n"
+                      "shared: encoder\ndataset_options: {foo: 1}\n")
+    assert main(["select", "-c", str(config), "-o", str(tmp_path / "run")]) == 2
+    assert "dataset_options {'foo': 1} are not used: they configure the built-in datasets' loaders" in \
+        capsys.readouterr().err
