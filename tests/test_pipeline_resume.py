@@ -202,41 +202,9 @@ def test_an_interrupted_own_module_fit_resumes_to_the_uninterrupted_matrix(tmp_p
     _assert_same(tmp_path / "whole", tmp_path / "cut")
 
 
-@pytest.mark.slow
-def test_a_killed_affinity_fit_resumes_to_the_uninterrupted_matrix(tmp_path, capsys):
-    """kill -9 in the middle of the fit (no graceful shutdown): the rerun resumes from the last complete epoch."""
-    config = _config(tmp_path, "{max_epochs: 40, patience: 1000, dropout: 0.1}")
-    run = tmp_path / "run"
-    argv = [sys.executable, "-m", "lightning_etap.cli", "affinity", "-c", str(config), "--no-progress",
-            "-o", str(run)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    progress = run / "affinity_checkpoint" / "progress.json"
-    deadline = time.time() + 240
-    epochs = 0
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if progress.is_file():
-                epochs = json.loads(progress.read_text())["epochs"]
-                if epochs >= 2:
-                    break
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert 2 <= epochs < 39, "the fit finished or stalled before it could be killed"
-    assert main(["affinity", "-c", str(config), "--no-progress", "-o", str(run)]) == 0
-    out = capsys.readouterr().out
-    assert "affinity: resuming the all-task fit from the end of epoch " in out
-    assert main(["affinity", "-c", str(config), "--no-progress", "-o", str(tmp_path / "whole")]) == 0
-    _assert_same(tmp_path / "whole", run)
-
-
-@pytest.mark.slow
-def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes_to_the_uninterrupted_matrix(tmp_path, capsys):
-    """A scheduler's stop (Slurm's preemption, `timeout`, `kill`) sends SIGTERM: the process used to die without
-    a word (outside a fit) or with Lightning's SystemExit (inside one); it now shuts down as on Ctrl-C, says so,
-    exits 143, and the rerun resumes from the last complete epoch."""
+def _signal_the_fit_after_two_epochs(tmp_path: Path, sig: int) -> tuple[Path, Path, int, int, str]:
+    """Start ``lightning-etap affinity`` (40 epochs) in a subprocess, send it ``sig`` once two epochs are
+    checkpointed; return the config, the run directory, the epochs done then, the exit code and stderr."""
     config = _config(tmp_path, "{max_epochs: 40, patience: 1000, dropout: 0.1}")
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "lightning_etap.cli", "affinity", "-c", str(config), "--no-progress",
@@ -254,15 +222,37 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes_to_the_uninterrupted_ma
                     break
             time.sleep(0.02)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
-    assert 2 <= epochs < 39, "the fit finished or stalled before it could be stopped"
-    assert proc.returncode == 143, err[-2000:]
-    assert f"lightning-etap: terminated (SIGTERM); finished work is kept in {run}" in err
+    return config, run, epochs, proc.returncode, err
+
+
+def _resume_and_compare(tmp_path: Path, config: Path, run: Path, capsys) -> None:
+    """The rerun resumes the stopped fit and ends with the matrix of an uninterrupted fit, to the bit."""
     assert main(["affinity", "-c", str(config), "--no-progress", "-o", str(run)]) == 0
     assert "affinity: resuming the all-task fit from the end of epoch " in capsys.readouterr().out
     assert main(["affinity", "-c", str(config), "--no-progress", "-o", str(tmp_path / "whole")]) == 0
     _assert_same(tmp_path / "whole", run)
+
+
+@pytest.mark.slow
+def test_a_killed_affinity_fit_resumes_to_the_uninterrupted_matrix(tmp_path, capsys):
+    """kill -9 in the middle of the fit (no graceful shutdown): the rerun resumes from the last complete epoch."""
+    config, run, epochs, _, _ = _signal_the_fit_after_two_epochs(tmp_path, signal.SIGKILL)
+    assert 2 <= epochs < 39, "the fit finished or stalled before it could be killed"
+    _resume_and_compare(tmp_path, config, run, capsys)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes_to_the_uninterrupted_matrix(tmp_path, capsys):
+    """A scheduler's stop (Slurm's preemption, `timeout`, `kill`) sends SIGTERM: the process used to die without
+    a word (outside a fit) or with Lightning's SystemExit (inside one); it now shuts down as on Ctrl-C, says so,
+    exits 143, and the rerun resumes from the last complete epoch."""
+    config, run, epochs, returncode, err = _signal_the_fit_after_two_epochs(tmp_path, signal.SIGTERM)
+    assert 2 <= epochs < 39, "the fit finished or stalled before it could be stopped"
+    assert returncode == 143, err[-2000:]
+    assert f"lightning-etap: terminated (SIGTERM); finished work is kept in {run}" in err
+    _resume_and_compare(tmp_path, config, run, capsys)
 
 
 @pytest.mark.parametrize("persistent", [True, False])
