@@ -72,6 +72,12 @@ class BaselinePredictor(RegressorMixin, BaseEstimator):
         affinity = getattr(self, "affinity", None)
         return affinity_values(affinity)[1] if affinity is not None else None
 
+    def _training_groups(self, masks, gains, *, minimum: int, n_tasks: int | None = None):
+        """``fit``'s training groups checked by :func:`check_training_groups`: ``(masks, gains, columns)``, a
+        ``GroupGains`` matched by name to the tasks this predictor knows (its affinity's order, if it has one)."""
+        return check_training_groups(masks, gains, n_tasks, minimum=minimum, who=type(self).__name__,
+                                     names=self._known_names(), ordered=getattr(self, "affinity", None) is not None)
+
     def _label(self, tasks) -> list:
         names = getattr(self, "task_names_", None)
         return [names[t] for t in tasks] if names else [int(t) for t in tasks]

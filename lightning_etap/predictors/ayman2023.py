@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sklearn.neural_network import MLPRegressor
 
-from ._baseline import BaselinePredictor, check_training_groups, format_pairs, missing_pairs, pair_gain_matrix
+from ._baseline import BaselinePredictor, format_pairs, missing_pairs, pair_gain_matrix
 from ._persist import array_from_json
 from ._validation import check_masks
 
@@ -235,9 +235,7 @@ class Ayman2023Predictor(BaselinePredictor):
         Returns:
             self
         """
-        masks, gains, columns = check_training_groups(masks, gains, None, minimum=2, who="Ayman2023Predictor",
-                                                      names=self._known_names(),
-                                                      ordered=getattr(self, "affinity", None) is not None)
+        masks, gains, columns = self._training_groups(masks, gains, minimum=2)
         n = masks.shape[1]
         self.n_tasks_ = n
         self.task_names_ = self._resolve_names(n) or columns

@@ -19,7 +19,7 @@ from scipy import sparse
 from scipy.interpolate import BSpline
 from scipy.linalg import cho_solve, solve_triangular
 
-from ._baseline import BaselinePredictor, check_training_groups
+from ._baseline import BaselinePredictor
 from ._validation import check_affinity, check_masks
 from .etap import group_affinity
 
@@ -231,8 +231,7 @@ class BayesianETAPPredictor(BaselinePredictor):
         grid = self._grid()
         affinity = check_affinity(self.affinity)
         n = affinity.shape[0]
-        masks, gains, columns = check_training_groups(masks, gains, n, minimum=1, who="BayesianETAPPredictor",
-                                                      names=self._resolve_names(n), ordered=True)
+        masks, gains, columns = self._training_groups(masks, gains, minimum=1, n_tasks=n)
         self.n_tasks_ = n
         self.task_names_ = self._resolve_names(n) or columns
         self.affinity_ = affinity

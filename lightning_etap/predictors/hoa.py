@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._baseline import BaselinePredictor, check_training_groups, format_pairs, missing_pairs, pair_gain_matrix
+from ._baseline import BaselinePredictor, format_pairs, missing_pairs, pair_gain_matrix
 
 __all__ = ["HOAPredictor"]
 
@@ -74,9 +74,7 @@ class HOAPredictor(BaselinePredictor):
         Returns:
             self
         """
-        masks, gains, columns = check_training_groups(masks, gains, None, minimum=1, who="HOAPredictor",
-                                                      names=self._known_names(),
-                                                      ordered=getattr(self, "affinity", None) is not None)
+        masks, gains, columns = self._training_groups(masks, gains, minimum=1)
         size = masks.sum(axis=1)
         if not (size == 2).any():
             raise ValueError(

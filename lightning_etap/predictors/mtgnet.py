@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_random_state
 
-from ._baseline import BaselinePredictor, check_training_groups
+from ._baseline import BaselinePredictor
 from ._persist import read_npz_document, write_npz_document
 
 __all__ = ["MTGNetPredictor"]
@@ -268,9 +268,7 @@ class MTGNetPredictor(BaselinePredictor):
             self
         """
         self._check_options()
-        masks, gains, columns = check_training_groups(masks, gains, None, minimum=2, who="MTGNetPredictor",
-                                                      names=self._known_names(),
-                                                      ordered=getattr(self, "affinity", None) is not None)
+        masks, gains, columns = self._training_groups(masks, gains, minimum=2)
         with _torch_threads(self.num_threads):
             return self._fit(masks, gains, columns)
 

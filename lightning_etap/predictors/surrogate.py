@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.linear_model import Ridge
 
-from ._baseline import BaselinePredictor, check_training_groups
+from ._baseline import BaselinePredictor
 
 __all__ = ["LinearSurrogate"]
 
@@ -102,9 +102,7 @@ class LinearSurrogate(BaselinePredictor):
             self.min_groups < 1
         ):
             raise ValueError(f"min_groups must be an integer >= 1; got {self.min_groups!r}")
-        masks, gains, columns = check_training_groups(masks, gains, None, minimum=1, who="LinearSurrogate",
-                                                      names=self._known_names(),
-                                                      ordered=getattr(self, "affinity", None) is not None)
+        masks, gains, columns = self._training_groups(masks, gains, minimum=1)
         n = masks.shape[1]
         self.n_tasks_ = n
         self.task_names_ = self._resolve_names(n) or columns
