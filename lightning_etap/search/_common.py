@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_etap._stack import outside_stacklevel
 from lightning_etap.groundtruth.collect import CollectionError, collect_gains
 from lightning_etap.groundtruth.gains import GroupGains
 from lightning_etap.groundtruth.sampling import check_seeds, group_key
@@ -509,7 +510,8 @@ class Session:
         why = {g: (e.strip().splitlines() or [""])[-1] for (g, _), e in err.failed.items()}
         shown = "; ".join(f"{group_key(self.group(i))}: {why[self.group(i)]}" for i in lost[:3])
         warnings.warn(f"{self.strategy}: {len(lost)} group(s) failed to train and are left out of the search "
-                      f"(skip_failed=True; not counted as trainings): {shown}", UserWarning, stacklevel=4)
+                      f"(skip_failed=True; not counted as trainings): {shown}", UserWarning,
+                      stacklevel=outside_stacklevel())  # measure() is reached at several depths
         kept = [(i, g) for i, g in zip(new, groups, strict=True) if g not in bad]
         return [i for i, _ in kept], [g for _, g in kept]
 
