@@ -63,7 +63,9 @@ Besides the runs, the page has a section computed from the table alone
 (:func:`frontier`): how many selections are near the optimum, what the exact
 selection and MTG-Net's loop achieve with predictors fitted on every group of
 the table, and how far the optimum of one training seed lands from that of
-the others.
+the others; and one from ``benchmarks/search_ceiling.py``: what a search that
+knows every group's expected losses exactly reaches on replicates of the
+table with its own seed noise (``--ceiling-replicates``).
 
 Writes ``benchmarks/results/active_search.json`` (every run), the page
 ``docs/results/active.md`` and the figure ``docs/results/active.png``.
@@ -621,6 +623,92 @@ def frontier_lines(fr: dict) -> list[str]:
     return lines
 
 
+CEILING_POLICIES = {"perfect_ei": "perfect model, expected improvement",
+                    "perfect_po": "perfect model, probability of optimality",
+                    "active_etap": "active ETAP on the replicates"}
+
+
+def ceiling_lines(ce: dict, summary: dict) -> list[str]:
+    """The page's section on what any search can reach under the table's seed noise (``search_ceiling.py``)."""
+    budgets, ks, s = ce["budgets"], ce["trainings"], ce["n_seeds"]
+    share = list(ce["noise_share"].values())
+    span = " / ".join(str(k) for k in ks)
+    lines = ["## What any search can reach under the table's seed noise", "",
+             f"Computed by `benchmarks/search_ceiling.py` ({ce['replicates']} replicate tables, "
+             f"{ce['seconds'] / 60:.0f} minutes of wall time). The table is the mean of {s} training seeds, so "
+             "every entry carries seed noise, and the optimum the targets are measured against is that of the "
+             "noisy table. A predictor can at best learn a group's *expected* losses: the noise of a group not "
+             "measured yet is independent of everything a search has seen. Per task, the seed noise (the "
+             f"variance of a {s}-seed mean, from the seeds' spread) is {min(share):.0%} to {max(share):.0%} of the "
+             "variance of the table around Bayesian ETAP fitted on every group: most of what that model leaves "
+             "unexplained is noise no predictor can learn.", "",
+             "*Replicates* of the table: the expected losses (that fit plus its residual shrunk per task by the "
+             "noise share, so that they spread as the table does without its noise) plus the noise of an "
+             f"independent {s}-seed mean (the mean of {s} of the group's own seed deviation vectors, drawn with "
+             "replacement and rescaled, which keeps the correlation across the tasks of one training). On each "
+             "replicate, a *perfect model* search knows every group's expected losses and the noise law exactly "
+             "(more than any predictor fitted on measured groups can know) and trains the all-task group, then "
+             "one group per training: by expected improvement (active ETAP's rule with the exact posterior) or by "
+             "probability of being in the optimal selection (the group most often in the optimal selection of "
+             "the posterior draws, which values complementary groups jointly). Active ETAP runs on the same "
+             "replicates exactly as on the table. Mean gap to each replicate's own optimum after "
+             f"{span} trainings (in brackets: share within 1% at {ks[-1]}):", "",
+             "| B | the expected losses' own optimal selection | "
+             + " | ".join(CEILING_POLICIES.values()) + " | active ETAP on this table (above) |",
+             "| --- | --- |" + " --- |" * (len(CEILING_POLICIES) + 1)]
+    for b in budgets:
+        e = ce["summary"][str(b)]
+        cells = [f"{100 * e['signal_optimum']:.2f}%"]
+        for policy in CEILING_POLICIES:
+            cells.append(" / ".join(f"{100 * e[policy][str(k)]['mean_gap']:.2f}%" for k in ks)
+                         + f" ({100 * e[policy][str(ks[-1])]['within_1pct']:.0f}%)")
+        ours = [summary.get(f"active_etap|{b}|{k}") for k in ks]
+        cells.append(" / ".join(f"{100 * v['mean_gap']:.2f}%" if v else "–" for v in ours)
+                     + (f" ({100 * ours[-1]['within_1pct']:.0f}%)" if ours[-1] else ""))
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ceiling_reading(ce: dict, summary: dict, fr: dict | None) -> str:
+    """What the ceiling section says about the target "within 1% with <= 10 trainings", in figures."""
+    budgets, k = ce["budgets"], str(ce["trainings"][-1])
+
+    def pct(values):
+        return " / ".join(f"{100 * v:.2f}%" for v in values)
+
+    ceil = [min(ce["summary"][str(b)][p][k]["mean_gap"] for p in ("perfect_ei", "perfect_po")) for b in budgets]
+    on_rep = [ce["summary"][str(b)]["active_etap"][k]["mean_gap"] for b in budgets]
+    text = (f"On replicates of the table with its own seed noise (*What any search can reach*, B = "
+            f"{' / '.join(map(str, budgets))}), a search that knows every group's expected losses exactly ends "
+            f"{k} trainings {pct(ceil)} above the optimum (mean over replicates, the better of its two rules); "
+            f"active ETAP on the same replicates {pct(on_rep)}.")
+    on_table = [summary.get(f"active_etap|{b}|{k}", {}).get("mean_gap") for b in budgets]
+    if all(v is not None for v in on_table):
+        ratio = [t / r for t, r in zip(on_table, on_rep)]
+        estimate = [c * q for c, q in zip(ceil, ratio)]
+        text += (f" This table is {'easier' if max(ratio) < 1 else 'not easier'} for active ETAP than its "
+                 f"replicates (its gap here is {' / '.join(f'{q:.2f}' for q in ratio)} times its gap there); "
+                 f"scaled by the same factors (a rough correction), the ceiling on this table itself would be about "
+                 f"{pct(estimate)}.")
+        over = [str(b) for b, e in zip(budgets, estimate) if e > 0.009]
+        under = [str(b) for b, e in zip(budgets, estimate) if e <= 0.009]
+        if over:
+            text += (f" For B = {', '.join(over)} that is about 1% or more: a mean gap within 1% of this table's "
+                     f"optimum with {k} trainings asks for a search at least as good as one that knows every "
+                     f"group's expected losses exactly, which is more than {k} measured groups can teach any "
+                     "predictor; the rest would be luck with the noise of groups not trained yet.")
+        if under:
+            text += (f" For B = {', '.join(under)} it is below 1%: there active ETAP falls short by what "
+                     f"{k} measured groups do not teach its model about the expected losses.")
+    if fr and "etap" in fr.get("models", {}):
+        loop = [fr["models"]["etap"]["loop_gap"][str(b)][k] for b in budgets]
+        if any(lp < c for lp, c in zip(loop, ceil)):
+            text += (f" MTG-Net's loop driven by ETAP fitted on every group ({pct(loop)}, previous section) beats "
+                     "that ceiling where it does because the fit has seen this table's own noise (in-sample), "
+                     "which no search has.")
+    return text
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -885,6 +973,8 @@ def write_page(path: Path, report: dict) -> None:
         lines += [""] + check_lines(report["check"])
     if report.get("frontier"):
         lines += [""] + frontier_lines(report["frontier"])
+    if report.get("ceiling"):
+        lines += [""] + ceiling_lines(report["ceiling"], s)
     lines += ["", "## How each strategy ran", ""]
     lines += [f"- {line}" for line in report["notes"]]
     lines += ["", "## Reading the results", "", report.get("discussion", "(see the JSON)"), ""]
@@ -930,9 +1020,13 @@ def main(argv=None) -> int:
                          "--label, --json), summarised on the page when it exists")
     ap.add_argument("--page-only", action="store_true",
                     help="run no strategy: rebuild the summary, the frontier section, the page and the figure "
-                         "from the runs recorded in --json (seconds to a minute)")
+                         "from the runs recorded in --json (about a minute; the ceiling section's replicates "
+                         "are reused when recorded with the same --ceiling-replicates)")
     ap.add_argument("--loop-seeds", type=int, default=10,
                     help="draws of the frontier section's replayed loop (its random second group)")
+    ap.add_argument("--ceiling-replicates", type=int, default=40,
+                    help="replicate tables of the section on what any search can reach under the table's seed "
+                         "noise (benchmarks/search_ceiling.py; a few minutes; 0: no such section)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.trainings = 3, [5, 10]
@@ -1178,7 +1272,18 @@ def main(argv=None) -> int:
                                       else args.check_json)
     print("frontier: how close a predictor-guided search can get (from the table alone)", flush=True)
     report["frontier"] = frontier(table, affinity, args.budgets, loop_seeds=args.loop_seeds)
-    report["discussion"] = discussion(summary, args.budgets, trainings, goals, report["frontier"])
+    recorded = (old or {}).get("ceiling")
+    if args.page_only and recorded and recorded.get("replicates") == args.ceiling_replicates:
+        report["ceiling"] = recorded  # the replicates are drawn from a fixed seed: the same figures again
+    elif args.ceiling_replicates > 0:
+        from search_ceiling import ceiling
+
+        print(f"ceiling: {args.ceiling_replicates} replicate tables with the table's seed noise", flush=True)
+        source = args.table if args.table.exists() else args.store
+        report["ceiling"] = ceiling(source, affinity.matrix, args.budgets, args.ceiling_replicates,
+                                    workers=args.workers)
+    report["discussion"] = discussion(summary, args.budgets, trainings, goals, report["frontier"],
+                                      report.get("ceiling"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=float) + "\n")
     if str(args.page) != "none":
@@ -1189,11 +1294,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def discussion(summary: dict, budgets, trainings, goals: list[dict], fr: dict | None = None) -> str:
+def discussion(summary: dict, budgets, trainings, goals: list[dict], fr: dict | None = None,
+               ce: dict | None = None) -> str:
     """The page's last section, generated from the figures (so a rerun cannot contradict it)."""
     parts = []
     if fr:
-        parts.append(_frontier_reading(fr, summary))
+        parts.append(_frontier_reading(fr, summary) + ("\n\n" + _ceiling_reading(ce, summary, fr) if ce else ""))
     met = sum(t["met"] for t in goals)
     parts.append(f"{met} of the {len(goals)} targets are met." + (" The others are missed; the numbers are "
                                                                  "in the table above." if met < len(goals) else ""))

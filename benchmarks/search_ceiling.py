@@ -1,0 +1,306 @@
+"""How close to the optimum can ANY search get within a few trainings, given the table's own seed noise?
+
+Run from the repository root (``benchmarks/active_search.py`` calls it for its page)::
+
+    python benchmarks/search_ceiling.py              # the exhaustive Chemical table, 20 replicates
+    python benchmarks/search_ceiling.py --replicates 4   # a smoke test
+
+The exhaustive table is a mean over a few training seeds, so every entry
+carries seed noise, and the target "within 1% of the optimum" is measured on
+that noisy table. A predictor can at best learn a group's *expected* losses;
+the noise of a group it has not measured is independent of everything it
+has seen. So the best any search can do is what a search does that knows the
+expected loss of every group exactly. This script measures that ceiling on
+*replicate tables*, built to be like the real one:
+
+* **Signal** (the expected losses): Bayesian ETAP fitted on every group of
+  the table (posterior mean), plus its residual shrunk per task by the share
+  that is seed noise (``1 - noise variance / residual variance``), so that
+  the signal's spread is the table's minus the noise.
+* **Replicate**: the signal plus the noise of an independent mean over as
+  many seeds as the table has: the mean of ``s`` of the group's own seed
+  deviation vectors (drawn with replacement, scaled by ``sqrt(s / (s - 1))``),
+  which keeps the correlation across the tasks of one training. STL losses
+  are the table's (they are not searched).
+
+On every replicate (the all-task group first, then one group per training):
+
+* **perfect model, expected improvement**: active ETAP's rule with the exact
+  posterior (signal plus the replicate's noise law) in place of a fitted model;
+* **perfect model, probability of optimality**: train the group most often in
+  the optimal selection of the posterior draws (measured groups at their
+  measured values), which values complementary groups jointly;
+* **active ETAP**: :func:`~lightning_etap.search.active_etap_search` with
+  :class:`~lightning_etap.predictors.BayesianETAPPredictor` on an
+  :class:`~lightning_etap.search.OracleTrainer` of the replicate, exactly as
+  ``benchmarks/active_search.py`` runs it on the table, to show how hard a
+  replicate is compared with the table itself;
+* the signal's own optimal selection, scored on the replicate.
+
+Every figure is the mean over replicates of the true gap (the best selection
+of the measured groups against the replicate's own optimum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: Numbers of trainings (the all-task group included) at which the ceiling is read.
+CEILING_TRAININGS = (5, 10)
+#: Posterior draws per choice of the two perfect-model rules.
+EI_DRAWS, PO_DRAWS = 64, 48
+POLICIES = ("perfect_ei", "perfect_po", "active_etap")
+
+
+class Replicates:
+    """The signal and the noise law of replicate tables of ``table`` (a :class:`GroupGains` with >= 2 seeds).
+
+    Raises:
+        ValueError: fewer than two seeds, or a multi-task group without every seed (no noise to estimate).
+    """
+
+    def __init__(self, table, affinity: np.ndarray) -> None:
+        from lightning_etap.predictors import BayesianETAPPredictor
+
+        seeds = sorted({int(s) for s in np.unique(table.seeds) if s >= 0})
+        if len(seeds) < 2:
+            raise ValueError(f"the table holds {len(seeds)} training seed(s): the seed noise needs at least 2")
+        mean = table.mean_over_seeds()
+        multi = mean.masks.sum(axis=1) >= 2
+        self.task_names = tuple(table.task_names)
+        self.masks = mean.masks[multi]
+        self.loss = np.where(self.masks, mean.test_losses[multi], np.nan)
+        self.stl = np.asarray(mean.stl_losses[-1], dtype=float)
+        m, n = self.masks.shape
+        s = len(seeds)
+        codes = (self.masks.astype(np.int64) << np.arange(n)).sum(axis=1)
+        where = {int(c): i for i, c in enumerate(codes)}
+        per_seed = np.full((s, m, n), np.nan)
+        for mask, seed, losses in zip(table.masks, table.seeds, table.test_losses):
+            i = where.get(int((mask.astype(np.int64) << np.arange(n)).sum()))
+            if i is not None and int(seed) in seeds:
+                per_seed[seeds.index(int(seed))][i] = losses
+        if np.isnan(per_seed[:, self.masks]).any():
+            raise ValueError("some multi-task group lacks a seed: the noise of every group needs all of them")
+        self.n_seeds = s
+        self.deviations = np.where(self.masks, (per_seed - self.loss) * np.sqrt(s / (s - 1)), 0.0)
+        noise_var = (self.deviations ** 2).sum(axis=0) / s ** 2  # variance of an s-seed mean, per entry
+        gains = np.where(self.masks, (self.stl - self.loss) / self.stl, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fitted = BayesianETAPPredictor(affinity, task_names=self.task_names).fit(self.masks, gains)
+        model = np.where(self.masks, self.stl * (1.0 - fitted.predict(self.masks)), np.nan)
+        residual = self.loss - model
+        #: per task: seed-noise variance / variance of the table around the all-group Bayesian ETAP fit
+        noise, spread = np.nanmean(np.where(self.masks, noise_var, np.nan), axis=0), np.nanvar(residual, axis=0)
+        self.noise_share = np.divide(noise, spread, out=np.zeros_like(noise), where=spread > 0)
+        self.signal = model + np.clip(1.0 - self.noise_share, 0.0, 1.0)[None, :] * residual
+        self.full = int(np.flatnonzero(self.masks.all(axis=1))[0])
+
+    def noise(self, rng: np.random.Generator, rows: np.ndarray | None = None) -> np.ndarray:
+        """``(len(rows), n)`` noise of an independent s-seed mean of the groups ``rows`` (default: all)."""
+        rows = np.arange(len(self.masks)) if rows is None else rows
+        pick = rng.integers(0, self.n_seeds, size=(self.n_seeds, len(rows)))
+        return self.deviations[pick, rows[None, :], :].mean(axis=0)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """The test losses of one replicate table (NaN for non-members)."""
+        return np.where(self.masks, self.signal + self.noise(rng), np.nan)
+
+    def values(self, loss: np.ndarray) -> np.ndarray:
+        """Selection values (STL loss minus loss, NaN for non-members)."""
+        return np.where(self.masks, self.stl - loss, np.nan)
+
+
+def _select(masks: np.ndarray, values: np.ndarray, budget: int):
+    from lightning_etap.selection import select_groups
+
+    return select_groups(masks, values, budget)
+
+
+def _rows_of(masks: np.ndarray, chosen: np.ndarray, rows: np.ndarray) -> list[int]:
+    """The entries of ``rows`` whose masks are among ``chosen`` (a selection's multi-task groups)."""
+    n = masks.shape[1]
+    want = set((chosen.astype(np.int64) << np.arange(n)).sum(axis=1).tolist())
+    codes = (masks[rows].astype(np.int64) << np.arange(n)).sum(axis=1)
+    return [int(r) for r, c in zip(rows, codes.tolist()) if c in want]
+
+
+def _total(rep: Replicates, values: np.ndarray, measured: list[int], budget: int) -> float:
+    """True total test loss of the best selection of the measured groups (and STL models)."""
+    rows = np.asarray(measured)
+    return float(rep.stl.sum() - _select(rep.masks[rows], values[rows], budget).objective)
+
+
+def perfect_search(rep: Replicates, values: np.ndarray, budget: int, rule: str, rng: np.random.Generator,
+                   trainings=CEILING_TRAININGS) -> dict[int, float]:
+    """One search that knows the signal and the noise law exactly: ``{trainings: true total loss}``."""
+    from lightning_etap.search import swap_improvements
+
+    signal = rep.values(rep.signal)
+    everyone = np.arange(len(rep.masks))
+    measured = [rep.full]
+    out = {}
+    while len(measured) < max(trainings):
+        unmeasured = np.setdiff1d(everyone, measured)
+        if rule == "perfect_ei":
+            sel = _select(rep.masks[measured], values[measured], budget)
+            grouping = _grouping_values(rep, sel, values, measured)
+            expected = np.zeros(len(unmeasured))
+            for _ in range(EI_DRAWS):
+                draw = signal[unmeasured] - np.where(rep.masks[unmeasured], rep.noise(rng, unmeasured), 0.0)
+                expected += np.maximum(swap_improvements(grouping, draw, budget), 0.0)
+            measured.append(int(unmeasured[np.argmax(expected)]))
+        else:
+            count = np.zeros(len(rep.masks))
+            for _ in range(PO_DRAWS):
+                draw = signal - np.where(rep.masks, rep.noise(rng), 0.0)
+                draw[measured] = values[measured]
+                for r in _rows_of(rep.masks, _select(rep.masks, draw, budget).masks, everyone):
+                    count[r] += 1
+            count[measured] = -1.0
+            measured.append(int(np.argmax(count)))
+        if len(measured) in trainings:
+            out[len(measured)] = _total(rep, values, measured, budget)
+    return out
+
+
+def _grouping_values(rep: Replicates, sel, values: np.ndarray, measured: list[int]) -> np.ndarray:
+    """``(k, n)`` values of a selection's groups: measured values, 0 for an STL model, -inf for non-members."""
+    out = np.full((len(sel.masks), rep.masks.shape[1]), -np.inf)
+    for r, mask in enumerate(sel.masks):
+        if mask.sum() == 1:
+            out[r, np.flatnonzero(mask)[0]] = 0.0
+        else:
+            row = _rows_of(rep.masks, mask[None, :], np.asarray(measured))[0]
+            out[r] = np.where(rep.masks[row], values[row], -np.inf)
+    return out
+
+
+def active_on_replicate(rep: Replicates, loss: np.ndarray, affinity: np.ndarray, budget: int, seed: int,
+                        trainings=CEILING_TRAININGS) -> dict[int, float]:
+    """``active_etap_search`` (the benchmark's settings) on an oracle of one replicate: ``{trainings: total}``."""
+    from lightning_etap.groundtruth import GroupGains
+    from lightning_etap.predictors import BayesianETAPPredictor
+    from lightning_etap.search import OracleTrainer, active_etap_search, total_test_loss
+
+    gains = np.where(rep.masks, (rep.stl - loss) / rep.stl, np.nan)
+    table = GroupGains(rep.task_names, rep.masks, loss, gains, np.zeros(len(rep.masks), dtype=np.int64),
+                       {0: rep.stl})
+    oracle = OracleTrainer(table)
+    with tempfile.TemporaryDirectory(prefix="search-ceiling-") as tmp:
+        result = active_etap_search(oracle, max(trainings), budget=budget, checkpoints=trainings,
+                                    predictor=BayesianETAPPredictor(affinity, task_names=rep.task_names),
+                                    random_state=seed, store=os.path.join(tmp, "gains.sqlite"))
+    return {step.n_trainings: total_test_loss(step.groups, table) for step in result.history}
+
+
+_STATE: dict = {}
+
+
+def _init(table_path: str, affinity: np.ndarray) -> None:
+    warnings.simplefilter("ignore")
+    from lightning_etap.search.oracle import load_table
+
+    _STATE["rep"] = Replicates(load_table(table_path), affinity)
+    _STATE["affinity"] = affinity
+
+
+def _one(job: tuple[int, int, int]) -> dict:
+    """Every policy on replicate ``index`` (drawn from ``seed``) at budget ``budget``."""
+    budget, index, seed = job
+    rep, affinity = _STATE["rep"], _STATE["affinity"]
+    rng = np.random.default_rng((seed, index))
+    loss = rep.draw(rng)  # the same replicate for every budget: the draw does not depend on the budget
+    values = rep.values(loss)
+    best = float(rep.stl.sum() - _select(rep.masks, values, budget).objective)
+    signal_sel = _select(rep.masks, rep.values(rep.signal), budget)
+    signal_rows = _rows_of(rep.masks, signal_sel.masks, np.arange(len(rep.masks)))
+    out = {"budget": budget, "replicate": index, "optimum": best,
+           "signal_optimum": (_total(rep, values, signal_rows, budget) - best) / best if signal_rows else None}
+    policy_rng = np.random.default_rng((seed, index, budget))
+    for rule in ("perfect_ei", "perfect_po"):
+        totals = perfect_search(rep, values, budget, rule, policy_rng)
+        out[rule] = {str(k): (v - best) / best for k, v in totals.items()}
+    totals = active_on_replicate(rep, loss, affinity, budget, seed=index)
+    out["active_etap"] = {str(k): (v - best) / best for k, v in totals.items()}
+    return out
+
+
+def ceiling(table_path: Path, affinity: np.ndarray, budgets, replicates: int = 20, seed: int = 0,
+            workers: int = 2) -> dict | None:
+    """The replicate figures (see the module doc); ``None`` when the table has a single seed."""
+    from lightning_etap.search.oracle import load_table
+
+    start, cpu = time.perf_counter(), time.process_time()
+    try:
+        rep = Replicates(load_table(table_path), affinity)
+    except ValueError as err:
+        print(f"no ceiling section: {err}", flush=True)
+        return None
+    jobs = [(b, i, seed) for b in budgets for i in range(replicates)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers, initializer=_init, initargs=(str(table_path), affinity)) as pool:
+            runs = list(pool.map(_one, jobs))
+    else:
+        _init(str(table_path), affinity)
+        runs = [_one(j) for j in jobs]
+    summary = {}
+    for b in budgets:
+        mine = [r for r in runs if r["budget"] == b]
+        entry = {"signal_optimum": float(np.mean([r["signal_optimum"] for r in mine]))}
+        for policy in POLICIES:
+            entry[policy] = {str(k): {"mean_gap": float(np.mean([r[policy][str(k)] for r in mine])),
+                                      "within_1pct": float(np.mean([r[policy][str(k)] <= 0.01 for r in mine]))}
+                             for k in CEILING_TRAININGS}
+        summary[str(b)] = entry
+    return {"replicates": replicates, "seed": seed, "n_seeds": rep.n_seeds, "trainings": list(CEILING_TRAININGS),
+            "budgets": list(budgets), "noise_share": dict(zip(rep.task_names, rep.noise_share.tolist())),
+            "summary": summary, "runs": runs, "seconds": time.perf_counter() - start,
+            "cpu_seconds_driver": time.process_time() - cpu}
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from active_search import read_affinity
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", type=Path, default=RESULTS / "chemical_exhaustive.csv")
+    ap.add_argument("--affinity", type=Path, default=RESULTS / "chemical_affinity")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--replicates", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    affinity = read_affinity(args.affinity)
+    if affinity is None:
+        raise SystemExit(f"no affinity at {args.affinity}")
+    found = ceiling(args.table, affinity.matrix, args.budgets, args.replicates, workers=args.workers)
+    if found is None:
+        return 1
+    print("seed noise / variance around the all-group Bayesian ETAP fit, per task:",
+          ", ".join(f"{t} {v:.2f}" for t, v in found["noise_share"].items()))
+    for b, e in found["summary"].items():
+        cells = [f"signal's optimum {100 * e['signal_optimum']:.2f}%"]
+        for policy in POLICIES:
+            cells.append(policy + " " + " / ".join(
+                f"{100 * e[policy][str(k)]['mean_gap']:.2f}% ({100 * e[policy][str(k)]['within_1pct']:.0f}%)"
+                for k in CEILING_TRAININGS))
+        print(f"B = {b}: " + "; ".join(cells))
+    print(f"{found['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
