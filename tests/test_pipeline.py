@@ -419,7 +419,7 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
     capsys.readouterr()
     code, text, err = _run(["gains", "-o", str(out), "--no-progress"], capsys)
     assert code == 0 and "gains: redoing (stage affinity redone)" in text, text + err
-    assert "jobs already in the store, not trained again (a resumed search makes the same choices)" in text
+    assert "group trainings already in the store, not trained again (a resumed search makes the same choices)" in text
     code, text, err = _run(["run", "-o", str(out), "--budget", "3", "4", "--no-progress"], capsys)
     assert code == 0 and "[2/5] gains: up to date" in text, text + err
     code, text, err = _run(["run", "-o", str(out), "--budget", "2", "3", "--no-progress"], capsys)
@@ -534,8 +534,8 @@ def test_a_rerun_gains_stage_says_how_many_jobs_the_store_already_holds(tiny_run
     monkeypatch.setattr(training, "train_group", no_training)
     code, out, err = _run(["gains", "-o", str(run), "--no-progress"], capsys)
     assert code == 0, err
-    assert "; 9 of 9 jobs already in the store, not trained again" in out  # 4 STL + 5 groups
-    assert "; 10 of 10 jobs already in the store, not trained again" in out  # 4 STL + the 6 other groups
+    assert "; 5 of 5 group trainings already in the store, not trained again" in out  # the training groups
+    assert "; 6 of 6 group trainings already in the store, not trained again" in out  # the 6 other groups
 
 
 @pytest.mark.slow

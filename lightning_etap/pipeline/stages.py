@@ -364,24 +364,30 @@ class Pipeline:
                        **extra}
 
     def _already(self, groups: Sequence[Sequence[str]] | None, names: Sequence[str]) -> str:
-        """``"; 12 of 18 jobs already in the store ..."`` when a rerun finds some of these jobs done (``groups``
-        ``None``: any job), else ``""``."""
+        """``"; 12 of 18 group trainings already in the store ..."`` when a rerun finds some of these groups'
+        trainings done (``groups`` ``None``: any group), else ``""``.
+
+        Multi-task trainings only: the single-task models the training groups needed moments before in the
+        same run are no news when the held-out groups start.
+        """
         from lightning_etap.groundtruth import GainStore
         from lightning_etap.groundtruth.collect import plan_jobs
 
         if not self.dir.store_path.is_file():
             return ""
-        jobs = None if groups is None else plan_jobs(groups, self.config.seeds, names)
+        jobs = None if groups is None else [j for j in plan_jobs(groups, self.config.seeds, names) if len(j[0]) > 1]
         try:
             with GainStore(self.dir.store_path, read_only=True) as store:
-                done = len(store.done_jobs() if jobs is None else store.done_among(jobs))
+                found = store.done_jobs() if jobs is None else store.done_among(jobs)
         except Exception:  # noqa: BLE001  (a note only: collect_gains reports a damaged store itself)
             return ""
+        done = sum(1 for group, _ in found if len(group) > 1)
         if not done:
             return ""
         if jobs is None:
-            return f"; {done} jobs already in the store, not trained again (a resumed search makes the same choices)"
-        return f"; {done} of {len(jobs)} jobs already in the store, not trained again"
+            return (f"; {done} group trainings already in the store, not trained again (a resumed search makes the "
+                    "same choices)")
+        return f"; {done} of {len(jobs)} group trainings already in the store, not trained again"
 
     def _active_groups(self, label: str, names: Sequence[str], n_trainings: int, trainer, executor):
         """``sampling: active``: the training groups chosen one at a time by active ETAP (trained into the store)."""
