@@ -582,6 +582,40 @@ def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatc
     assert sorted(after.groups) == sorted(before.groups)
 
 
+def test_interrupted_runs_of_a_stage_are_counted_in_its_time(tmp_path, capsys, monkeypatch):
+    """timings.json held the time of the run that finished a stage only: the hours of an interrupted ground-truth
+    collection, resumed later, were missing. They are kept beside it (and dropped by a --force redo)."""
+    import lightning_etap.groundtruth as groundtruth
+
+    out = tmp_path / "run"
+    assert main(["affinity", *TINY, "-o", str(out)]) == 0
+    real = groundtruth.collect_gains
+    calls = []
+
+    def stops_at_the_held_out_groups(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(1.05)
+            raise RuntimeError("killed mid-collection")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(groundtruth, "collect_gains", stops_at_the_held_out_groups)
+    with pytest.raises(RuntimeError, match="killed mid-collection"):
+        main(["gains", "-o", str(out), "--no-progress"])
+    monkeypatch.setattr(groundtruth, "collect_gains", real)
+    capsys.readouterr()
+    code, text, err = _run(["run", "-o", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    timing = json.loads((out / "timings.json").read_text())["gains"]
+    assert timing["interrupted_runs"] == 1 and timing["interrupted_seconds"] >= 1.05
+    assert re.search(r"gains \d+\.\ds \(\+ \d+\.\ds in 1 interrupted run\)", text), text
+    assert "interrupted runs" in (out / "report" / "index.html").read_text()
+    assert set(json.loads((out / "timings.json").read_text())) == {"affinity", "gains", "predict", "select",
+                                                                   "report"}
+    assert main(["gains", "--force", "-o", str(out), "--no-progress"]) == 0  # from scratch: earlier runs do not count
+    assert "interrupted_runs" not in json.loads((out / "timings.json").read_text())["gains"]
+
+
 @pytest.mark.parametrize("name, writer", [("groups.json", "gains"), ("selection.json", "select"),
                                           ("predictions.npz", "predict"), ("gains.sqlite", "gains"),
                                           ("affinity/affinity.npz", "affinity")])

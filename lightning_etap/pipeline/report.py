@@ -331,7 +331,19 @@ def _timing_rows(timings: dict[str, Any]) -> list[tuple[str, float, bool]]:
         rows.append((stage, float(t["seconds"]), False))
         for part, s in (t.get("parts") or {}).items():
             rows.append((f"  {part}", float(s), True))
+        runs = int(t.get("interrupted_runs") or 0)
+        if runs:
+            rows.append((f"  + {runs} interrupted run{'s' if runs > 1 else ''} before", float(t["interrupted_seconds"]),
+                         True))
     return rows
+
+
+def _interrupted_text(timing: dict[str, Any]) -> str:
+    """``" (+ 41.0s in 2 interrupted runs)"`` for a stage finished after interruptions, else ``""``."""
+    runs = int(timing.get("interrupted_runs") or 0)
+    if not runs:
+        return ""
+    return f" (+ {float(timing['interrupted_seconds']):.1f}s in {runs} interrupted run{'s' if runs > 1 else ''})"
 
 
 def _groups_text(groups: Sequence[Sequence[str]]) -> str:
@@ -400,7 +412,8 @@ def terminal_summary(run: RunDirectory) -> str:
                  f"{_num(everyone['total_test_loss'])}; single-task total test loss {_num(sel['stl_total_test_loss'])}")
     lines.append("")
     total = sum(float(t["seconds"]) for t in data["timings"].values())
-    lines.append("time per stage: " + ", ".join(f"{s} {float(t['seconds']):.1f}s" for s, t in data["timings"].items())
+    lines.append("time per stage: " + ", ".join(f"{s} {float(t['seconds']):.1f}s" + _interrupted_text(t)
+                                                for s, t in data["timings"].items())
                  + f" (total {total:.1f}s)")
     page = run.report_dir / "index.html"
     if not page.is_file():
@@ -499,7 +512,9 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
             cards.append(f"<div class='card'>Pearson r, {label}<b>{q['task_pearson']:.2f}</b>"
                          f"per task in group; {q['group_pearson']:.2f} per group ({int(q['n_groups'])} groups)</div>")
     total = sum(float(t["seconds"]) for t in data["timings"].values())
-    cards.append(f"<div class='card'>wall time<b>{total:.0f} s</b>the stages before this report, last runs</div>")
+    earlier = sum(float(t.get("interrupted_seconds") or 0.0) for t in data["timings"].values())
+    cards.append(f"<div class='card'>wall time<b>{total:.0f} s</b>the stages before this report, the runs that "
+                 "finished them" + (f"; + {earlier:.0f} s in interrupted runs" if earlier else "") + "</div>")
     parts.append("<div class='cards'>" + "".join(cards) + "</div>")
 
     # the choice per budget

@@ -4,7 +4,8 @@ Layout::
 
     <run>/config.yaml          the resolved config (written by the first command)
     <run>/stages.json          which stages are done, with what inputs, and when
-    <run>/timings.json         wall seconds of the last run of every stage (and its parts)
+    <run>/timings.json         wall seconds of the run that finished every stage (and its parts), and
+                               of its earlier interrupted runs
     <run>/affinity/            AffinityResult.save: affinity.json + affinity.npz (measured, or the
                                tasks of the result named by ``affinity_from``)
     <run>/affinity_checkpoint/ the affinity fit's checkpoint while it runs (resumed after an interruption)
@@ -64,6 +65,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 
 #: config keys added after the first release, with the value that means what the release did: a stage's
 #: inputs name them only when they differ from it (stages finished before they existed stay up to date)
+#: The key of ``timings.json`` that holds the wall seconds of interrupted runs of stages not finished since.
+_INTERRUPTED = "unfinished"
 _LATER_KEYS = {"code_version": None, "affinity_from": None, "sampling": "random"}
 
 
@@ -274,9 +277,46 @@ class RunDirectory:
             **extra,
         }
         _atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True))
-        timings = self.timings()
-        timings[stage] = {"seconds": float(seconds), "parts": dict(parts or {})}
+        data = self._timings_file()
+        earlier = data.get(_INTERRUPTED, {}).pop(stage, [])
+        entry = {"seconds": float(seconds), "parts": dict(parts or {})}
+        if earlier:
+            entry["interrupted_runs"] = len(earlier)
+            entry["interrupted_seconds"] = float(sum(earlier))
+        timings = {**self.timings(), stage: entry}
+        if data.get(_INTERRUPTED):
+            timings[_INTERRUPTED] = data[_INTERRUPTED]
         _atomic_write_text(self.timings_path, json.dumps(timings, indent=2))
+
+    def record_interrupted(self, stage: str, seconds: float) -> None:
+        """Keep the wall time of a run of ``stage`` that stopped before finishing (what it did is kept, e.g.
+        in the gain store, so the run that finishes it reports it too). Runs under a second are not kept."""
+        if seconds < 1.0:
+            return
+        try:
+            data = self._timings_file()
+            data.setdefault(_INTERRUPTED, {}).setdefault(stage, []).append(float(seconds))
+            _atomic_write_text(self.timings_path, json.dumps(data, indent=2))
+        except OSError:  # a note only: never hide the error that stopped the stage
+            pass
+
+    def drop_interrupted(self, stage: str) -> None:
+        """Forget the interrupted runs of ``stage`` (it is redone from scratch)."""
+        data = self._timings_file()
+        if stage in data.get(_INTERRUPTED, {}):
+            del data[_INTERRUPTED][stage]
+            if not data[_INTERRUPTED]:
+                del data[_INTERRUPTED]
+            _atomic_write_text(self.timings_path, json.dumps(data, indent=2))
+
+    def _timings_file(self) -> dict[str, Any]:
+        if not self.timings_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.timings_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def stage_record(self, stage: str) -> dict[str, Any]:
         """The stored record of ``stage`` (empty when it never finished)."""
@@ -290,13 +330,13 @@ class RunDirectory:
             _atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True))
 
     def timings(self) -> dict[str, Any]:
-        """``timings.json``: stage -> ``{"seconds": s, "parts": {part: s}}``, in stage order."""
-        if not self.timings_path.is_file():
-            return {}
-        try:
-            data = json.loads(self.timings_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        """``timings.json``: stage -> ``{"seconds": s, "parts": {part: s}}``, in stage order.
+
+        ``seconds`` is the run that finished the stage; when earlier runs of it were interrupted (Ctrl-C, a
+        crash, SIGTERM) and it resumed from what they kept, ``interrupted_runs`` and ``interrupted_seconds``
+        count them too.
+        """
+        data = self._timings_file()
         return {s: data[s] for s in STAGES if s in data}
 
     def require(self, stages: Sequence[str], config: PipelineConfig, for_stage: str) -> None:

@@ -128,8 +128,14 @@ class Pipeline:
         # the old record goes before the stage touches its outputs: a redo that is interrupted must leave the
         # stage to do (it resumes from what it kept, e.g. the gain store), never "done" over half-replaced files
         self.dir.forget_stage(stage)
+        if force:
+            self.dir.drop_interrupted(stage)  # redone from scratch: earlier attempts are not part of this result
         start = time.perf_counter()
-        parts, extra = getattr(self, f"_{stage}")(label, force)
+        try:
+            parts, extra = getattr(self, f"_{stage}")(label, force)
+        except BaseException:
+            self.dir.record_interrupted(stage, time.perf_counter() - start)
+            raise
         seconds = time.perf_counter() - start
         self.dir.record_stage(stage, self.config, seconds, parts, **extra)
         self._print(f"{label}: done in {seconds:.1f}s")
