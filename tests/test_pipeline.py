@@ -773,8 +773,55 @@ def test_the_saved_config_is_the_base_and_the_identity_must_match(tmp_path, caps
     (out / "config.yaml").write_text(PipelineConfig(dataset="digits", seeds=[3], output=str(out)).resolved().to_yaml())
     assert resolve_config(None, {"output": str(out)}).seeds == [3]
     (out / "affinity").mkdir()  # something was computed with the saved settings
-    code, _, err = _run(["gains", "-o", str(out), "--seeds", "4"], capsys)
-    assert code == 2 and "was created with other settings (seeds: [3] there, [4] now)" in err
+    code, _, err = _run(["gains", "-o", str(out), "--dataset", "ettm1"], capsys)
+    assert code == 2 and "was created with other settings (dataset: 'digits' there, 'ettm1' now)" in err
+
+
+@pytest.mark.slow
+def test_seeds_added_to_a_finished_run_train_only_their_jobs(tiny_run, tmp_path, capsys, monkeypatch):
+    """More seeds for a finished run were refused (a new directory and every training again). Now the all-task
+    fit (seeded by the first seed) stays, the gains stage trains the new seed's jobs only, and going back to the
+    first seed trains nothing and gives the first run's numbers again."""
+    import lightning_etap.training as training
+    from lightning_etap.groundtruth import GainStore
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, text, err = _run(["run", "-o", str(run), "--seeds", "0", "1", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[1/5] affinity: up to date" in text and "gains: redoing (config seeds)" in text, text
+    assert "; 5 of 10 group trainings already in the store, not trained again" in text  # seed 0 of the 5 groups
+    assert "; 6 of 12 group trainings already in the store, not trained again" in text  # ... of the 6 held out
+    with GainStore(run / "gains.sqlite", read_only=True) as store:
+        done = store.done_jobs()
+    assert {s for _, s in done} == {0, 1} and len(done) == 2 * (11 + 4)  # groups and STL, both seeds
+    with GainStore(run / "gains.sqlite", read_only=True) as store:  # the selection's numbers: both seeds' mean
+        found = store.outcomes([(tuple(TASKS), 0), (tuple(TASKS), 1)])
+    rows = [o.test_losses for o in found.values()]
+    assert len(rows) == 2
+    by_hand = sum(np.mean([r[t] for r in rows]) for t in TASKS)
+    selection = json.loads((run / "selection.json").read_text())
+    assert selection["all_tasks"]["total_test_loss"] == pytest.approx(by_hand, rel=1e-12)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored job was trained again")
+
+    monkeypatch.setattr(training, "train_group", no_training)
+    code, text, err = _run(["run", "-o", str(run), "--seeds", "0", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[1/5] affinity: up to date" in text and "gains: redoing (config seeds)" in text, text
+    first, again = (json.loads((d / "selection.json").read_text()) for d in (tiny_run, run))
+    assert [e["etap"]["groups"] for e in again["budgets"]] == [e["etap"]["groups"] for e in first["budgets"]]
+    assert [e["optimum"]["objective"] for e in again["budgets"]] == [e["optimum"]["objective"]
+                                                                   for e in first["budgets"]]
+    state = json.loads((run / "stages.json").read_text())
+    state["affinity"]["inputs"]["config"]["seeds"] = [0, 1]  # as earlier versions stored it: every seed
+    (run / "stages.json").write_text(json.dumps(state))
+    code, text, err = _run(["affinity", "-o", str(run), "--seeds", "0", "--no-progress"], capsys)
+    assert code == 0 and "affinity: up to date" in text, text + err  # an upgrade does not redo the all-task fit
+    monkeypatch.undo()
+    code, text, err = _run(["affinity", "-o", str(run), "--seeds", "1", "--no-progress"], capsys)
+    assert code == 0 and "affinity: redoing (config seeds)" in text, text + err  # another first seed: another fit
 
 
 def test_a_mapping_in_the_file_replaces_the_saved_one(tmp_path):

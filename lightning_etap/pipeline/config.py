@@ -47,7 +47,7 @@ _PREDICTOR_FIXED = ("self", "affinity", "task_names")
 #: refused). Everything else (groups sampled, budgets, executor, logger, ...) may change between runs; the
 #: stages that depend on a changed setting are redone.
 IDENTITY_KEYS = ("dataset", "dataset_options", "preset", "recipe", "engine", "tasks", "model", "datamodule",
-                 "code_version", "shared", "trainer", "affinity", "seeds")
+                 "code_version", "shared", "trainer", "affinity")
 #: How the gains stage chooses its training groups besides the all-task group.
 SAMPLINGS = ("random", "active")
 #: How the reference model's ground-truth groups train (see :func:`~lightning_etap.training.train_group`).

@@ -55,8 +55,8 @@ STAGES: dict[str, tuple[str, ...]] = {
 
 #: The config keys each stage's result depends on (besides its upstream stages).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "affinity": (*IDENTITY_KEYS, "affinity_from"),
-    "gains": (*IDENTITY_KEYS, "n_train_groups", "sampling", "measure_all", "max_candidates"),
+    "affinity": (*IDENTITY_KEYS, "seeds", "affinity_from"),  # the first seed only (comparable_inputs)
+    "gains": (*IDENTITY_KEYS, "seeds", "n_train_groups", "sampling", "measure_all", "max_candidates"),
     "predict": ("predictor", "max_candidates"),
     "select": ("budgets", "singleton_gain", "selection_time_limit"),
     "report": (),
@@ -215,10 +215,10 @@ class RunDirectory:
         """What ``stage`` would read now: its config keys and the tokens of its upstream stages."""
         full = config.to_dict()
         state = self._state()
-        inputs: dict[str, Any] = {
+        inputs: dict[str, Any] = comparable_inputs(stage, {
             "config": {k: full[k] for k in STAGE_KEYS[stage] if not (k in _LATER_KEYS and full[k] == _LATER_KEYS[k])},
             "upstream": {s: state.get(s, {}).get("token") for s in upstream(stage, config)},
-        }
+        })
         if stage == "gains" and config.sampling == "active":  # the search's choices follow these too
             inputs["active"] = {"budget": max(config.budgets), "singleton_gain": config.singleton_gain}
         if stage == "report":
@@ -244,12 +244,12 @@ class RunDirectory:
         record = self._state().get(stage)
         if not record or not record.get("token"):
             return "missing"
-        return "done" if record.get("inputs") == self.stage_inputs(stage, config) else "stale"
+        return "done" if comparable_inputs(stage, record.get("inputs")) == self.stage_inputs(stage, config) else "stale"
 
     def stale_reason(self, stage: str, config: PipelineConfig) -> str:
         """Which inputs of ``stage`` changed since it finished (for messages)."""
         record = self._state().get(stage) or {}
-        old = record.get("inputs") or {"config": {}, "upstream": {}}
+        old = comparable_inputs(stage, record.get("inputs")) or {"config": {}, "upstream": {}}
         new = self.stage_inputs(stage, config)
         keys = changed_settings(old, new)
         # an upstream stage newly read (sampling switched to active) was not redone: the config change says it
@@ -364,6 +364,19 @@ def _difference(key: str, old: Any, new: Any) -> str:
 
     changed = [k for k in sorted(set(old) | set(new), key=str) if shown(old, k) != shown(new, k)]
     return "; ".join(f"{key}.{k}: {shown(old, k)} there, {shown(new, k)} now" for k in changed)
+
+
+def comparable_inputs(stage: str, inputs: Any) -> Any:
+    """A stage's inputs (:meth:`RunDirectory.stage_inputs`, or as stored) in the form they are compared in.
+
+    The all-task fit reads only the first of the seeds: seeds added to (or removed from) a run after it do not
+    redo it, whether its inputs were stored with every seed (earlier versions) or with the first only.
+    """
+    if stage == "affinity" and isinstance(inputs, dict):
+        config = inputs.get("config")
+        if isinstance(config, dict) and isinstance(config.get("seeds"), (list, tuple)):
+            return {**inputs, "config": {**config, "seeds": list(config["seeds"])[:1]}}
+    return inputs
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -37,7 +37,7 @@ from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.components import Workspace, logger_record
 from lightning_etap.pipeline.config import PipelineConfig
 from lightning_etap.pipeline.errors import UserError
-from lightning_etap.pipeline.rundir import STAGES, RunDirectory, changed_settings, upstream
+from lightning_etap.pipeline.rundir import STAGES, RunDirectory, changed_settings, comparable_inputs, upstream
 
 __all__ = ["EpochProgress", "Pipeline", "cross_validated", "evaluate_selection"]
 
@@ -834,7 +834,8 @@ _PROGRESS = "progress.json"
 
 
 def _same_inputs(saved: Any, inputs: dict[str, Any]) -> bool:
-    return saved == json.loads(json.dumps(inputs))  # as stored: tuples are lists
+    """Whether an affinity checkpoint's stored inputs are ``inputs`` (as stored: tuples are lists)."""
+    return comparable_inputs("affinity", saved) == json.loads(json.dumps(inputs))
 
 
 def _says_nothing(matrix: np.ndarray) -> bool:
@@ -860,7 +861,8 @@ def _affinity_resume_point(folder: Path, inputs: dict[str, Any], force: bool) ->
     if complete and force:
         message = f"--force: deleting the checkpoint of an interrupted all-task fit (end of epoch {done})"
     elif complete and not _same_inputs(progress.get("inputs"), inputs):
-        keys = changed_settings(progress.get("inputs"), json.loads(json.dumps(inputs)))
+        keys = changed_settings(comparable_inputs("affinity", progress.get("inputs")) or {},
+                                json.loads(json.dumps(inputs)))
         what = f"other settings ({', '.join(keys)})" if keys else "other inputs"
         message = f"not resuming the checkpoint in {folder}: it was written with {what}; deleting it"
     elif complete:
