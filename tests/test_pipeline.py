@@ -1120,6 +1120,9 @@ def test_a_logger_added_after_the_fit_says_it_logs_nothing(tiny_run, tmp_path, c
     assert code == 0, err
     assert "logger 'csv': nothing logged: the all-task fit ran without a logger" in out
     assert not (run / "logs").exists()
+    code, out, err = _run(["run", "-o", str(run)], capsys)  # every stage up to date: it still says so, once each
+    assert code == 0 and "[5/5] report: up to date" in out, err
+    assert out.count("logger 'csv': nothing logged: the all-task fit ran without a logger") == 2  # affinity, report
 
 
 @pytest.mark.slow

@@ -81,8 +81,8 @@ class LightningGroupTrainer:
         threads: torch threads while training (1 is fastest for these small
             models on a CPU; see :func:`~lightning_etap.training.train_group`).
         engine: ``"lightning"`` (default, a Trainer per job) or ``"loop"`` (the
-            same training in a plain PyTorch loop, 2-3x faster for these small
-            models, the same numbers; no ``trainer_kwargs``). See
+            same training in a plain PyTorch loop, 1.6-2.2x less CPU time for
+            these small models, the same numbers; no ``trainer_kwargs``). See
             :func:`~lightning_etap.training.train_group`. ``"loop"`` is recorded
             in the fingerprint.
         **trainer_kwargs: passed to :class:`lightning.Trainer` (JSON-serialisable

@@ -67,7 +67,7 @@ class PipelineConfig:
         recipe: :class:`~lightning_etap.training.TrainConfig` fields overriding the preset,
             e.g. ``{max_epochs: 5, hidden: [32]}``.
         engine: how the reference model's ground-truth groups train: ``loop`` (default: a plain
-            PyTorch loop, 2-3x faster, the same numbers) or ``lightning`` (a Trainer per group).
+            PyTorch loop, 1.6-2.2x less CPU time, the same numbers) or ``lightning`` (a Trainer per group).
             The all-task affinity fit always runs in a Lightning Trainer.
         tasks: the tasks to group (default: all of the dataset's).
         model: your own LightningModule: ``"package.module:function"``, called as

@@ -194,7 +194,7 @@ class RunDirectory:
         if diff:
             shown = "; ".join(_difference(k, old[k], new[k]) for k in diff[:4])
             raise UserError(f"run directory {self.path} was created with other settings ({shown}); give the "
-                            "same settings (an option such as --max-epochs given before must be given again), "
+                            "same settings (or none: the saved config.yaml is the base of every later command), "
                             "use another --output, or delete the directory to start over")
 
     def save_config(self, config: PipelineConfig) -> None:

@@ -112,6 +112,8 @@ class Pipeline:
             if stage == "gains":
                 redo += ", training every group again"
             self._print(f"{label}: up to date ({seconds:.1f}s when it ran; {redo})")
+            if stage in ("affinity", "report") and self._logs() and not self.dir.stage_record("affinity").get("logger"):
+                self._print(self._unlogged_note(label))  # a logger given after the fit: say so, not nothing
             return "skipped"
         self.dir.require(upstream(stage, self.config), self.config, stage)
         # a missing package is refused before the stage's record goes (and, for gains --force, its store): also for
@@ -527,11 +529,14 @@ class Pipeline:
             self._print(f"{label}: logger {self.config.logger!r}: nothing logged (with affinity_from there is no "
                         "all-task fit whose run the figures would join); the report is the record")
         elif self._logs() and not self.dir.stage_record("affinity").get("logger"):
-            self._print(f"{label}: logger {self.config.logger!r}: nothing logged: the all-task fit ran without a "
-                        "logger, so there is no run to add the figures to; `lightning-etap affinity --force` with "
-                        "this logger refits with it (the report is the record meanwhile)")
+            self._print(self._unlogged_note(label))
         self._log_figures(pngs)
         return {}, {}
+
+    def _unlogged_note(self, label: str) -> str:
+        return (f"{label}: logger {self.config.logger!r}: nothing logged: the all-task fit ran without a logger, so "
+                "there is no run to add the figures to; `lightning-etap affinity --force` with this logger refits "
+                "with it (the report is the record meanwhile)")
 
     def _log_figures(self, pngs: dict[str, Any]) -> None:
         """Send the report's figures to the W&B run / TensorBoard version of the affinity fit."""
