@@ -519,7 +519,9 @@ def test_a_task_with_a_nan_loss_is_absent_from_that_step_only(engine):
     b = TASKS.index("b")
     other = [i for i in range(len(TASKS)) if i != b]
     ac = [TASKS.index("a"), TASKS.index("c")]
-    np.testing.assert_allclose(pair.result.matrix, res.matrix[np.ix_(ac, ac)], rtol=1e-12, atol=1e-15)
+    # float32 products of two tasks' gradients summed in another blocking than with three tasks: ~1e-8 apart on
+    # some CPUs (a b-dependent bug would move these entries by a share of the steps, far beyond float32 rounding)
+    np.testing.assert_allclose(pair.result.matrix, res.matrix[np.ix_(ac, ac)], rtol=1e-6, atol=1e-9)
     # a pair never present together: its entries are NaN, said at the end of the fit
     alternating = AffinityCallback("encoder", every_n_steps=1, engine=engine)
     with pytest.warns(RuntimeWarning, match=r"no measured step scored a->b, b->a \(the two tasks were never"):
