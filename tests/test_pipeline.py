@@ -419,7 +419,8 @@ def test_active_sampling_trains_the_groups_active_etap_chooses(tiny_run, tmp_pat
     capsys.readouterr()
     code, text, err = _run(["gains", "-o", str(out), "--no-progress"], capsys)
     assert code == 0 and "gains: redoing (stage affinity redone)" in text, text + err
-    assert "group trainings already in the store, not trained again (a resumed search makes the same choices)" in text
+    assert ("group trainings of these seeds already in the store, not trained again (a resumed search with the "
+            "same seeds makes the same choices)") in text
     code, text, err = _run(["run", "-o", str(out), "--budget", "3", "4", "--no-progress"], capsys)
     assert code == 0 and "[2/5] gains: up to date" in text, text + err
     code, text, err = _run(["run", "-o", str(out), "--budget", "2", "3", "--no-progress"], capsys)
@@ -580,6 +581,27 @@ def test_an_interrupted_redo_leaves_the_stage_to_do(tmp_path, capsys, monkeypatc
     assert "[1/5] affinity: up to date" in text and "[2/5] gains: done" in text
     after = _measured(out)
     assert sorted(after.groups) == sorted(before.groups)
+
+
+def test_interrupted_runs_count_only_for_the_same_inputs_and_a_damaged_record_is_ignored(tmp_path):
+    """A fit interrupted with another first seed (its checkpoint then deleted) did not work for the result that
+    finishes the stage: its time is not counted. A timings.json whose record of interrupted runs is not as this
+    version writes it never crashes a stage (it hid the Ctrl-C that stopped it)."""
+    from lightning_etap.pipeline.rundir import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.prepare()
+    first, other = PipelineConfig(dataset="digits", seeds=[0]), PipelineConfig(dataset="digits", seeds=[1])
+    run.record_interrupted("affinity", other, 5.0)
+    run.record_interrupted("affinity", PipelineConfig(dataset="digits", seeds=[0, 1]), 3.0)  # same first seed
+    run.record_interrupted("affinity", first, 0.5)  # under a second: not kept
+    run.record_stage("affinity", first, 2.0)
+    timing = run.timings()["affinity"]
+    assert timing["interrupted_runs"] == 1 and timing["interrupted_seconds"] == 3.0
+    (tmp_path / "run" / "timings.json").write_text(json.dumps({"unfinished": {"gains": 12.5}}))  # an older format
+    run.record_interrupted("gains", first, 2.0)
+    run.record_stage("gains", first, 1.0)
+    assert run.timings()["gains"]["interrupted_seconds"] == 2.0
 
 
 def test_interrupted_runs_of_a_stage_are_counted_in_its_time(tmp_path, capsys, monkeypatch):
@@ -775,6 +797,33 @@ def test_the_saved_config_is_the_base_and_the_identity_must_match(tmp_path, caps
     (out / "affinity").mkdir()  # something was computed with the saved settings
     code, _, err = _run(["gains", "-o", str(out), "--dataset", "ettm1"], capsys)
     assert code == 2 and "was created with other settings (dataset: 'digits' there, 'ettm1' now)" in err
+
+
+@pytest.mark.slow
+def test_groups_trained_for_some_of_the_seeds_only_are_left_out_and_the_report_keeps_the_selections_seeds(
+        tmp_path, capsys):
+    """After another first seed the old seed's draw of training groups stays in the store with that seed only:
+    select and report took them in, averaged over fewer seeds (as "held-out measured groups" though none were
+    measured). And a report asked for other seeds than the gains stage ran with mixed them with selection.json."""
+    from lightning_etap.pipeline.report import _load
+    from lightning_etap.pipeline.rundir import RunDirectory
+
+    run = tmp_path / "run"
+    assert main(["run", *TINY, "--measure-all", "false", "-o", str(run)]) == 0
+    assert main(["run", "-o", str(run), "--seeds", "1", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    rundir = RunDirectory(run)
+    groups = json.loads((run / "groups.json").read_text())
+    measured = rundir.measured([1, 0])
+    assert sorted(measured.groups) == sorted(tuple(g) for g in groups["train"])  # not the seed-0 draw's groups
+    quality = json.loads((run / "report" / "quality.json").read_text())
+    assert "heldout" not in quality  # nothing was measured beyond the training groups with both seeds
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["seeds"] = [1]  # as a later `report --seeds 1` saves it, before the gains stage is redone
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    data = _load(rundir)
+    assert data["config"].seeds == [1, 0]  # the seeds selection.json was computed from
+    np.testing.assert_allclose(data["measured"].gains, measured.gains)
 
 
 @pytest.mark.slow
@@ -1123,6 +1172,25 @@ def test_a_logger_added_after_the_fit_says_it_logs_nothing(tiny_run, tmp_path, c
     code, out, err = _run(["run", "-o", str(run)], capsys)  # every stage up to date: it still says so, once each
     assert code == 0 and "[5/5] report: up to date" in out, err
     assert out.count("logger 'csv': nothing logged: the all-task fit ran without a logger") == 2  # affinity, report
+
+
+@pytest.mark.slow
+def test_another_logger_than_the_fits_is_named(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)  # its fit logged with CSV
+    code, out, err = _run(["run", "-o", str(run), "--logger", "tensorboard"], capsys)
+    assert code == 0, err
+    assert out.count("logger 'tensorboard': the all-task fit was logged with another logger (CSVLogger); the "
+                     "report's figures go to a new run without the fit's curves") == 2
+
+
+@pytest.mark.slow
+def test_an_imported_affinity_does_not_depend_on_the_seeds(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["affinity", *TINY, "--affinity-from", str(tiny_run / "affinity"), "-o", str(out)]) == 0
+    capsys.readouterr()
+    code, text, err = _run(["affinity", "-o", str(out), "--seeds", "2", "--no-progress"], capsys)
+    assert code == 0 and "affinity: up to date" in text, text + err
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ The HTML page needs nothing else: styles are inline and every figure is a
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -30,7 +31,6 @@ import numpy as np
 
 from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.config import PipelineConfig
-from lightning_etap.pipeline.errors import UserError
 from lightning_etap.pipeline.rundir import RunDirectory
 
 __all__ = ["FIGURES", "prediction_quality", "terminal_summary", "write_report"]
@@ -50,21 +50,18 @@ FIGURES: dict[str, str] = {
 # ---------------------------------------------------------------------- data
 def _load(run: RunDirectory) -> dict[str, Any]:
     from lightning_etap.affinity import AffinityResult
-    from lightning_etap.groundtruth import GainStore, GroupGains
 
     config = PipelineConfig.from_dict(run.saved_config() or {}, str(run.config_path))
+    # the seeds selection.json was computed from: a config given other seeds since (gains not redone yet) must
+    # not mix the old selection with gains averaged over the new seeds
+    config = dataclasses.replace(config, seeds=run.gains_seeds(config))
     with run.reading(run.affinity_dir):
         affinity = AffinityResult.load(run.affinity_dir)
     with run.reading(run.groups_path):
         groups = json.loads(run.groups_path.read_text())
     with run.reading(run.predictions_path), np.load(run.predictions_path, allow_pickle=False) as data:
         predictions = {k: data[k] for k in data.files}
-    with run.reading(run.store_path), GainStore(run.store_path, read_only=True) as store:
-        try:
-            stored = GroupGains.from_store(store, seeds=config.seeds)
-        except ValueError as err:  # the store is fine but lacks what the report needs
-            raise UserError(f"{err}: rerun the gains stage") from None
-    measured = stored.mean_over_seeds()
+    measured = run.measured(config.seeds)
     with run.reading(run.selection_path):
         selection = json.loads(run.selection_path.read_text())
     return {
@@ -282,13 +279,13 @@ def _plot_timings(data: dict[str, Any], path: Path) -> Path:
     ax = fig.subplots()
     labels = [r[0] for r in rows]
     secs = [r[1] for r in rows]
-    colors = ["#4c72b0" if not r[2] else "#9ecae1" for r in rows]
-    ax.barh(range(len(rows)), secs, color=colors)
+    colors = [{"stage": "#4c72b0", "part": "#9ecae1", "interrupted": "#dd8452"}[r[2]] for r in rows]
+    ax.barh(range(len(rows)), secs, color=colors, hatch=["//" if r[2] == "interrupted" else "" for r in rows])
     ax.set_yticks(range(len(rows)), labels=labels)
     ax.invert_yaxis()
     for i, s in enumerate(secs):
         ax.text(s, i, f" {s:.1f}s", va="center", fontsize=8)
-    ax.set_xlabel("seconds (wall time of the last run of each stage)")
+    ax.set_xlabel("seconds (wall time of the run that finished each stage)")
     ax.set_xlim(0, max(secs + [1.0]) * 1.18)
     return _save(fig, path)
 
@@ -325,16 +322,18 @@ def _num(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def _timing_rows(timings: dict[str, Any]) -> list[tuple[str, float, bool]]:
+def _timing_rows(timings: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """``(label, seconds, kind)`` per bar: kind ``"stage"``, ``"part"`` (of the stage's time) or ``"interrupted"``
+    (earlier runs of the stage, not in its time)."""
     rows = []
     for stage, t in timings.items():
-        rows.append((stage, float(t["seconds"]), False))
+        rows.append((stage, float(t["seconds"]), "stage"))
         for part, s in (t.get("parts") or {}).items():
-            rows.append((f"  {part}", float(s), True))
+            rows.append((f"  {part}", float(s), "part"))
         runs = int(t.get("interrupted_runs") or 0)
         if runs:
-            rows.append((f"  + {runs} interrupted run{'s' if runs > 1 else ''} before", float(t["interrupted_seconds"]),
-                         True))
+            rows.append((f"  + {runs} interrupted run{'s' if runs > 1 else ''} (not in the stage's time)",
+                         float(t["interrupted_seconds"]), "interrupted"))
     return rows
 
 
@@ -649,8 +648,8 @@ def _html(data: dict[str, Any], quality: dict[str, Any], pngs: dict[str, Path]) 
 
     # timings
     parts.append("<h2>Time per stage</h2><table><tr><th>stage</th><th>seconds</th></tr>")
-    for label, secs, sub in _timing_rows(data["timings"]):
-        parts.append(f"<tr><td>{'&nbsp;&nbsp;&nbsp;' if sub else ''}{_e(label.strip())}</td>"
+    for label, secs, kind in _timing_rows(data["timings"]):
+        parts.append(f"<tr><td>{'&nbsp;&nbsp;&nbsp;' if kind != 'stage' else ''}{_e(label.strip())}</td>"
                      f"<td class='num'>{secs:.1f}</td></tr>")
     parts.append("</table>")
     if "timings" in pngs:

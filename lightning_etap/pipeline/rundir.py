@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lightning_etap._atomic import atomic_write_text as _atomic_write_text
 from lightning_etap.pipeline.config import IDENTITY_KEYS, PipelineConfig, read_yaml
 from lightning_etap.pipeline.errors import UserError
@@ -65,9 +67,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 
 #: config keys added after the first release, with the value that means what the release did: a stage's
 #: inputs name them only when they differ from it (stages finished before they existed stay up to date)
-#: The key of ``timings.json`` that holds the wall seconds of interrupted runs of stages not finished since.
-_INTERRUPTED = "unfinished"
 _LATER_KEYS = {"code_version": None, "affinity_from": None, "sampling": "random"}
+#: The key of ``timings.json`` that holds the interrupted runs (wall seconds and inputs) of stages not finished since.
+_INTERRUPTED = "unfinished"
 
 
 def upstream(stage: str, config: PipelineConfig) -> tuple[str, ...]:
@@ -117,6 +119,39 @@ class RunDirectory:
     #: the stage that writes each file a stage reads (for the message when one is damaged)
     _WRITERS = {"affinity": "affinity", "groups.json": "gains", "gains.sqlite": "gains",
                 "predictions.npz": "predict", "selection.json": "select"}
+
+    def gains_seeds(self, config: PipelineConfig) -> list[int]:
+        """The seeds the finished gains stage ran with (``config``'s while it has not finished): what
+        ``selection.json`` was computed from, even when the config has other seeds since."""
+        seeds = ((self.stage_record("gains").get("inputs") or {}).get("config") or {}).get("seeds")
+        return [int(s) for s in seeds] if isinstance(seeds, list) and seeds else list(config.seeds)
+
+    def measured(self, seeds: Sequence[int], groups: Sequence[Sequence[str]] | None = None):
+        """Measured gains in the store, averaged over ``seeds``: of ``groups`` (each needs every seed), or of
+        every group finished for every one of ``seeds`` (a group trained for some of them only, e.g. chosen by a
+        search with other seeds, is left out rather than averaged over fewer seeds).
+
+        Raises:
+            UserError: the store cannot be read, or lacks a job of ``groups``.
+        """
+        from lightning_etap.groundtruth import GainStore, GroupGains
+
+        # read-only: select and report never write the store; reading() names a damaged or unreadable file
+        with self.reading(self.store_path), GainStore(self.store_path, read_only=True) as store:
+            try:
+                gains = GroupGains.from_store(store, groups=groups, seeds=seeds)
+            except ValueError as err:  # the store is fine but lacks what this stage needs
+                raise UserError(f"{err}: rerun the gains stage") from None
+        if groups is None:
+            wanted = {int(s) for s in seeds}
+            found: dict[bytes, set[int]] = {}
+            for row, seed in zip(gains.masks, gains.seeds):
+                found.setdefault(row.tobytes(), set()).add(int(seed))
+            keep = np.array([found[row.tobytes()] >= wanted for row in gains.masks], dtype=bool)
+            if not keep.all():
+                gains = GroupGains(gains.task_names, gains.masks[keep], gains.test_losses[keep], gains.gains[keep],
+                                   gains.seeds[keep], gains.stl_losses)
+        return gains.mean_over_seeds()
 
     @contextlib.contextmanager
     def reading(self, path: Path) -> Iterator[None]:
@@ -278,7 +313,11 @@ class RunDirectory:
         }
         _atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True))
         data = self._timings_file()
-        earlier = data.get(_INTERRUPTED, {}).pop(stage, [])
+        # earlier runs count when they worked for the same inputs (their work was resumed): not those of other
+        # settings, e.g. a fit interrupted with another first seed whose checkpoint was then deleted
+        same = json.loads(json.dumps(inputs))
+        earlier = [r["seconds"] for r in data.get(_INTERRUPTED, {}).pop(stage, [])
+                   if comparable_inputs(stage, r.get("inputs")) == same]
         entry = {"seconds": float(seconds), "parts": dict(parts or {})}
         if earlier:
             entry["interrupted_runs"] = len(earlier)
@@ -288,16 +327,19 @@ class RunDirectory:
             timings[_INTERRUPTED] = data[_INTERRUPTED]
         _atomic_write_text(self.timings_path, json.dumps(timings, indent=2))
 
-    def record_interrupted(self, stage: str, seconds: float) -> None:
-        """Keep the wall time of a run of ``stage`` that stopped before finishing (what it did is kept, e.g.
-        in the gain store, so the run that finishes it reports it too). Runs under a second are not kept."""
+    def record_interrupted(self, stage: str, config: PipelineConfig, seconds: float) -> None:
+        """Keep the wall time of a run of ``stage`` that stopped before finishing, with its inputs (what it did
+        is kept, e.g. in the gain store, so the run that finishes it with the same inputs counts it too). Runs
+        under a second are not kept."""
         if seconds < 1.0:
             return
         try:
             data = self._timings_file()
-            data.setdefault(_INTERRUPTED, {}).setdefault(stage, []).append(float(seconds))
+            inputs = json.loads(json.dumps(self.stage_inputs(stage, config)))
+            data.setdefault(_INTERRUPTED, {}).setdefault(stage, []).append({"seconds": float(seconds),
+                                                                            "inputs": inputs})
             _atomic_write_text(self.timings_path, json.dumps(data, indent=2))
-        except OSError:  # a note only: never hide the error that stopped the stage
+        except Exception:  # noqa: BLE001  (a note only: never hide the error that stopped the stage)
             pass
 
     def drop_interrupted(self, stage: str) -> None:
@@ -310,13 +352,23 @@ class RunDirectory:
             _atomic_write_text(self.timings_path, json.dumps(data, indent=2))
 
     def _timings_file(self) -> dict[str, Any]:
+        """``timings.json`` as stored; an ``unfinished`` part that is not as this version writes it is dropped."""
         if not self.timings_path.is_file():
             return {}
         try:
             data = json.loads(self.timings_path.read_text())
         except (OSError, ValueError):
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        runs = data.get(_INTERRUPTED)
+        if runs is not None:
+            ok = isinstance(runs, dict) and all(
+                isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("seconds"), (int, float))
+                                            for r in v) for v in runs.values())
+            if not ok:
+                del data[_INTERRUPTED]
+        return data
 
     def stage_record(self, stage: str) -> dict[str, Any]:
         """The stored record of ``stage`` (empty when it never finished)."""
@@ -370,12 +422,16 @@ def comparable_inputs(stage: str, inputs: Any) -> Any:
     """A stage's inputs (:meth:`RunDirectory.stage_inputs`, or as stored) in the form they are compared in.
 
     The all-task fit reads only the first of the seeds: seeds added to (or removed from) a run after it do not
-    redo it, whether its inputs were stored with every seed (earlier versions) or with the first only.
+    redo it, whether its inputs were stored with every seed (earlier versions) or with the first only; an
+    imported affinity (``affinity_from``) reads none.
     """
     if stage == "affinity" and isinstance(inputs, dict):
         config = inputs.get("config")
-        if isinstance(config, dict) and isinstance(config.get("seeds"), (list, tuple)):
-            return {**inputs, "config": {**config, "seeds": list(config["seeds"])[:1]}}
+        if isinstance(config, dict) and "seeds" in config:
+            if config.get("affinity_from") is not None:  # an imported result: no fit, no seed
+                return {**inputs, "config": {k: v for k, v in config.items() if k != "seeds"}}
+            if isinstance(config["seeds"], (list, tuple)):
+                return {**inputs, "config": {**config, "seeds": list(config["seeds"])[:1]}}
     return inputs
 
 

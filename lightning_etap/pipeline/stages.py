@@ -112,8 +112,9 @@ class Pipeline:
             if stage == "gains":
                 redo += ", training every group again"
             self._print(f"{label}: up to date ({seconds:.1f}s when it ran; {redo})")
-            if stage in ("affinity", "report") and self._logs() and not self.dir.stage_record("affinity").get("logger"):
-                self._print(self._unlogged_note(label))  # a logger given after the fit: say so, not nothing
+            note = self._logger_note(label) if stage in ("affinity", "report") else None
+            if note:  # a logger given after the fit: say so, not nothing
+                self._print(note)
             return "skipped"
         self.dir.require(upstream(stage, self.config), self.config, stage)
         # a missing package is refused before the stage's record goes (and, for gains --force, its store): also for
@@ -136,7 +137,7 @@ class Pipeline:
         try:
             parts, extra = getattr(self, f"_{stage}")(label, force)
         except BaseException:
-            self.dir.record_interrupted(stage, time.perf_counter() - start)
+            self.dir.record_interrupted(stage, self.config, time.perf_counter() - start)
             raise
         seconds = time.perf_counter() - start
         self.dir.record_stage(stage, self.config, seconds, parts, **extra)
@@ -389,12 +390,13 @@ class Pipeline:
                 found = store.done_jobs() if jobs is None else store.done_among(jobs)
         except Exception:  # noqa: BLE001  (a note only: collect_gains reports a damaged store itself)
             return ""
-        done = sum(1 for group, _ in found if len(group) > 1)
+        seeds = {int(s) for s in self.config.seeds}
+        done = sum(1 for group, seed in found if len(group) > 1 and int(seed) in seeds)
         if not done:
             return ""
         if jobs is None:
-            return (f"; {done} group trainings already in the store, not trained again (a resumed search makes the "
-                    "same choices)")
+            return (f"; {done} group trainings of these seeds already in the store, not trained again (a resumed "
+                    "search with the same seeds makes the same choices)")
         return f"; {done} of {len(jobs)} group trainings already in the store, not trained again"
 
     def _active_groups(self, label: str, names: Sequence[str], n_trainings: int, trainer, executor):
@@ -525,18 +527,32 @@ class Pipeline:
         if not pngs:
             self._print(f"{label}: no figures: they need matplotlib (pip install 'lightning-etap[plot]'); rerun "
                         "the command after installing it and the report is redone with them")
-        if self.config.logger != "none" and not self._logs():
-            self._print(f"{label}: logger {self.config.logger!r}: nothing logged (with affinity_from there is no "
-                        "all-task fit whose run the figures would join); the report is the record")
-        elif self._logs() and not self.dir.stage_record("affinity").get("logger"):
-            self._print(self._unlogged_note(label))
+        note = self._logger_note(label)
+        if note:
+            self._print(note)
         self._log_figures(pngs)
         return {}, {}
 
-    def _unlogged_note(self, label: str) -> str:
-        return (f"{label}: logger {self.config.logger!r}: nothing logged: the all-task fit ran without a logger, so "
-                "there is no run to add the figures to; `lightning-etap affinity --force` with this logger refits "
-                "with it (the report is the record meanwhile)")
+    def _logger_note(self, label: str) -> str | None:
+        """What the config's logger will not get (a logger given after the fit, or another one), else ``None``."""
+        wanted = self.config.logger
+        if wanted == "none":
+            return None
+        if not self._logs():
+            return (f"{label}: logger {wanted!r}: nothing logged (with affinity_from there is no all-task fit whose "
+                    "run the figures would join); the report is the record")
+        record = self.dir.stage_record("affinity").get("logger") or {}
+        if not record:
+            return (f"{label}: logger {wanted!r}: nothing logged: the all-task fit ran without a logger, so there is "
+                    "no run to add the figures to; `lightning-etap affinity --force` with this logger refits with it "
+                    "(the report is the record meanwhile)")
+        kinds = {"csv": "CSVLogger", "tensorboard": "TensorBoardLogger", "wandb": "wandb"}
+        if record.get("kind") != kinds.get(wanted, wanted):
+            where = ("the report's figures go to a new run without the fit's curves" if wanted in ("wandb", "tensorboard")
+                     else "nothing more is logged")
+            return (f"{label}: logger {wanted!r}: the all-task fit was logged with another logger "
+                    f"({record.get('kind')}); {where}; `lightning-etap affinity --force` refits with this one")
+        return None
 
     def _log_figures(self, pngs: dict[str, Any]) -> None:
         """Send the report's figures to the W&B run / TensorBoard version of the affinity fit."""
@@ -591,16 +607,8 @@ class Pipeline:
         return affinity, names, groups, loaded
 
     def _measured(self, groups: Sequence[Sequence[str]] | None = None):
-        """Measured gains (mean over the config's seeds) of ``groups``, or of every finished group."""
-        from lightning_etap.groundtruth import GainStore, GroupGains
-
-        # read-only: select and report never write the store; reading() names a damaged or unreadable file
-        with self.dir.reading(self.dir.store_path), GainStore(self.dir.store_path, read_only=True) as store:
-            try:
-                gains = GroupGains.from_store(store, groups=groups, seeds=self.config.seeds)
-            except ValueError as err:  # the store is fine but lacks what this stage needs
-                raise UserError(f"{err}: rerun the gains stage") from None
-        return gains.mean_over_seeds()
+        """Measured gains (mean over the config's seeds) of ``groups``, or of every group finished for all of them."""
+        return self.dir.measured(self.config.seeds, groups)
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> str:
