@@ -287,6 +287,8 @@ class RunDirectory:
         old = comparable_inputs(stage, record.get("inputs")) or {"config": {}, "upstream": {}}
         new = self.stage_inputs(stage, config)
         keys = changed_settings(old, new)
+        if stage == "affinity" and "affinity_from" in keys:  # an import names no seed: the switch says it all
+            keys = [k for k in keys if k != "seeds"]
         # an upstream stage newly read (sampling switched to active) was not redone: the config change says it
         ups = [s for s in new["upstream"] if s in old["upstream"] and old["upstream"][s] != new["upstream"][s]]
         parts = ([f"config {', '.join(keys)}"] if keys else []) + ([f"stage {', '.join(ups)} redone"] if ups else [])
