@@ -1207,3 +1207,49 @@ def test_the_summary_cautions_when_the_predictor_does_not_follow_its_training_gr
     strong = {"task_pearson": 0.8, "group_pearson": 0.9, "n_groups": 11}
     monkeypatch.setattr(report, "prediction_quality", lambda data: {**real(data), "train_cv": {**strong}})
     assert "caution" not in report.terminal_summary(RunDirectory(tiny_run))
+
+
+@pytest.mark.slow
+def test_impossible_predicted_gains_are_capped_and_said(tiny_run, tmp_path, capsys, monkeypatch):
+    """ETAP's linear stages extrapolated member gains beyond +100% (a loss below 0: +821% on Parkinson's) and the
+    selection chased them. They are capped at +100% and the predict stage says how many there were."""
+    from lightning_etap.predictors import ETAPPredictor
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    real = ETAPPredictor.predict
+    monkeypatch.setattr(ETAPPredictor, "predict", lambda self, masks: real(self, masks) * 0.0 + 3.0)  # NaN stays
+    code, out, err = _run(["predict", "--force", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    assert re.search(r"predict: \d+ predicted member gains above \+100% \(impossible: a loss below 0\) set to "
+                     r"\+100%; the largest was \+\d+\.\d%", out), out
+    with np.load(run / "predictions.npz") as data:
+        assert np.nanmax(data["predicted"]) == 1.0 and np.nanmax(data["train_cv"]) <= 1.0
+
+
+@pytest.mark.slow
+def test_a_selection_stopped_by_the_time_limit_is_said_with_its_bound(tiny_run, tmp_path, capsys, monkeypatch):
+    """selection.json recorded `optimal: false` for a selection stopped at selection_time_limit (School, budget 5),
+    but neither the summary nor the select stage said so. Both do now, with the proven bound."""
+    import lightning_etap.pipeline.report as report
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    sel = json.loads((run / "selection.json").read_text())
+    record = sel["budgets"][0]["etap"]
+    record["optimal"], record["bound"] = False, record["objective"] + 0.07
+    (run / "selection.json").write_text(json.dumps(sel))
+    real = report.prediction_quality
+
+    def weak_groups(data):
+        quality = real(data)
+        quality["train_cv"]["task_pearson"], quality["train_cv"]["group_pearson"] = 0.9, 0.05
+        return quality
+
+    monkeypatch.setattr(report, "prediction_quality", weak_groups)
+    code, out, err = _run(["run", "-o", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    assert ("note: ETAP's selection stopped at the selection time limit: not proven optimal, at most +1.75%/task "
+            "below the best possible") in out, out
+    assert "caution: ETAP's predictions barely follow the measured gains of the training groups it was fitted on " \
+           "(per group (the groups' totals))" in out, out

@@ -730,3 +730,27 @@ class KernelGain(ConstantGain):
 def test_an_affinity_parameter_of_a_users_own_predictor_is_not_taken_for_a_matrix(table, store):
     result = random_selection(OracleTrainer(table), 4, predictor=KernelGain(0.05), budget=2, store=store)
     assert result.n_trainings == 4
+
+
+def test_a_search_over_more_than_63_tasks_keys_its_groups_exactly(tmp_path):
+    """Group codes were int64: from 64 tasks on the all-task group's code overflowed (a KeyError traceback from
+    `lightning-etap run --dataset school --sampling active`) and other codes could collide."""
+    from lightning_etap.search._common import group_codes
+
+    n = 70
+    names = tuple(f"t{i:02d}" for i in range(n))
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, n)) < 0.5
+    masks[0] = True
+    masks[1] = False
+    masks[1, [0, 63, 64, 69]] = True  # bits beyond int64
+    assert group_codes(masks) == [sum(1 << int(t) for t in np.flatnonzero(row)) for row in masks]
+    assert group_codes(masks[:, :10]) == [sum(1 << int(t) for t in np.flatnonzero(row)) for row in masks[:, :10]]
+    stl = rng.uniform(0.5, 1.0, n)
+    losses = np.where(masks, stl * rng.uniform(0.8, 1.1, masks.shape), np.nan)
+    table = GroupGains(names, masks, losses, np.where(masks, (stl - losses) / stl, np.nan), np.zeros(6, dtype=int),
+                       {0: stl})
+    result = random_search(OracleTrainer(table), 4, budget=3, candidates=masks, store=tmp_path / "s.sqlite",
+                           random_state=0, task_names=list(names))
+    assert result.trained[0] == names and result.n_trainings == 4
+    assert result.estimated_loss == pytest.approx(total_test_loss(result.groups, table))

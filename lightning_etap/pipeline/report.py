@@ -363,10 +363,11 @@ def terminal_summary(run: RunDirectory) -> str:
             q = quality[key]
             lines.append(f"  prediction vs measurement ({label}): Pearson r {q['task_pearson']:.2f} per task, "
                          f"{q['group_pearson']:.2f} per group ({int(q['n_groups'])} groups)")
-            if key == "train_cv" and not q["task_pearson"] > 0.3:  # NaN too
-                lines.append("    caution: ETAP's predictions barely follow the measured gains of the training "
-                             "groups it was fitted on, so its choices below are a weak guess; more training groups "
-                             "(--train-groups) or --sampling active (choices measured) help")
+            if key == "train_cv" and not (q["task_pearson"] > 0.3 and q["group_pearson"] > 0.3):  # NaN too
+                which = "per task" if not q["task_pearson"] > 0.3 else "per group (the groups' totals)"
+                lines.append(f"    caution: ETAP's predictions barely follow the measured gains of the training "
+                             f"groups it was fitted on ({which}), so its choices below are a weak guess; more "
+                             "training groups (--train-groups) or --sampling active (choices measured) help")
     lines.append("")
     lines.append("Gains are relative to single-task training (eq. 1), averaged over the tasks.")
     for entry in sel["budgets"]:
@@ -380,6 +381,11 @@ def terminal_summary(run: RunDirectory) -> str:
                          f"{_num(m['total_test_loss'])}{gap}")
         lines.append(f"{'    ETAP predicting every group' if active else 'budget ' + str(entry['budget']) + ': ETAP'} "
                      f"chooses {_groups_text(etap['groups'])}")
+        for record, what in ((active, "active ETAP's choice"), (etap, "ETAP's selection"),
+                             (entry.get("optimum"), "the true optimum")):
+            if record and record.get("optimal") is False and record.get("bound") is not None:
+                lines.append(f"    note: {what} stopped at the selection time limit: not proven optimal, at most "
+                             f"{_pct((record['bound'] - record['objective']) / n)}/task below the best possible")
         m = etap["measured"]
         if m["mean_gain"] is None:
             lines.append(f"    predicted {_pct(etap['mean_gain'])}/task (not every chosen group was trained, so no "

@@ -459,6 +459,13 @@ class Pipeline:
         candidates = self.workspace.candidates(names)
         predicted = predictor.predict(candidates)
         cv = cross_validated(predictor, train.masks, train.gains, progress=self.workspace.progress)
+        # a relative gain (L_STL - L) / L_STL is at most 1 (a loss is >= 0): the predictors' linear stages can
+        # extrapolate beyond it, and the selection would chase those impossible gains
+        over = int(np.sum(predicted > 1.0))
+        if over:
+            self._print(f"{label}: {over} predicted member gains above +100% (impossible: a loss below 0) set to "
+                        f"+100%; the largest was {_pct_text(float(np.nanmax(predicted)))}")
+        predicted, cv = np.minimum(predicted, 1.0), np.minimum(cv, 1.0)
         with atomic_file(self.dir.predictions_path) as f:
             np.savez(f, task_names=np.array(names), candidates=candidates, predicted=predicted,
                      train_masks=train.masks, train_measured=train.gains, train_cv=cv)
@@ -503,6 +510,14 @@ class Pipeline:
                 entry["gap"] = None if got is None else float(best.objective - got)
                 if "active" in entry:
                     entry["active_gap"] = float(best.objective - entry["active"]["measured"]["objective"])
+            for key, what in (("etap", "ETAP's selection"), ("active", "active ETAP's choice"),
+                              ("optimum", "the true optimum")):
+                record = entry.get(key)
+                if record is not None and not record["optimal"]:
+                    short = (record["bound"] - record["objective"]) / len(names)
+                    self._print(f"{label}: budget {budget}: {what} stopped at the time limit "
+                                f"({cfg.selection_time_limit:g}s, selection_time_limit): not proven optimal, at most "
+                                f"{100 * short:.2f}%/task below the best possible")
             results.append(entry)
         stl = measured.stl_losses.get(-1)
         everyone = evaluate_selection(np.ones((1, len(names)), dtype=bool), measured, cfg.singleton_gain)
@@ -619,6 +634,10 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------- helpers
+def _pct_text(value: float) -> str:
+    return f"{100 * value:+.1f}%"
+
+
 class EpochProgress(Callback):
     """One tqdm bar over the epochs of a fit (validation loss as postfix), on global rank zero.
 
@@ -745,6 +764,7 @@ def _selection_record(selection, masks: np.ndarray, gains: np.ndarray, names: Se
         "task_gain": {names[t]: float(v) for t, v in enumerate(selection.task_gain)},
         "served_by": served,
         "optimal": bool(selection.optimal),
+        "bound": float(selection.bound),  # proven upper bound of the objective (= objective when optimal)
         "method": selection.method,
         "seconds": float(selection.seconds),
     }

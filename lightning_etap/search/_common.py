@@ -199,9 +199,7 @@ class _LossTable:
         self.task_names = tuple(table.task_names)
         self.index = {t: i for i, t in enumerate(self.task_names)}
         self.stl = np.asarray(mean.stl_losses.get(-1, np.full(len(self.task_names), np.nan)), dtype=float)
-        weights = np.left_shift(np.int64(1), np.arange(len(self.task_names), dtype=np.int64))
-        codes = mean.masks.astype(np.int64) @ weights
-        self.losses = {int(c): mean.test_losses[r] for r, c in enumerate(codes)}
+        self.losses = {c: mean.test_losses[r] for r, c in enumerate(group_codes(mean.masks))}
 
     @classmethod
     def of(cls, table: GroupGains) -> _LossTable:
@@ -235,6 +233,19 @@ class _LossTable:
 
 
 # --------------------------------------------------------------------------- argument checks
+
+
+def group_codes(masks: np.ndarray) -> list[int]:
+    """One exact integer per membership row (bit ``t`` for task ``t``), for any number of tasks.
+
+    int64 arithmetic is used up to 62 tasks; beyond, Python integers (an int64 code would overflow and
+    collide from 64 tasks on).
+    """
+    masks = np.asarray(masks, dtype=bool)
+    n = masks.shape[1]
+    if n <= 62:
+        return [int(c) for c in masks.astype(np.int64) @ np.left_shift(np.int64(1), np.arange(n, dtype=np.int64))]
+    return [sum(1 << int(t) for t in np.flatnonzero(row)) for row in masks]
 
 
 def check_count(value, name: str, minimum: int = 1) -> int:
@@ -383,10 +394,8 @@ class Session:
         if self.n_trainings > len(self.cands):
             warnings.warn(f"{strategy}: n_trainings={self.n_trainings} is more than the {len(self.cands)} candidate "
                           f"groups; the search trains at most {len(self.cands)}", UserWarning, stacklevel=3)
-        self.weights = np.left_shift(np.int64(1), np.arange(n, dtype=np.int64))
-        codes = self.cands.astype(np.int64) @ self.weights
-        self.index = {int(c): i for i, c in enumerate(codes)}
-        self.full = self.index[int((1 << n) - 1)]
+        self.index = {c: i for i, c in enumerate(group_codes(self.cands))}
+        self.full = self.index[(1 << n) - 1]
         self.checkpoints = sorted({check_count(c, "checkpoints") for c in (checkpoints or ())})
         self.history: list[SearchStep] = []
 
@@ -478,8 +487,7 @@ class Session:
                                   task_names=list(self.names))
         self.trained_now += len({g for g, s in jobs if (g, s) not in done})
         mean = gains.mean_over_seeds() if len(self.seeds) > 1 else gains
-        codes = mean.masks.astype(np.int64) @ self.weights
-        rows = {int(c): mean.test_losses[r] for r, c in enumerate(codes)}
+        rows = {c: mean.test_losses[r] for r, c in enumerate(group_codes(mean.masks))}
         for i, g in zip(new, groups):
             losses = rows[int(sum(1 << self.names.index(t) for t in g))]
             self.known[i] = np.asarray(losses, dtype=float)

@@ -105,7 +105,10 @@ class OracleTrainer:
             self._stl = {int(s): np.asarray(v, dtype=float) for s, v in per_seed.items()}
         digest = hashlib.sha256()
         for (code, seed), losses in sorted(self._losses.items(), key=lambda kv: kv[0]):
-            digest.update(np.array([code, seed], dtype=np.int64).tobytes())
+            if code < 1 << 63:  # the bytes every earlier fingerprint was made of
+                digest.update(np.array([code, seed], dtype=np.int64).tobytes())
+            else:  # more than 63 tasks: the code does not fit an int64
+                digest.update(code.to_bytes((code.bit_length() + 7) // 8, "little") + np.int64(seed).tobytes())
             digest.update(np.asarray(losses, dtype=np.float64).tobytes())
         for seed in sorted(self._stl):
             digest.update(np.array([seed], dtype=np.int64).tobytes())
