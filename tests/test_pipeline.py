@@ -676,7 +676,14 @@ def test_ctrl_c_during_the_affinity_fit_says_how_to_resume(tmp_path):
         while "all-task fit" not in line:  # the fit has started
             line = proc.stdout.readline()
             assert line or proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(3)
+        # inside the training loop: its first epoch's checkpoint is written (a fixed sleep could land in the fit's
+        # set-up on a loaded machine, where the interrupt once went unanswered for 120 s in CI)
+        progress = out / "affinity_checkpoint" / "progress.json"
+        deadline = time.time() + 120
+        while not progress.is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert progress.is_file(), "the fit wrote no checkpoint within 120 s"
+        time.sleep(1)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
