@@ -155,10 +155,10 @@ def _select(masks: np.ndarray, values: np.ndarray, budget: int):
 
 def _rows_of(masks: np.ndarray, chosen: np.ndarray, rows: np.ndarray) -> list[int]:
     """The entries of ``rows`` whose masks are among ``chosen`` (a selection's multi-task groups)."""
-    n = masks.shape[1]
-    want = set((chosen.astype(np.int64) << np.arange(n)).sum(axis=1).tolist())
-    codes = (masks[rows].astype(np.int64) << np.arange(n)).sum(axis=1)
-    return [int(r) for r, c in zip(rows, codes.tolist()) if c in want]
+    from lightning_etap.search._common import group_codes
+
+    want = set(group_codes(chosen))
+    return [int(r) for r, c in zip(rows, group_codes(masks[rows])) if c in want]
 
 
 def _total(rep: Replicates, values: np.ndarray, measured: list[int], budget: int) -> float:

@@ -345,6 +345,17 @@ def _interrupted_text(timing: dict[str, Any]) -> str:
     return f" (+ {float(timing['interrupted_seconds']):.1f}s in {runs} interrupted run{'s' if runs > 1 else ''})"
 
 
+def time_limited(entry: dict[str, Any], n_tasks: int) -> list[tuple[str, float]]:
+    """``(what, shortfall)`` for each selection of a budget's ``selection.json`` entry that stopped at the time
+    limit: at most ``shortfall`` of mean gain per task below the best possible (its proven bound)."""
+    out = []
+    for key, what in (("active", "active ETAP's choice"), ("etap", "ETAP's selection"), ("optimum", "the true optimum")):
+        record = entry.get(key)
+        if record and record.get("optimal") is False and record.get("bound") is not None:
+            out.append((what, (record["bound"] - record["objective"]) / n_tasks))
+    return out
+
+
 def _groups_text(groups: Sequence[Sequence[str]]) -> str:
     return "; ".join("{" + ", ".join(g) + "}" for g in groups)
 
@@ -381,11 +392,9 @@ def terminal_summary(run: RunDirectory) -> str:
                          f"{_num(m['total_test_loss'])}{gap}")
         lines.append(f"{'    ETAP predicting every group' if active else 'budget ' + str(entry['budget']) + ': ETAP'} "
                      f"chooses {_groups_text(etap['groups'])}")
-        for record, what in ((active, "active ETAP's choice"), (etap, "ETAP's selection"),
-                             (entry.get("optimum"), "the true optimum")):
-            if record and record.get("optimal") is False and record.get("bound") is not None:
-                lines.append(f"    note: {what} stopped at the selection time limit: not proven optimal, at most "
-                             f"{_pct((record['bound'] - record['objective']) / n)}/task below the best possible")
+        for what, short in time_limited(entry, n):
+            lines.append(f"    note: {what} stopped at the selection time limit: not proven optimal, at most "
+                         f"{_pct(short)}/task below the best possible")
         m = etap["measured"]
         if m["mean_gain"] is None:
             lines.append(f"    predicted {_pct(etap['mean_gain'])}/task (not every chosen group was trained, so no "

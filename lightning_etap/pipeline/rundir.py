@@ -324,7 +324,7 @@ class RunDirectory:
         if earlier:
             entry["interrupted_runs"] = len(earlier)
             entry["interrupted_seconds"] = float(sum(earlier))
-        timings = {**self.timings(), stage: entry}
+        timings = {s: entry if s == stage else data[s] for s in STAGES if s == stage or s in data}
         if data.get(_INTERRUPTED):
             timings[_INTERRUPTED] = data[_INTERRUPTED]
         _atomic_write_text(self.timings_path, json.dumps(timings, indent=2))

@@ -37,6 +37,7 @@ from lightning_etap._atomic import atomic_file, atomic_write_text
 from lightning_etap.pipeline.components import Workspace, logger_record
 from lightning_etap.pipeline.config import PipelineConfig
 from lightning_etap.pipeline.errors import UserError
+from lightning_etap.pipeline.report import _pct, time_limited
 from lightning_etap.pipeline.rundir import STAGES, RunDirectory, changed_settings, comparable_inputs, upstream
 
 __all__ = ["EpochProgress", "Pipeline", "cross_validated", "evaluate_selection"]
@@ -464,7 +465,7 @@ class Pipeline:
         over = int(np.sum(predicted > 1.0))
         if over:
             self._print(f"{label}: {over} predicted member gains above +100% (impossible: a loss below 0) set to "
-                        f"+100%; the largest was {_pct_text(float(np.nanmax(predicted)))}")
+                        f"+100%; the largest was {_pct(float(np.nanmax(predicted)), 1)}")
         predicted, cv = np.minimum(predicted, 1.0), np.minimum(cv, 1.0)
         with atomic_file(self.dir.predictions_path) as f:
             np.savez(f, task_names=np.array(names), candidates=candidates, predicted=predicted,
@@ -510,14 +511,10 @@ class Pipeline:
                 entry["gap"] = None if got is None else float(best.objective - got)
                 if "active" in entry:
                     entry["active_gap"] = float(best.objective - entry["active"]["measured"]["objective"])
-            for key, what in (("etap", "ETAP's selection"), ("active", "active ETAP's choice"),
-                              ("optimum", "the true optimum")):
-                record = entry.get(key)
-                if record is not None and not record["optimal"]:
-                    short = (record["bound"] - record["objective"]) / len(names)
-                    self._print(f"{label}: budget {budget}: {what} stopped at the time limit "
-                                f"({cfg.selection_time_limit:g}s, selection_time_limit): not proven optimal, at most "
-                                f"{100 * short:.2f}%/task below the best possible")
+            for what, short in time_limited(entry, len(names)):
+                self._print(f"{label}: budget {budget}: {what} stopped at the time limit "
+                            f"({cfg.selection_time_limit:g}s, selection_time_limit): not proven optimal, at most "
+                            f"{100 * short:.2f}%/task below the best possible")
             results.append(entry)
         stl = measured.stl_losses.get(-1)
         everyone = evaluate_selection(np.ones((1, len(names)), dtype=bool), measured, cfg.singleton_gain)
@@ -634,10 +631,6 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------- helpers
-def _pct_text(value: float) -> str:
-    return f"{100 * value:+.1f}%"
-
-
 class EpochProgress(Callback):
     """One tqdm bar over the epochs of a fit (validation loss as postfix), on global rank zero.
 
